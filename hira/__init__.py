@@ -1,0 +1,24 @@
+"""Hira: hierarchical range-searching attention for long-context decoding.
+
+Shape glossary, used across the package: B batch, Hq query heads, Hkv (or H) KV heads, G = Hq / Hkv, S query
+length, R = G·S folded query rows, N keys, C storage capacity in slots, BS block size, NB = C / BS blocks (leaves),
+D head dim.
+"""
+
+from hira.api import AttentionStats, attend, build_index, decode_attention, search
+from hira.config import HiraConfig
+from hira.index.index import HiraIndex
+from hira.search.search import Selection
+from hira.search.threshold import Threshold
+
+__all__ = [
+    "AttentionStats",
+    "HiraConfig",
+    "HiraIndex",
+    "Selection",
+    "Threshold",
+    "attend",
+    "build_index",
+    "decode_attention",
+    "search",
+]

@@ -1,0 +1,67 @@
+"""HiraConfig: every knob of the index, the search and the model drop-in, validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hira.search.threshold import Threshold
+
+CLUSTERINGS = ("pca", "kmeans", "none")
+
+
+@dataclass
+class HiraConfig:
+    """Configuration of Hira. Validated in ``__post_init__``; a bad value raises a ValueError naming the field.
+
+    Attributes:
+        block_size: tokens per KV block, a power of two in [16, 128]. A block is a leaf of the index and the unit
+            that FlexAttention reads.
+        branching: children per node of the upper index levels (≥ 2).
+        clustering: how keys are ordered into blocks at build time: ``pca`` (balanced principal-axis tree),
+            ``kmeans`` (Lloyd iterations seeded by the pca tree, then sorted by cluster) or ``none`` (position order).
+        kmeans_iters: Lloyd iterations for ``clustering="kmeans"``.
+        threshold: the search's threshold mode (see ``hira.Threshold``).
+        sink_tokens: the first tokens of every sequence, always attended (attention sinks).
+        window_tokens: the most recent tokens, always attended.
+        min_context: a layer holding fewer tokens than this decodes densely (every block read).
+        max_cache_len: capacity of a model's ``HiraCache`` in tokens; -1 takes ``max_position_embeddings``.
+        recluster_on_prefill: on every prefill call (query length > 1) rebuild the index over all cached tokens.
+            Decode tokens are always appended as new blocks in position order, with exact bounds, at no extra cost.
+        dense_layers: layer indices that always decode densely (layers whose attention is not sparse).
+    """
+
+    block_size: int = 128
+    branching: int = 8
+    clustering: str = "pca"
+    kmeans_iters: int = 4
+    threshold: Threshold = field(default_factory=lambda: Threshold.topp(0.99))
+    sink_tokens: int = 4
+    window_tokens: int = 256
+    min_context: int = 1024
+    max_cache_len: int = -1
+    recluster_on_prefill: bool = True
+    dense_layers: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        bs = self.block_size
+        if not isinstance(bs, int) or bs < 16 or bs > 128 or bs & (bs - 1):
+            raise ValueError(f"HiraConfig.block_size must be a power of two in [16, 128], got {bs!r}")
+        if not isinstance(self.branching, int) or self.branching < 2:
+            raise ValueError(f"HiraConfig.branching must be an integer >= 2, got {self.branching!r}")
+        if self.clustering not in CLUSTERINGS:
+            raise ValueError(f"HiraConfig.clustering must be one of {CLUSTERINGS}, got {self.clustering!r}")
+        if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
+            raise ValueError(f"HiraConfig.kmeans_iters must be an integer >= 1, got {self.kmeans_iters!r}")
+        if not isinstance(self.threshold, Threshold):
+            raise ValueError(
+                f"HiraConfig.threshold must be a hira.Threshold (e.g. Threshold.topp(0.99)), got {self.threshold!r}"
+            )
+        for name in ("sink_tokens", "window_tokens", "min_context"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"HiraConfig.{name} must be an integer >= 0, got {v!r}")
+        if not isinstance(self.max_cache_len, int) or (self.max_cache_len < 1 and self.max_cache_len != -1):
+            raise ValueError(f"HiraConfig.max_cache_len must be -1 (from the model) or >= 1, got {self.max_cache_len!r}")
+        self.dense_layers = tuple(self.dense_layers)
+        if any(not isinstance(i, int) or i < 0 for i in self.dense_layers):
+            raise ValueError(f"HiraConfig.dense_layers must hold layer indices >= 0, got {self.dense_layers!r}")

@@ -1,0 +1,117 @@
+"""The compiled flex_attention call over the index storage, GQA folding, and the exact log-sum-exp merge.
+
+flex_attention is compiled once per process and shared (compile at the boundary): eager flex_attention would
+materialise every score and is 17–23× slower than SDPA at decode on an H100 (DESIGN.md §2).
+
+Shapes: B batch, Hq query heads, H KV heads, G = Hq / H, S query positions, R = G·S rows, C slots, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+_compiled_flex = None
+
+
+def _flex():
+    global _compiled_flex
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    return _compiled_flex
+
+
+def fold_gqa(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Hq, S, D] -> [B, H, G·S, D]: the query heads of a KV group become rows (row = g·S + s)."""
+    B, Hq, S, D = q.shape
+    return q.reshape(B, num_kv_heads, (Hq // num_kv_heads) * S, D)
+
+
+def unfold_gqa(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """[B, H, G·S, ...] -> [B, Hq, S, ...], the inverse of ``fold_gqa``."""
+    B, H, R = x.shape[:3]
+    return x.reshape(B, num_q_heads, R * H // num_q_heads, *x.shape[3:])
+
+
+def _masked_lse(q_rows, keys, block_mask: BlockMask, valid, scale) -> torch.Tensor:
+    """Log-sum-exp of the scaled scores over the keys the mask reads, computed densely in float32: [B, H, R].
+
+    Used where compiled flex_attention cannot return it (the CPU backend, DESIGN.md §3).
+    """
+    B, H, R, _ = q_rows.shape
+    C = keys.shape[2]
+    bs = block_mask.BLOCK_SIZE[1]
+    nb = C // bs
+    num = block_mask.kv_num_blocks[:, :, :1]  # [B, H, 1]
+    idx = block_mask.kv_indices[:, :, 0, :].long()  # [B, H, NB]
+    listed = torch.arange(nb, device=keys.device) < num  # [B, H, NB]
+    # kv_indices is a permutation of the blocks (kept first), so this scatter has no duplicate targets.
+    read = torch.zeros(B, H, nb, dtype=torch.bool, device=keys.device).scatter_(2, idx, listed)
+    read_slots = read.repeat_interleave(bs, dim=-1) & valid[:, None, :]  # [B, H, C]
+    s = (q_rows.float() @ keys.float().transpose(-1, -2)) * scale  # [B, H, R, C]
+    return s.masked_fill(~read_slots[:, :, None, :], -math.inf).logsumexp(-1)
+
+
+def block_attention(
+    q_rows: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    block_mask: BlockMask,
+    valid: torch.Tensor,
+    scale: float,
+    return_lse: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention of folded query rows over the blocks the mask lists.
+
+    Args:
+        q_rows: [B, H, R, D] (R = G·S) in the storage dtype.
+        keys, values: [B, H, C, D] storage.
+        block_mask: from ``selection_block_mask``.
+        valid: [B, C] bool real-token slots (the mask's mask_mod reads the same tensor).
+        scale: softmax scale.
+        return_lse: also return the log-sum-exp of the scaled scores read, [B, H, R] float32.
+    Returns:
+        out [B, H, R, D] (rows that read no key are 0) and the LSE (-inf for such rows) or None.
+    """
+    if return_lse and q_rows.is_cuda:
+        out, lse = _flex()(q_rows, keys, values, block_mask=block_mask, scale=scale, return_lse=True)
+        # flex reports the LSE in natural log units of the scaled scores; empty rows come back as -inf.
+        return out, lse.float()
+    out = _flex()(q_rows, keys, values, block_mask=block_mask, scale=scale)
+    if not return_lse:
+        return out, None
+    return out, _masked_lse(q_rows, keys, block_mask, valid, scale)
+
+
+def dense_attention_lse(
+    q_rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain attention of query rows over a few extra keys, with its LSE, in float32.
+
+    Args:
+        q_rows: [B, H, R, D]; keys, values: [B, H, T, D]; key_mask: [B, T] bool.
+    Returns:
+        out [B, H, R, D] (0 for rows with no key), lse [B, H, R] float32.
+    """
+    s = (q_rows.float() @ keys.float().transpose(-1, -2)) * scale  # [B, H, R, T]
+    s = s.masked_fill(~key_mask[:, None, None, :], -math.inf)
+    lse = s.logsumexp(-1)
+    p = torch.exp(s - lse[..., None]).nan_to_num(nan=0.0)
+    return (p @ values.float()).to(q_rows.dtype), lse
+
+
+def merge_partials(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact attention over the union of two disjoint key sets from each part's output and LSE.
+
+    out_*: [..., D]; lse_*: [...] float32 (-inf for a part that read nothing). Returns (out, lse).
+    """
+    lse = torch.logaddexp(lse_a, lse_b)
+    safe = torch.where(torch.isinf(lse), 0.0, lse)
+    wa = torch.exp(lse_a - safe)[..., None]
+    wb = torch.exp(lse_b - safe)[..., None]
+    out = wa * out_a.float() + wb * out_b.float()
+    return out.to(out_a.dtype), lse

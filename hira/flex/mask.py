@@ -1,0 +1,55 @@
+"""From a search result to a FlexAttention BlockMask over the index storage.
+
+The G query heads of a KV group are folded into the query axis (q as [B, Hkv, G·S, D]) and the mask has one head
+per KV head: FlexAttention's decode kernel needs that layout to split the KV axis (DESIGN.md §1). Selected blocks
+are passed as partial blocks whose mask_mod only drops padding slots: the decode kernel balances its work over
+``kv_num_blocks`` only then, and the mask_mod also keeps eager flex_attention right.
+
+Shapes: B batch, H KV heads, R query rows (G·S), NB leaves, C capacity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask
+
+# FlexAttention's GPU kernels need a query block of 128 with GQA folded into the query axis (DESIGN.md §3).
+Q_BLOCK_SIZE = 128
+
+
+def slot_valid_mask(valid: torch.Tensor):
+    """mask_mod keeping the key slots that hold real tokens. valid: [B, C] bool (read at call time, not copied)."""
+
+    def hira_slot_valid(b, h, q_idx, kv_idx):
+        return valid[b, kv_idx]
+
+    return hira_slot_valid
+
+
+def selection_block_mask(
+    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, valid: torch.Tensor, block_size: int, num_rows: int
+) -> BlockMask:
+    """BlockMask reading the selected blocks for every query row.
+
+    Args:
+        kv_num_blocks: [B, H, 1] int32 blocks kept per KV head.
+        kv_indices: [B, H, 1, NB] int32 their indices first.
+        valid: [B, C] bool real-token slots.
+        block_size: KV block size BS (C = NB·BS).
+        num_rows: R query rows per KV head.
+    """
+    q_blocks = -(-num_rows // Q_BLOCK_SIZE)
+    B, H, _, NB = kv_indices.shape
+    num = kv_num_blocks.expand(B, H, q_blocks).contiguous()
+    idx = kv_indices.expand(B, H, q_blocks, NB).contiguous()
+    # Empty full-block lists: the CPU decode template needs them present (DESIGN.md §3).
+    return BlockMask.from_kv_blocks(
+        num,
+        idx,
+        torch.zeros_like(num),
+        torch.zeros_like(idx),
+        BLOCK_SIZE=(Q_BLOCK_SIZE, block_size),
+        mask_mod=slot_valid_mask(valid),
+        seq_lengths=(num_rows, valid.shape[-1]),
+        compute_q_blocks=False,
+    )

@@ -1,0 +1,119 @@
+"""Bounds on q·k over the members of an index node: a ball (centre, radius) and a box (per-dimension min, max).
+
+For a node with members k: max q·k ≤ q·c + ‖q‖·r (ball) and max q·k ≤ Σ_i max(q_i·lo_i, q_i·hi_i) (box). The
+minimum of both holds too. Both are computed in float32 and padded by a margin that covers float32 rounding of
+the dot products, so that a bound is never below the true maximum (tests check it against float64 scores).
+
+Shapes: B batch, H KV heads, M nodes of a level, S members per node, R query rows, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+# Relative float32 rounding allowance per dimension of a dot product (a few ulps per accumulated term).
+_REL_EPS_PER_DIM = 8 * 2.0**-24
+
+
+@dataclass
+class NodeBounds:
+    """Bounds of every node of one index level. All float32 except ``count``.
+
+    Attributes:
+        center: [B, H, M, D] mean of the node's members.
+        radius: [B, H, M] max ‖k − center‖ over members.
+        lo, hi: [B, H, M, D] per-dimension min and max over members.
+        count: [B, H, M] int32 number of real members (0: empty node, never selected).
+        scale: [B, H, M] ‖center‖ + radius + ‖max(|lo|, |hi|)‖, the magnitude that sizes the rounding margin.
+    """
+
+    center: torch.Tensor
+    radius: torch.Tensor
+    lo: torch.Tensor
+    hi: torch.Tensor
+    count: torch.Tensor
+    scale: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.center, self.radius, self.lo, self.hi, self.count, self.scale)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+def _finish(center, radius, lo, hi, count) -> NodeBounds:
+    mag = torch.maximum(lo.abs(), hi.abs()).norm(dim=-1)  # [B, H, M]
+    scale = center.norm(dim=-1) + radius + mag
+    return NodeBounds(center, radius, lo, hi, count, scale)
+
+
+def members_bounds(keys: torch.Tensor, valid: torch.Tensor) -> NodeBounds:
+    """Exact bounds of nodes from their members.
+
+    Args:
+        keys: [B, H, M, S, D] members of each node (any float dtype).
+        valid: [B, H or 1, M, S] bool; invalid members are ignored. A node with none is empty.
+    """
+    x = keys.float()
+    valid = valid.expand(x.shape[:-1])
+    w = valid.to(x.dtype)[..., None]  # [B, H, M, S, 1]
+    count = valid.sum(-1, dtype=torch.int32)  # [B, H, M]
+    center = (x * w).sum(-2) / count.clamp_min(1)[..., None].to(x.dtype)  # [B, H, M, D]
+    dist = (x - center[..., None, :]).norm(dim=-1).masked_fill(~valid, 0.0)  # [B, H, M, S]
+    radius = dist.amax(-1)
+    lo = x.masked_fill(~valid[..., None], math.inf).amin(-2)  # [B, H, M, D]
+    hi = x.masked_fill(~valid[..., None], -math.inf).amax(-2)
+    empty = (count == 0)[..., None]
+    lo = lo.masked_fill(empty, 0.0)
+    hi = hi.masked_fill(empty, 0.0)
+    return _finish(center, radius, lo, hi, count)
+
+
+def parent_bounds(child: NodeBounds, branching: int) -> NodeBounds:
+    """Bounds of the next level up, each parent covering ``branching`` consecutive children.
+
+    The box is exact (the union of the children's boxes); the ball is centred on the members' mean with radius
+    max_j(‖c_j − c‖ + r_j), which holds for every member.
+    """
+    B, H, M, D = child.center.shape
+    P = -(-M // branching)
+    pad = P * branching - M
+
+    def grouped(t: torch.Tensor, fill: float) -> torch.Tensor:
+        if pad:
+            t = torch.cat([t, t.new_full((*t.shape[:2], pad, *t.shape[3:]), fill)], dim=2)
+        return t.view(B, H, P, branching, *t.shape[3:])
+
+    count = grouped(child.count, 0)  # [B, H, P, b]
+    live = count > 0
+    w = count.to(torch.float32)
+    center_c = grouped(child.center, 0.0)  # [B, H, P, b, D]
+    total = count.sum(-1, dtype=torch.int32)  # [B, H, P]
+    center = (center_c * w[..., None]).sum(-2) / total.clamp_min(1)[..., None].to(torch.float32)
+    reach = (center_c - center[..., None, :]).norm(dim=-1) + grouped(child.radius, 0.0)  # [B, H, P, b]
+    radius = reach.masked_fill(~live, 0.0).amax(-1)
+    lo = grouped(child.lo, 0.0).masked_fill(~live[..., None], math.inf).amin(-2)
+    hi = grouped(child.hi, 0.0).masked_fill(~live[..., None], -math.inf).amax(-2)
+    empty = (total == 0)[..., None]
+    return _finish(center, radius, lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0), total)
+
+
+def upper_bound(q: torch.Tensor, nodes: NodeBounds) -> torch.Tensor:
+    """Upper bound on q·k over each node's members: min(ball, box) plus a rounding margin; -inf for empty nodes.
+
+    Args:
+        q: [B, H, R, D] float32 query rows (already scaled, if scores are scaled).
+        nodes: bounds of M nodes.
+    Returns:
+        [B, H, R, M] float32.
+    """
+    D = q.shape[-1]
+    qn = q.norm(dim=-1, keepdim=True)  # [B, H, R, 1]
+    ball = q @ nodes.center.transpose(-1, -2) + qn * nodes.radius[:, :, None, :]  # [B, H, R, M]
+    box = q.clamp_min(0) @ nodes.hi.transpose(-1, -2) + q.clamp_max(0) @ nodes.lo.transpose(-1, -2)
+    margin = (_REL_EPS_PER_DIM * (D + 2)) * qn * nodes.scale[:, :, None, :]
+    ub = torch.minimum(ball, box) + margin
+    return ub.masked_fill((nodes.count == 0)[:, :, None, :], -math.inf)

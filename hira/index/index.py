@@ -1,0 +1,244 @@
+"""The index of one layer's keys: storage in cluster order, and a tree of bounds over fixed-size blocks.
+
+Storage layout per (batch row, KV head), in slots of a fixed capacity C (a multiple of the block size BS):
+
+    [ sink tokens | clustered middle tokens | recent-window tokens | invalid ] [ appended tokens ... ] [ free ]
+    '------------------- built by build_index (ceil(N / BS) blocks) ---------' '-- append(), position order --'
+
+Every run of BS slots is a block, a leaf of the index, with exact bounds over its real members. Upper levels group
+``branching`` consecutive nodes. Attention is permutation-invariant over keys once RoPE is applied, so storing keys
+permuted changes nothing but which keys share a block.
+
+Every tensor has a fixed shape set by the capacity: appending a token changes contents, never shapes, so a decode
+step can be compiled once and replayed from a CUDA graph.
+
+Shapes: B batch, H KV heads, N keys given to build, C capacity in slots, NB = C / BS leaves, D head dim.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from hira.index.bounds import NodeBounds, members_bounds, parent_bounds
+from hira.index.cluster import kmeans_rank, pca_tree_rank, position_rank
+
+
+@dataclass
+class HiraIndex:
+    """A layer's KV storage and its bound tree. Build it with ``build_index``; grow it with ``append``.
+
+    Attributes:
+        keys, values: [B, H, C, D] storage in index order (model dtype).
+        valid: [B, C] bool, True where a slot holds a real token (the same slots in every head).
+        rank: [B, H, C] int32, the token's position among its row's real tokens (-1 in invalid slots).
+        levels: bounds per level; ``levels[0]`` are the NB leaves, the last level has at most ``branching`` nodes.
+        leaf_first, leaf_last: [B, H, NB] int32 min and max rank of each leaf's members (-1 for empty leaves).
+        n_valid: [B] int64 real tokens per row.
+        next_slot: [] int64 first free slot (the same for all rows).
+        block_size, branching, sink_tokens, window_tokens: static settings.
+    """
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    valid: torch.Tensor
+    rank: torch.Tensor
+    levels: list[NodeBounds]
+    leaf_first: torch.Tensor
+    leaf_last: torch.Tensor
+    n_valid: torch.Tensor
+    next_slot: torch.Tensor
+    block_size: int
+    branching: int
+    sink_tokens: int
+    window_tokens: int
+
+    @property
+    def capacity(self) -> int:
+        return self.keys.shape[2]
+
+    @property
+    def num_leaves(self) -> int:
+        return self.keys.shape[2] // self.block_size
+
+    def forced_leaves(self) -> torch.Tensor:
+        """[B, H, NB] bool: leaves always read, holding an attention sink or a token of the recent window."""
+        live = self.levels[0].count > 0
+        sink = self.leaf_first < self.sink_tokens
+        recent = self.leaf_last >= (self.n_valid - self.window_tokens)[:, None, None]
+        return live & (sink | recent)
+
+    def index_nbytes(self) -> int:
+        """Bytes of the index beyond K and V themselves (bounds, ranks, validity)."""
+        extra = (self.valid, self.rank, self.leaf_first, self.leaf_last)
+        return sum(lv.nbytes() for lv in self.levels) + sum(t.numel() * t.element_size() for t in extra)
+
+    def kv_nbytes(self) -> int:
+        return 2 * self.keys.numel() * self.keys.element_size()
+
+
+def _cluster_rank(keys, eligible, block_size, clustering, kmeans_iters) -> torch.Tensor:
+    if clustering == "pca":
+        return pca_tree_rank(keys, eligible, block_size)
+    if clustering == "kmeans":
+        return kmeans_rank(keys, eligible, block_size, kmeans_iters)
+    return position_rank(eligible)
+
+
+def _build_levels(leaves: NodeBounds, branching: int) -> list[NodeBounds]:
+    levels = [leaves]
+    while levels[-1].count.shape[-1] > branching:
+        levels.append(parent_bounds(levels[-1], branching))
+    return levels
+
+
+def _leaf_rank_range(rank: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """rank: [B, H, L*BS] -> min and max valid rank per leaf, [B, H, L] int32 each (-1 where empty)."""
+    r = rank.view(*rank.shape[:2], -1, block_size)
+    big = torch.iinfo(torch.int32).max
+    first = r.masked_fill(r < 0, big).amin(-1)
+    last = r.amax(-1)
+    return first.masked_fill(first == big, -1), last
+
+
+def build_index(
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    key_mask: torch.Tensor | None = None,
+    *,
+    block_size: int = 128,
+    branching: int = 8,
+    clustering: str = "pca",
+    kmeans_iters: int = 4,
+    sink_tokens: int = 4,
+    window_tokens: int = 256,
+    capacity: int | None = None,
+) -> HiraIndex:
+    """Cluster a layer's keys into blocks, store K and V in that order, and compute the bound tree.
+
+    No input validation here (``hira.build_index`` validates): this is the tensor program, compile-able with
+    ``fullgraph=True``.
+
+    Args:
+        keys, values: [B, H, N, D] post-RoPE keys and their values.
+        key_mask: [B, N] bool, True for real tokens (False: padding). None: all real.
+        capacity: slots to allocate (rounded up to whole blocks); at least the ceil(N / BS) blocks the build
+            fills. Slots after them take appended tokens.
+    """
+    B, H, N, D = keys.shape
+    BS = block_size
+    built = -(-N // BS) * BS
+    C = max(built, -(-(capacity or 0) // BS) * BS)
+    dev = keys.device
+    valid = torch.ones(B, N, dtype=torch.bool, device=dev) if key_mask is None else key_mask.to(torch.bool)
+
+    # Sections: 0 sink, 1 middle (clustered), 2 recent window, 3 padding. Ranks count real tokens only.
+    rank = valid.cumsum(1) - 1  # [B, N]
+    n_valid = valid.sum(1)  # [B]
+    section = torch.ones(B, N, dtype=torch.int64, device=dev)
+    section = torch.where(rank >= n_valid[:, None] - window_tokens, 2, section)
+    section = torch.where(rank < sink_tokens, 0, section)
+    section = torch.where(valid, section, 3)
+    middle = (section == 1)[:, None, :].expand(B, H, N)  # [B, H, N]
+    crank = _cluster_rank(keys, middle, BS, clustering, kmeans_iters)  # [B, H, N]
+    pos = torch.arange(N, device=dev)
+    within = torch.where(middle, crank, pos.expand(B, H, N))
+    order = (section[:, None, :] * N + within).argsort(dim=-1)  # [B, H, N] storage slot -> token
+
+    gather = order[..., None].expand(B, H, N, D)
+    k_store = keys.new_zeros(B, H, C, D)
+    v_store = values.new_zeros(B, H, C, D)
+    k_store[:, :, :N] = torch.gather(keys, 2, gather)
+    v_store[:, :, :N] = torch.gather(values, 2, gather)
+    slot_valid = torch.zeros(B, C, dtype=torch.bool, device=dev)
+    slot_valid[:, :N] = torch.arange(N, device=dev) < n_valid[:, None]  # padding sorts last in every head
+    slot_rank = torch.full((B, H, C), -1, dtype=torch.int32, device=dev)
+    slot_rank[:, :, :N] = torch.gather(rank[:, None, :].expand(B, H, N), 2, order).to(torch.int32)
+    slot_rank = slot_rank.masked_fill(~slot_valid[:, None, :], -1)
+
+    NB = C // BS
+    leaves = members_bounds(k_store.view(B, H, NB, BS, D), slot_valid.view(B, 1, NB, BS))
+    first, last = _leaf_rank_range(slot_rank, BS)
+    return HiraIndex(
+        keys=k_store,
+        values=v_store,
+        valid=slot_valid,
+        rank=slot_rank,
+        levels=_build_levels(leaves, branching),
+        leaf_first=first,
+        leaf_last=last,
+        n_valid=n_valid,
+        next_slot=torch.tensor(built, dtype=torch.int64, device=dev),
+        block_size=BS,
+        branching=branching,
+        sink_tokens=sink_tokens,
+        window_tokens=window_tokens,
+    )
+
+
+def _select_nodes(nodes: NodeBounds, idx: torch.Tensor) -> NodeBounds:
+    """Nodes at positions idx [n] (out-of-range positions read as empty nodes)."""
+    M = nodes.count.shape[-1]
+    inside = idx < M
+    j = idx.clamp_max(M - 1)
+    out = [t.index_select(2, j) for t in nodes.tensors()]
+    out[4] = out[4].masked_fill(~inside, 0)  # count
+    return NodeBounds(*out)
+
+
+def _write_nodes(nodes: NodeBounds, idx: torch.Tensor, new: NodeBounds) -> None:
+    for dst, src in zip(nodes.tensors(), new.tensors()):
+        dst.index_copy_(2, idx, src)
+
+
+def append(index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None) -> None:
+    """Append S new tokens (the same S for every row) in position order, updating the bounds they touch.
+
+    In place, fixed shapes, no host sync under torch.compile. Outside compile it checks the capacity (one host read).
+
+    Args:
+        keys, values: [B, H, S, D].
+        key_mask: [B, S] bool, None: all real.
+    """
+    B, H, S, D = keys.shape
+    BS, C = index.block_size, index.capacity
+    if not torch.compiler.is_compiling() and int(index.next_slot) + S > C:
+        raise ValueError(
+            f"the Hira index is full: capacity {C} slots, {int(index.next_slot)} used, {S} more asked; "
+            "build it with a larger capacity (HiraConfig.max_cache_len for a model)"
+        )
+    dev = keys.device
+    valid = torch.ones(B, S, dtype=torch.bool, device=dev) if key_mask is None else key_mask.to(torch.bool)
+    slots = index.next_slot + torch.arange(S, device=dev)  # [S]
+    index.keys.index_copy_(2, slots, keys)
+    index.values.index_copy_(2, slots, values)
+    index.valid.index_copy_(1, slots, valid)
+    rank = (index.n_valid[:, None] + valid.cumsum(1) - 1).to(torch.int32).masked_fill(~valid, -1)  # [B, S]
+    index.rank.index_copy_(2, slots, rank[:, None, :].expand(B, H, S).contiguous())
+    index.n_valid.add_(valid.sum(1))
+
+    # Recompute the leaves the new tokens fall in, from their members, then their ancestors from children.
+    NB = index.num_leaves
+    n_touched = (S + BS - 1) // BS + 1
+    leaves = (index.next_slot // BS + torch.arange(n_touched, device=dev)).clamp_max(NB - 1)  # [n]
+    members = index.keys.view(B, H, NB, BS, D).index_select(2, leaves)  # [B, H, n, BS, D]
+    member_valid = index.valid.view(B, 1, NB, BS).index_select(2, leaves)
+    _write_nodes(index.levels[0], leaves, members_bounds(members, member_valid))
+    first, last = _leaf_rank_range(index.rank.view(B, H, NB, BS).index_select(2, leaves).flatten(2), BS)
+    index.leaf_first.index_copy_(2, leaves, first)
+    index.leaf_last.index_copy_(2, leaves, last)
+    b = index.branching
+    nodes = leaves
+    for lvl in range(1, len(index.levels)):
+        nodes = nodes // b
+        children = (nodes[:, None] * b + torch.arange(b, device=dev)).flatten()  # [n * b]
+        fresh = parent_bounds(_select_nodes(index.levels[lvl - 1], children), b)  # [B, H, n]
+        _write_nodes(index.levels[lvl], nodes, fresh)
+    index.next_slot.add_(S)
+
+
+def padded_capacity(n_tokens: int, block_size: int) -> int:
+    """Slots needed for ``n_tokens`` tokens appended after a build: whole blocks plus one block of slack."""
+    return (math.ceil(n_tokens / block_size) + 1) * block_size

@@ -1,0 +1,78 @@
+"""Threshold specifications: which blocks a search keeps.
+
+Scores are scaled scores, ``s = scale * q·k`` (the logits of the softmax).
+
+| mode        | keeps                                                            | guarantee                               |
+|-------------|------------------------------------------------------------------|-----------------------------------------|
+| ``dense``     | every non-empty block                                            | exact attention                         |
+| ``fixed``     | blocks whose upper bound on s reaches ``value``                 | no key with s ≥ value is missed         |
+| ``certified`` | blocks reaching τ = m − ln(N/ε), m an exact lower bound on max s | skipped softmax mass ≤ ε                |
+| ``topk``      | the ``value`` blocks with the largest upper bounds              | none (budgeted); a posterior bound      |
+| ``topp``      | blocks until their estimated mass reaches ``value``             | none (budgeted); a posterior bound      |
+
+Every mode reports a bound on the skipped mass that holds for what it kept (``Selection.skip_bound``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+MODES = ("dense", "fixed", "certified", "topk", "topp")
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A threshold mode and its parameter. Build it with the class methods, e.g. ``Threshold.certified(1e-3)``.
+
+    Attributes:
+        mode: one of ``dense``, ``fixed``, ``certified``, ``topk``, ``topp``.
+        value: τ for ``fixed`` (scaled-score units, may be ``-inf``), ε in (0, 1) for ``certified``, a block count
+            ≥ 1 for ``topk``, a mass in (0, 1] for ``topp``; unused (0) for ``dense``.
+    """
+
+    mode: str
+    value: float = 0.0
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"Threshold.mode must be one of {MODES}, got {self.mode!r}")
+        v = self.value
+        if self.mode == "fixed" and (math.isnan(v) or v == math.inf):
+            raise ValueError(f"Threshold.fixed needs a finite τ or -inf, got {v}")
+        if self.mode == "certified" and not 0.0 < v < 1.0:
+            raise ValueError(f"Threshold.certified needs 0 < eps < 1, got {v}")
+        if self.mode == "topk" and (v < 1 or v != int(v)):
+            raise ValueError(f"Threshold.topk needs an integer k >= 1, got {v}")
+        if self.mode == "topp" and not 0.0 < v <= 1.0:
+            raise ValueError(f"Threshold.topp needs 0 < p <= 1, got {v}")
+
+    @classmethod
+    def dense(cls) -> "Threshold":
+        """Keep every block: exact attention through the sparse path."""
+        return cls("dense")
+
+    @classmethod
+    def fixed(cls, tau: float) -> "Threshold":
+        """Keep every block that may hold a key with scaled score ≥ ``tau``."""
+        return cls("fixed", float(tau))
+
+    @classmethod
+    def certified(cls, eps: float) -> "Threshold":
+        """Keep blocks above τ = m − ln(N/ε): the softmax mass left out is at most ``eps``."""
+        return cls("certified", float(eps))
+
+    @classmethod
+    def topk(cls, k: int) -> "Threshold":
+        """Keep the ``k`` blocks with the largest upper bounds (plus sinks and the recent window)."""
+        return cls("topk", float(k))
+
+    @classmethod
+    def topp(cls, p: float) -> "Threshold":
+        """Keep blocks, best bound first, until their estimated softmax mass reaches ``p``."""
+        return cls("topp", float(p))
+
+    @property
+    def exact(self) -> bool:
+        """True for the modes that never miss a key above their threshold."""
+        return self.mode in ("dense", "fixed", "certified")

@@ -169,7 +169,7 @@ def attend_selection(
     H = index.keys.shape[1]
     rows = fold_gqa(q, H).to(index.keys.dtype)  # [B, H, G*S, D]
     mask = selection_block_mask(
-        selection.kv_num_blocks, selection.kv_indices, index.valid, index.block_size, rows.shape[2]
+        selection.kv_num_blocks, selection.kv_indices, selection.keep, index.valid, index.block_size, rows.shape[2]
     )
     out, lse = block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
     if extra is not None:

@@ -2,8 +2,8 @@
 
 The G query heads of a KV group are folded into the query axis (q as [B, Hkv, G·S, D]) and the mask has one head
 per KV head: FlexAttention's decode kernel needs that layout to split the KV axis (DESIGN.md §1). Selected blocks
-are passed as partial blocks whose mask_mod only drops padding slots: the decode kernel balances its work over
-``kv_num_blocks`` only then, and the mask_mod also keeps eager flex_attention right.
+are passed as partial blocks (the decode kernel balances its work over ``kv_num_blocks`` only then) with a mask_mod
+that drops padding slots and restates the selection, so that eager flex_attention is exact too.
 
 Shapes: B batch, H KV heads, R query rows (G·S), NB leaves, C capacity.
 """
@@ -17,23 +17,35 @@ from torch.nn.attention.flex_attention import BlockMask
 Q_BLOCK_SIZE = 128
 
 
-def slot_valid_mask(valid: torch.Tensor):
-    """mask_mod keeping the key slots that hold real tokens. valid: [B, C] bool (read at call time, not copied)."""
+def selected_slots_mask(valid: torch.Tensor, keep: torch.Tensor, block_size: int):
+    """mask_mod reading a slot iff it holds a real token and its block was kept.
 
-    def hira_slot_valid(b, h, q_idx, kv_idx):
-        return valid[b, kv_idx]
+    The block lists already restrict compiled flex_attention to the kept blocks; stating them in the mask_mod too
+    keeps eager flex_attention (which ignores block lists, DESIGN.md §3) exact, e.g. past a recompile limit.
 
-    return hira_slot_valid
+    valid: [B, C] bool; keep: [B, H, NB] bool. Both are read at call time, not copied.
+    """
+
+    def hira_selected_slots(b, h, q_idx, kv_idx):
+        return valid[b, kv_idx] & keep[b, h, kv_idx // block_size]
+
+    return hira_selected_slots
 
 
 def selection_block_mask(
-    kv_num_blocks: torch.Tensor, kv_indices: torch.Tensor, valid: torch.Tensor, block_size: int, num_rows: int
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    block_size: int,
+    num_rows: int,
 ) -> BlockMask:
     """BlockMask reading the selected blocks for every query row.
 
     Args:
         kv_num_blocks: [B, H, 1] int32 blocks kept per KV head.
         kv_indices: [B, H, 1, NB] int32 their indices first.
+        keep: [B, H, NB] bool the same selection as a table.
         valid: [B, C] bool real-token slots.
         block_size: KV block size BS (C = NB·BS).
         num_rows: R query rows per KV head.
@@ -49,7 +61,7 @@ def selection_block_mask(
         torch.zeros_like(num),
         torch.zeros_like(idx),
         BLOCK_SIZE=(Q_BLOCK_SIZE, block_size),
-        mask_mod=slot_valid_mask(valid),
+        mask_mod=selected_slots_mask(valid, keep, block_size),
         seq_lengths=(num_rows, valid.shape[-1]),
         compute_q_blocks=False,
     )

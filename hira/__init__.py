@@ -6,19 +6,25 @@ D head dim.
 """
 
 from hira.api import AttentionStats, attend, build_index, decode_attention, search
+from hira.cache import HiraCache
 from hira.config import HiraConfig
 from hira.index.index import HiraIndex
+from hira.modeling import HiraAttention, convert, revert
 from hira.search.search import Selection
 from hira.search.threshold import Threshold
 
 __all__ = [
     "AttentionStats",
+    "HiraAttention",
+    "HiraCache",
     "HiraConfig",
     "HiraIndex",
     "Selection",
     "Threshold",
     "attend",
     "build_index",
+    "convert",
     "decode_attention",
+    "revert",
     "search",
 ]

@@ -1,0 +1,221 @@
+"""HiraCache: a transformers ``Cache`` whose layers hold K/V in index order, the index, and each step's stats.
+
+A layer's life:
+- first call (prefill): exact causal attention over the prompt (SDPA), then the prompt's keys are indexed;
+- decode (query length 1): the new token is appended to the index (as a new block in position order), the range
+  search selects blocks, FlexAttention reads them; fixed shapes, no host sync;
+- a later prefill chunk (query length > 1): appended, attended exactly, and (``recluster_on_prefill``) the whole
+  layer is re-clustered.
+
+The layers are only driven by ``HiraAttention`` (installed by ``hira.convert``); ``update`` raises, so a HiraCache
+given to an unconverted model fails loudly instead of attending over scrambled keys.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from hira.api import AttentionStats, attend_selection
+from hira.config import HiraConfig
+from hira.flex.attention import fold_gqa
+from hira.index.index import HiraIndex, append, build_index
+from hira.search.search import search
+from hira.search.threshold import Threshold
+
+
+def key_mask_from_attention_mask(attention_mask: torch.Tensor | None, batch: int, n_keys: int, device) -> torch.Tensor:
+    """Real-token mask [B, N] from the model's 4D attention mask [B, 1, S, N] (bool: True attends; float: 0 attends).
+
+    The last query row of a causal prefill sees every real key, so it marks padding exactly.
+    """
+    if attention_mask is None:
+        return torch.ones(batch, n_keys, dtype=torch.bool, device=device)
+    last = attention_mask[:, 0, -1, -n_keys:]  # [B, N]
+    return last if last.dtype == torch.bool else last == 0
+
+
+class HiraLayer(CacheLayerMixin):
+    """One decoder layer's cache: the ``HiraIndex`` over its keys and values, plus the last decode step's stats."""
+
+    is_compileable = False
+    is_sliding = False
+
+    def __init__(self, layer_idx: int, capacity: int, config: HiraConfig):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.capacity = capacity
+        self.config = config
+        self.index: HiraIndex | None = None
+        self.seen = 0
+        self.last_stats: AttentionStats | None = None
+        self.threshold = Threshold.dense() if layer_idx in config.dense_layers else config.threshold
+
+    # --- transformers' CacheLayerMixin contract -------------------------------------------------------------
+    def lazy_initialization(self, key_states, value_states) -> None:
+        return None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        raise TypeError(
+            "HiraCache.update was called by an attention module that is not HiraAttention. A HiraCache only works "
+            "with a converted model: call hira.convert(model) first, or pass no cache."
+        )
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return self.capacity
+
+    def reset(self) -> None:
+        self.index = None
+        self.seen = 0
+        self.last_stats = None
+
+    def reorder_cache(self, beam_idx) -> None:
+        raise NotImplementedError("HiraCache does not support beam search yet: use greedy or sampling decoding")
+
+    # --- Hira ------------------------------------------------------------------------------------------------
+    def attend(self, q, k, v, attention_mask, scale: float) -> torch.Tensor:
+        """Attention of new queries over the cache plus the new keys, which are stored.
+
+        Args:
+            q: [B, Hq, S, D] post-RoPE queries; k, v: [B, Hkv, S, D] the new tokens' keys and values.
+            attention_mask: the model's 4D mask (bool or additive float) or None.
+        Returns:
+            [B, Hq, S, D] attention output.
+        """
+        S = q.shape[2]
+        if self.index is None:
+            out = self._prefill(q, k, v, attention_mask, scale)
+        elif S > 1:
+            out = self._continue_prefill(q, k, v, scale)
+        else:
+            out = self._decode(q, k, v, scale)
+        self.seen += S
+        return out
+
+    def _build(self, k, v, key_mask) -> HiraIndex:
+        cfg = self.config
+        return build_index(
+            k,
+            v,
+            key_mask,
+            block_size=cfg.block_size,
+            branching=cfg.branching,
+            clustering=cfg.clustering,
+            kmeans_iters=cfg.kmeans_iters,
+            sink_tokens=cfg.sink_tokens,
+            window_tokens=cfg.window_tokens,
+            capacity=self.capacity,
+        )
+
+    def _prefill(self, q, k, v, attention_mask, scale):
+        B, _, N, _ = k.shape
+        if N > self.capacity:
+            raise ValueError(
+                f"prompt of {N} tokens exceeds the HiraCache capacity of {self.capacity}: raise HiraConfig.max_cache_len"
+            )
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and N > 1, scale=scale,
+            enable_gqa=True,
+        )
+        self.index = self._build(k, v, key_mask_from_attention_mask(attention_mask, B, N, k.device))
+        return out
+
+    def _continue_prefill(self, q, k, v, scale):
+        index = self.index
+        append(index, k, v)
+        B, Hq, S, _ = q.shape
+        H = index.keys.shape[1]
+        # The storage is permuted: causality comes from each key's rank among its row's real tokens.
+        q_rank = index.n_valid[:, None] - S + torch.arange(S, device=q.device)  # [B, S]
+        rank = index.rank  # [B, H, C]
+        mask = (rank[:, :, None, :] <= q_rank[:, None, :, None]) & (rank[:, :, None, :] >= 0)  # [B, H, S, C]
+        out = F.scaled_dot_product_attention(
+            q, index.keys, index.values, attn_mask=mask.repeat_interleave(Hq // H, dim=1), scale=scale,
+            enable_gqa=True,
+        )
+        if self.config.recluster_on_prefill:
+            self.index = self._rebuild()
+        return out
+
+    def _rebuild(self) -> HiraIndex:
+        """Re-cluster every real token of the layer (host sync: prefill only)."""
+        index = self.index
+        B, H, C, D = index.keys.shape
+        n = int(index.n_valid.max())
+        big = torch.iinfo(torch.int32).max
+        order = index.rank.masked_fill(index.rank < 0, big).argsort(dim=-1)[:, :, :n]  # position order, real first
+        gather = order[..., None].expand(B, H, n, D)
+        k = torch.gather(index.keys, 2, gather)
+        v = torch.gather(index.values, 2, gather)
+        key_mask = torch.arange(n, device=k.device) < index.n_valid[:, None]
+        return self._build(k, v, key_mask)
+
+    def _decode(self, q, k, v, scale):
+        index = self.index
+        append(index, k, v)
+        rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G, D]
+        dense = index.n_valid.amax() < self.config.min_context
+        sel = search(index, rows, self.threshold, dense=dense)
+        out, self.last_stats = attend_selection(q, index, sel, scale)
+        return out
+
+
+class HiraCache(Cache):
+    """The KV cache of a ``hira.convert``-ed model: one ``HiraLayer`` per decoder layer.
+
+    A converted model creates one by itself when ``generate`` or ``forward`` gets no cache; pass one explicitly to
+    keep it (and its stats) across calls.
+
+    Args:
+        model_config: the transformers config of the model (layer count, ``max_position_embeddings``).
+        config: the ``HiraConfig``; its ``max_cache_len`` (or the model's ``max_position_embeddings``) sets the
+            capacity of every layer, allocated at the first forward.
+    """
+
+    def __init__(self, model_config, config: HiraConfig | None = None):
+        self.hira_config = config or HiraConfig()
+        text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
+        capacity = self.hira_config.max_cache_len
+        if capacity == -1:
+            capacity = int(text.max_position_embeddings)
+        super().__init__(
+            layers=[HiraLayer(i, capacity, self.hira_config) for i in range(text.num_hidden_layers)]
+        )
+
+    def stats(self) -> list[dict[str, float] | None]:
+        """Per layer, what the last decode step read: ``read_fraction`` (real keys in the blocks read over all real
+        keys), ``kept_fraction`` (blocks), and ``skip_bound`` (certified bound on the softmax mass not read, max over
+        batch, heads and rows). ``None`` for a layer that has not decoded yet. Reads tensors to the host (a sync):
+        call it between steps, not inside a compiled step.
+        """
+        out = []
+        for layer in self.layers:
+            s = layer.last_stats
+            if s is None:
+                out.append(None)
+                continue
+            out.append(
+                {
+                    "read_fraction": float(s.read_fraction.mean()),
+                    "kept_fraction": float(s.kept_fraction.mean()),
+                    "skip_bound": float(s.skip_bound.max()),
+                }
+            )
+        return out
+
+    def summary(self) -> dict[str, float]:
+        """Mean ``read_fraction`` and max ``skip_bound`` over the layers that decoded (empty dict if none did)."""
+        per_layer = [s for s in self.stats() if s is not None]
+        if not per_layer:
+            return {}
+        return {
+            "read_fraction": sum(s["read_fraction"] for s in per_layer) / len(per_layer),
+            "skip_bound": max(s["skip_bound"] for s in per_layer),
+        }

@@ -1,0 +1,173 @@
+"""HiraAttention, the drop-in for Llama/Mistral/Qwen2 attention, and ``convert`` / ``revert``.
+
+``convert`` swaps every supported attention module in place for a ``HiraAttention`` that reuses the module's own
+projection layers (no copy), and hooks the base model so that a ``HiraCache`` is created when no cache is given.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from transformers.cache_utils import DynamicCache
+from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
+from transformers.models.mistral.modeling_mistral import MistralAttention
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+from hira.cache import HiraCache
+from hira.config import HiraConfig
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+_SUPPORTED_MODULES = (LlamaAttention, MistralAttention, Qwen2Attention)
+
+
+class HiraAttention(nn.Module):
+    """Attention that decodes through Hira's index. Replaces one LlamaAttention (or Mistral/Qwen2 twin).
+
+    Prefill is exact causal SDPA and indexes the prompt; decode steps search the index, build a BlockMask and run
+    FlexAttention over the kept blocks. Needs a ``HiraCache`` (created automatically by the converted model).
+
+    Args:
+        original: the module it replaces; its q/k/v/o projections are shared, not copied.
+        config: the ``HiraConfig``.
+    """
+
+    def __init__(self, original: nn.Module, config: HiraConfig):
+        super().__init__()
+        if getattr(original, "sliding_window", None) is not None:
+            raise ValueError(
+                f"layer {original.layer_idx} uses sliding-window attention (window {original.sliding_window}), which "
+                "Hira does not support; set config.sliding_window = None if your contexts stay below the window"
+            )
+        self.config = original.config
+        self.layer_idx = original.layer_idx
+        self.head_dim = original.head_dim
+        self.scaling = original.scaling
+        self.num_heads = original.config.num_attention_heads
+        self.num_kv_heads = original.config.num_key_value_heads
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            original.q_proj, original.k_proj, original.v_proj, original.o_proj
+        )
+        self.hira_config = config
+        # Kept for revert(), outside the module tree so that its weights are not counted twice.
+        object.__setattr__(self, "_hira_original", original)
+
+    def extra_repr(self) -> str:
+        c = self.hira_config
+        return (
+            f"layer_idx={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"block_size={c.block_size}, threshold={c.threshold.mode}({c.threshold.value:g})"
+        )
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, None]:
+        """hidden_states: [B, S, hidden]; position_embeddings: (cos, sin); attention_mask: the model's 4D mask."""
+        if kwargs.get("output_attentions"):
+            raise ValueError("HiraAttention does not materialise attention weights: call with output_attentions=False")
+        B, S, _ = hidden_states.shape
+        shape = (B, S, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, Hq, S, D]
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # [B, Hkv, S, D]
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and S > 1, scale=self.scaling,
+                enable_gqa=True,
+            )
+        elif isinstance(past_key_values, HiraCache):
+            out = past_key_values.layers[self.layer_idx].attend(q, k, v, attention_mask, self.scaling)
+        else:
+            raise TypeError(
+                f"a Hira-converted model needs a HiraCache, got {type(past_key_values).__name__}: pass "
+                "past_key_values=hira.HiraCache(model.config, config) or none at all"
+            )
+        out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, Hq*D]
+        return self.o_proj(out), None
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    return getattr(model, "model", model)
+
+
+def _inject_cache(config: HiraConfig) -> Callable:
+    """Forward pre-hook on the base model: give it a HiraCache where it would otherwise make a DynamicCache."""
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(module.config, "use_cache", True)
+        fresh_default = (
+            isinstance(cache, DynamicCache) and not getattr(cache, "_is_user_defined", False)
+            and cache.get_seq_length() == 0
+        )
+        if use_cache and (cache is None or fresh_default):
+            kwargs["past_key_values"] = HiraCache(module.config, config)
+        return args, kwargs
+
+    return hook
+
+
+def convert(model: nn.Module, config: HiraConfig | None = None, filter_fn=None) -> nn.Module:
+    """Swap, in place, every attention module of a Llama, Mistral or Qwen2 model for ``HiraAttention``.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` or base model of a supported family.
+        config: the ``HiraConfig`` (default ``HiraConfig()``).
+        filter_fn: optional ``(module, fqn) -> bool``; only modules for which it returns True are converted.
+    Returns:
+        The same model. Converting again replaces the config; ``hira.revert`` restores the original modules.
+    """
+    config = config or HiraConfig()
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"hira.convert supports model types {SUPPORTED_MODEL_TYPES}, got {model_type!r} "
+            f"({type(model).__name__})"
+        )
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    bad = [i for i in config.dense_layers if i >= n_layers]
+    if bad:
+        raise ValueError(f"HiraConfig.dense_layers {bad} are out of range for a model of {n_layers} layers")
+    swaps = []
+    for fqn, module in model.named_modules():
+        original = module._hira_original if isinstance(module, HiraAttention) else module
+        if not isinstance(original, _SUPPORTED_MODULES) or (filter_fn is not None and not filter_fn(original, fqn)):
+            continue
+        swaps.append((fqn, HiraAttention(original, config)))
+    for fqn, new in swaps:
+        parent_name, _, child = fqn.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, new)
+    base = _base_model(model)
+    old = getattr(base, "_hira_hook", None)
+    if old is not None:
+        old.remove()
+    base._hira_hook = base.register_forward_pre_hook(_inject_cache(config), with_kwargs=True)
+    model.hira_config = config
+    return model
+
+
+def revert(model: nn.Module) -> nn.Module:
+    """Undo ``convert``: put the original attention modules back and remove the cache hook. In place."""
+    for fqn, module in list(model.named_modules()):
+        if isinstance(module, HiraAttention):
+            parent_name, _, child = fqn.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module._hira_original)
+    base = _base_model(model)
+    hook = getattr(base, "_hira_hook", None)
+    if hook is not None:
+        hook.remove()
+        del base._hira_hook
+    if hasattr(model, "hira_config"):
+        del model.hira_config
+    return model

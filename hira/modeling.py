@@ -6,6 +6,7 @@ projection layers (no copy), and hooks the base model so that a ``HiraCache`` is
 
 from __future__ import annotations
 
+import types
 from typing import Callable
 
 import torch
@@ -36,9 +37,12 @@ class HiraAttention(nn.Module):
 
     def __init__(self, original: nn.Module, config: HiraConfig):
         super().__init__()
-        if getattr(original, "sliding_window", None) is not None:
+        # Qwen2 sets sliding_window per module (None for full attention); Mistral reads it from the config.
+        source = original if hasattr(original, "sliding_window") else original.config
+        window = getattr(source, "sliding_window", None)
+        if window is not None:
             raise ValueError(
-                f"layer {original.layer_idx} uses sliding-window attention (window {original.sliding_window}), which "
+                f"layer {original.layer_idx} uses sliding-window attention (window {window}), which "
                 "Hira does not support; set config.sliding_window = None if your contexts stay below the window"
             )
         self.config = original.config
@@ -100,22 +104,31 @@ def _base_model(model: nn.Module) -> nn.Module:
 
 
 def _inject_cache(config: HiraConfig) -> Callable:
-    """Forward pre-hook on the base model: give it a HiraCache where it would otherwise make a DynamicCache."""
+    """Forward pre-hook on the base model: a HiraCache where the model would otherwise create a DynamicCache."""
 
     def hook(module, args, kwargs):
-        cache = kwargs.get("past_key_values")
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", True)
-        fresh_default = (
-            isinstance(cache, DynamicCache) and not getattr(cache, "_is_user_defined", False)
-            and cache.get_seq_length() == 0
-        )
-        if use_cache and (cache is None or fresh_default):
+        if use_cache and kwargs.get("past_key_values") is None:
             kwargs["past_key_values"] = HiraCache(module.config, config)
         return args, kwargs
 
     return hook
+
+
+def _hira_prepare_cache(model: nn.Module, config: HiraConfig) -> Callable:
+    """``generate`` makes a DynamicCache when given none: make it a HiraCache instead (user caches stay)."""
+    prepare = type(model)._prepare_cache_for_generation
+
+    def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
+        result = prepare(self, generation_config, model_kwargs, *args, **kwargs)
+        cache = model_kwargs.get("past_key_values")
+        if isinstance(cache, DynamicCache) and not getattr(cache, "_is_user_defined", False):
+            model_kwargs["past_key_values"] = HiraCache(self.config, config)
+        return result
+
+    return types.MethodType(prepare_cache, model)
 
 
 def convert(model: nn.Module, config: HiraConfig | None = None, filter_fn=None) -> nn.Module:
@@ -153,6 +166,8 @@ def convert(model: nn.Module, config: HiraConfig | None = None, filter_fn=None) 
     if old is not None:
         old.remove()
     base._hira_hook = base.register_forward_pre_hook(_inject_cache(config), with_kwargs=True)
+    if hasattr(type(model), "_prepare_cache_for_generation"):
+        model._prepare_cache_for_generation = _hira_prepare_cache(model, config)
     model.hira_config = config
     return model
 
@@ -168,6 +183,6 @@ def revert(model: nn.Module) -> nn.Module:
     if hook is not None:
         hook.remove()
         del base._hira_hook
-    if hasattr(model, "hira_config"):
-        del model.hira_config
+    model.__dict__.pop("_prepare_cache_for_generation", None)
+    model.__dict__.pop("hira_config", None)
     return model

@@ -1,0 +1,180 @@
+"""The drop-in on tiny random Llama, Mistral and Qwen2 models: exactness in dense mode, sparse stats, padding,
+convert/revert, torch.compile without recompiles, and clear errors on misuse."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch._dynamo.utils as dynamo_utils
+from transformers import (
+    DynamicCache,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+from transformers.models.llama.modeling_llama import LlamaAttention
+
+import hira
+
+PROMPT = 150  # tokens: several 16-token blocks, so decode goes through the index
+DENSE = hira.HiraConfig(block_size=16, threshold=hira.Threshold.fixed(-math.inf), min_context=0, window_tokens=16)
+SPARSE = hira.HiraConfig(block_size=16, threshold=hira.Threshold.topk(2), min_context=0, window_tokens=16)
+
+
+def _tiny(family: str):
+    common = dict(vocab_size=96, hidden_size=96, intermediate_size=128, num_hidden_layers=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    if family == "llama":  # GQA ratio 3, as SmolLM2
+        return LlamaForCausalLM(LlamaConfig(num_attention_heads=6, num_key_value_heads=2, **common)).eval()
+    if family == "mistral":
+        cfg = MistralConfig(num_attention_heads=4, num_key_value_heads=2, sliding_window=None, **common)
+        return MistralForCausalLM(cfg).eval()
+    return Qwen2ForCausalLM(Qwen2Config(num_attention_heads=8, num_key_value_heads=2, **common)).eval()
+
+
+def _ids(batch: int = 1, length: int = PROMPT, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 96, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _greedy(model, ids, steps: int = 12, **kw) -> torch.Tensor:
+    return model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=0, **kw)
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_dense_config_matches_unconverted(family):
+    model = _tiny(family)
+    ids = _ids()
+    with torch.no_grad():
+        ref_logits = model(ids).logits
+        ref_tokens = _greedy(model, ids)
+        hira.convert(model, DENSE)
+        cache = hira.HiraCache(model.config, DENSE)
+        logits = model(ids, past_key_values=cache).logits
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
+        assert torch.equal(_greedy(model, ids), ref_tokens)
+        # Decode steps read through the index: every block, nothing skipped.
+        cache = hira.HiraCache(model.config, DENSE)
+        _greedy(model, ids, past_key_values=cache)
+        assert cache.summary() == {"read_fraction": 1.0, "skip_bound": 0.0}
+
+
+@torch.no_grad()
+def test_decode_logits_match_step_by_step():
+    model = _tiny("llama")
+    ids = _ids(length=PROMPT + 8)
+    ref = model(ids).logits[:, PROMPT - 1 :]
+    hira.convert(model, DENSE)
+    cache = hira.HiraCache(model.config, DENSE)
+    out = [model(ids[:, :PROMPT], past_key_values=cache).logits[:, -1:]]
+    for t in range(PROMPT, PROMPT + 8):
+        out.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+    torch.testing.assert_close(torch.cat(out, 1), ref, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_chunked_prefill_matches_unconverted():
+    model = _tiny("llama")
+    ids = _ids(length=PROMPT + 40)
+    ref = model(ids).logits
+    hira.convert(model, DENSE)
+    cache = hira.HiraCache(model.config, DENSE)
+    first = model(ids[:, :PROMPT], past_key_values=cache).logits
+    second = model(ids[:, PROMPT:], past_key_values=cache).logits  # query length 40 over a permuted cache
+    torch.testing.assert_close(torch.cat([first, second], 1), ref, atol=1e-4, rtol=0)
+    step = model(ids[:, -1:], past_key_values=cache).logits  # decode after re-clustering
+    assert torch.isfinite(step).all()
+
+
+@torch.no_grad()
+def test_sparse_config_reads_less_and_reports_it():
+    model = hira.convert(_tiny("llama"), SPARSE)
+    cache = hira.HiraCache(model.config, SPARSE)
+    out = _greedy(model, _ids(), past_key_values=cache)
+    assert out.shape == (1, PROMPT + 12)
+    stats = cache.stats()
+    assert len(stats) == 2 and all(s is not None for s in stats)
+    for s in stats:
+        # 2 top blocks + sink block + window blocks out of ceil(161 / 16) = 11 blocks.
+        assert 0.0 < s["read_fraction"] < 0.75
+        assert 0.0 <= s["skip_bound"] <= 1.0
+
+
+@torch.no_grad()
+def test_batch_with_left_padding_matches_unconverted():
+    model = _tiny("llama")
+    ids = _ids(batch=2)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0  # row 1 is left-padded: 113 real tokens
+    ref = _greedy(model, ids, attention_mask=mask)
+    hira.convert(model, DENSE)
+    assert torch.equal(_greedy(model, ids, attention_mask=mask), ref)
+
+
+@torch.no_grad()
+def test_convert_revert_convert():
+    model = _tiny("llama")
+    ids = _ids(length=40)
+    ref = model(ids).logits
+    original = model.model.layers[0].self_attn
+    hira.convert(model, DENSE)
+    hira.convert(model, SPARSE)  # converting again only replaces the config
+    attn = model.model.layers[0].self_attn
+    assert isinstance(attn, hira.HiraAttention) and attn.hira_config is SPARSE
+    assert attn.q_proj is original.q_proj  # weights are shared, not copied
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in _tiny("llama").parameters())
+    assert "threshold=topk(2)" in repr(model)
+    hira.revert(model)
+    assert model.model.layers[0].self_attn is original and type(original) is LlamaAttention
+    torch.testing.assert_close(model(ids).logits, ref)
+    hira.convert(model, DENSE)
+    torch.testing.assert_close(model(ids).logits, ref, atol=1e-4, rtol=0)
+
+
+@torch.no_grad()
+def test_compiled_decode_does_not_recompile():
+    model = hira.convert(_tiny("llama"), SPARSE)
+    compiled = torch.compile(model)
+    cache = hira.HiraCache(model.config, SPARSE)
+    ids = _ids()
+    tok = compiled(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+    graphs = []
+    for i in range(30):
+        pos = torch.tensor([[PROMPT + i]])
+        tok = compiled(tok, past_key_values=cache, position_ids=pos).logits[:, -1:].argmax(-1)
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
+    # The first decode step compiles; the second marks the growing cache length dynamic; then nothing.
+    assert graphs[2:] == [graphs[2]] * 28, graphs
+    assert cache.stats()[0]["read_fraction"] < 1.0
+
+
+def test_errors_are_clear():
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50))
+    with pytest.raises(ValueError, match="supports model types.*'gpt2'"):
+        hira.convert(gpt2)
+    with pytest.raises(ValueError, match="block_size"):
+        hira.HiraConfig(block_size=48)
+    with pytest.raises(ValueError, match="threshold"):
+        hira.HiraConfig(threshold="topk")
+    with pytest.raises(ValueError, match="dense_layers"):
+        hira.convert(_tiny("llama"), hira.HiraConfig(dense_layers=(5,)))
+    with pytest.raises(ValueError, match="sliding-window"):
+        hira.convert(MistralForCausalLM(MistralConfig(
+            vocab_size=32, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, sliding_window=64)))
+    plain = _tiny("llama")
+    with torch.no_grad(), pytest.raises(TypeError, match="convert"):
+        plain(_ids(length=20), past_key_values=hira.HiraCache(plain.config))
+    converted = hira.convert(_tiny("llama"), DENSE)
+    with torch.no_grad(), pytest.raises(TypeError, match="needs a HiraCache"):
+        converted(_ids(length=20), past_key_values=DynamicCache(config=converted.config))
+    with torch.no_grad(), pytest.raises(ValueError, match="capacity"):
+        converted(_ids(length=300), past_key_values=hira.HiraCache(converted.config, DENSE))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
 _compiled_flex = None
 
@@ -76,9 +76,9 @@ def block_attention(
         out [B, H, R, D] (rows that read no key are 0) and the LSE (-inf for such rows) or None.
     """
     if return_lse and q_rows.is_cuda:
-        out, lse = _flex()(q_rows, keys, values, block_mask=block_mask, scale=scale, return_lse=True)
-        # flex reports the LSE in natural log units of the scaled scores; empty rows come back as -inf.
-        return out, lse.float()
+        # return_lse is deprecated (its warning costs a recompile on torch 2.11); AuxRequest is the supported form.
+        out, aux = _flex()(q_rows, keys, values, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        return out, aux.lse.float()
     out = _flex()(q_rows, keys, values, block_mask=block_mask, scale=scale)
     if not return_lse:
         return out, None

@@ -54,12 +54,15 @@ def selection_block_mask(
     B, H, _, NB = kv_indices.shape
     num = kv_num_blocks.expand(B, H, q_blocks).contiguous()
     idx = kv_indices.expand(B, H, q_blocks, NB).contiguous()
-    # Empty full-block lists: the CPU decode template needs them present (DESIGN.md §3).
+    # Empty full-block lists: the CPU decode template needs them present (DESIGN.md §3). On CUDA any full-block
+    # list, even empty, makes the decode kernel size its KV splits by the context instead of the kept blocks
+    # (measured 6.4x slower at 128K, 5% kept: benchmarks/NOTES.md), so there they are left out.
+    full_num, full_idx = (None, None) if num.is_cuda else (torch.zeros_like(num), torch.zeros_like(idx))
     return BlockMask.from_kv_blocks(
         num,
         idx,
-        torch.zeros_like(num),
-        torch.zeros_like(idx),
+        full_num,
+        full_idx,
         BLOCK_SIZE=(Q_BLOCK_SIZE, block_size),
         mask_mod=selected_slots_mask(valid, keep, block_size),
         seq_lengths=(num_rows, valid.shape[-1]),

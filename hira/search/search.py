@@ -1,8 +1,11 @@
 """Halfspace range search over the index: which blocks may hold a key with scaled score s = scale·q·k ≥ τ.
 
-The search walks the levels top-down. A node's effective bound is the minimum of its own upper bound and its
-parent's effective bound (both hold for every member), so a node below τ is dropped with its whole subtree. On
-fixed shapes every level is evaluated for every node; pruning decides what is read, not what is evaluated.
+Top-down, a node's effective bound is the minimum of its own upper bound and its parent's effective bound (both hold
+for every member), so a node below τ is dropped with its whole subtree (``effective_bounds``). A parent contains
+its children (its box is the union of theirs; its ball reaches every child ball), so its bound is never below
+theirs and the walk keeps exactly the leaves whose own bound reaches τ. On fixed shapes, where every node would be
+evaluated anyway, ``search`` therefore evaluates the leaf level alone: one pass instead of one per level, with the
+same result (the tests check it against ``effective_bounds``).
 
 Query rows: the G query heads of a KV group and the S query positions are folded into R = G·S rows per KV head,
 and a block is kept for the KV head if any of its rows keeps it (the union over the group).
@@ -111,7 +114,7 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
     leaves = index.levels[0]
     live = leaves.count > 0  # [B, H, NB]
     forced = index.forced_leaves()
-    ub = effective_bounds(index, q)  # [B, H, R, NB]
+    ub = upper_bound(q, leaves)  # [B, H, R, NB], equal to effective_bounds(index, q) (module docstring)
     m = _exact_top_leaf_score(index, q, ub)  # [B, H, R]
     mode, value = threshold.mode, threshold.value
     tau = torch.full_like(m, -math.inf)
@@ -142,7 +145,12 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
     max_lb = m.masked_fill(~top_kept, -math.inf)
 
     kv_num = keep.sum(-1, dtype=torch.int32)  # [B, H]
-    order = keep.to(torch.int8).argsort(dim=-1, descending=True, stable=True).to(torch.int32)  # kept first
+    # Kept leaves first in ascending order, then the others: a stable compaction by prefix sums (no sort).
+    kept_pos = keep.cumsum(-1) - 1
+    rest_pos = kv_num[..., None] + (~keep).cumsum(-1) - 1
+    slot = torch.where(keep, kept_pos, rest_pos)  # [B, H, NB] destination of each leaf
+    leaf_ids = torch.arange(keep.shape[-1], device=q.device, dtype=torch.int32).expand_as(slot)
+    order = torch.empty_like(leaf_ids).scatter_(-1, slot, leaf_ids)
     kept_fraction = kv_num.float() / live.sum(-1).clamp_min(1).float()
     return Selection(
         keep=keep,

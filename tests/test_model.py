@@ -142,13 +142,18 @@ def test_convert_revert_convert():
 def test_compiled_decode_does_not_recompile():
     model = hira.convert(_tiny("llama"), SPARSE)
     compiled = torch.compile(model)
-    cache = hira.HiraCache(model.config, SPARSE)
+    cache, eager_cache = hira.HiraCache(model.config, SPARSE), hira.HiraCache(model.config, SPARSE)
     ids = _ids()
     tok = compiled(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
+    model(ids, past_key_values=eager_cache)
     graphs = []
     for i in range(30):
         pos = torch.tensor([[PROMPT + i]])
-        tok = compiled(tok, past_key_values=cache, position_ids=pos).logits[:, -1:].argmax(-1)
+        logits = compiled(tok, past_key_values=cache, position_ids=pos).logits
+        if i < 3:  # the compiled step computes what the eager one does
+            eager = model(tok, past_key_values=eager_cache, position_ids=pos).logits
+            torch.testing.assert_close(logits, eager, atol=1e-4, rtol=0)
+        tok = logits[:, -1:].argmax(-1)
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
     assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
     # The first decode step compiles; the second marks the growing cache length dynamic; then nothing.

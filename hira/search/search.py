@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hira.index.bounds import upper_bound
+from hira.index.bounds import log_mass_estimate, upper_bound
 from hira.index.index import HiraIndex
 from hira.search.threshold import Threshold
 
@@ -83,19 +83,14 @@ def _exact_top_leaf_score(index: HiraIndex, q: torch.Tensor, ub: torch.Tensor) -
     return s.masked_fill(~real, -math.inf).amax(-1)
 
 
-def _topp_keep(ub: torch.Tensor, count: torch.Tensor, forced: torch.Tensor, p: float) -> torch.Tensor:
-    """Per row, the fewest leaves (best estimated mass first) whose estimated mass reaches p; union over rows.
-
-    The estimate of a leaf's mass is count · exp(bound), normalised over the row. Forced leaves count as read.
-    """
-    logm = ub + count.clamp_min(1).float().log()[:, :, None, :]  # [B, H, R, NB]
-    logm = logm.masked_fill(forced[:, :, None, :], math.inf)  # forced leaves sort first
-    order = logm.argsort(dim=-1, descending=True)
-    est = (ub + count.clamp_min(1).float().log()[:, :, None, :]).softmax(-1).nan_to_num(nan=0.0)
-    sorted_mass = torch.gather(est, -1, order)
-    before = sorted_mass.cumsum(-1) - sorted_mass  # mass of the leaves ranked above
-    keep_sorted = before < p
-    keep_rows = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+def _topp_keep(est: torch.Tensor, forced: torch.Tensor, p: float) -> torch.Tensor:
+    """Per row, the fewest leaves (forced first, then by estimated mass) whose estimated mass reaches p; union
+    over the rows of a KV head. est: [B, H, R, NB] log-mass estimates; forced: [B, H, NB]."""
+    frac = est.softmax(-1).nan_to_num(nan=0.0)  # [B, H, R, NB] estimated share of each leaf
+    order = est.masked_fill(forced[:, :, None, :], math.inf).argsort(dim=-1, descending=True)
+    sorted_frac = torch.gather(frac, -1, order)
+    before = sorted_frac.cumsum(-1) - sorted_frac  # share of the leaves ranked above
+    keep_rows = torch.zeros_like(before, dtype=torch.bool).scatter_(-1, order, before < p)
     return keep_rows.any(dim=2)
 
 
@@ -128,12 +123,13 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
             tau = m - torch.log(n / value)
         keep = (ub >= tau[..., None]).any(dim=2) & live
     elif mode == "topk":
+        # Rank by the group's estimated share of mass: Σ over rows of each row's estimated fraction.
         k = min(int(value), ub.shape[-1])
-        score = ub.amax(dim=2)  # [B, H, NB]
-        top = score.topk(k, dim=-1).indices
+        share = log_mass_estimate(q, leaves).softmax(-1).nan_to_num(nan=0.0).sum(dim=2)  # [B, H, NB]
+        top = share.masked_fill(~live, -1.0).topk(k, dim=-1).indices
         keep = torch.zeros_like(live).scatter_(-1, top, True) & live
     else:  # topp
-        keep = _topp_keep(ub, leaves.count, forced, value) & live
+        keep = _topp_keep(log_mass_estimate(q, leaves), forced, value) & live
     keep = keep | forced
     if dense is not None:
         keep = torch.where(dense, live, keep)

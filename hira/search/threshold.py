@@ -7,8 +7,10 @@ Scores are scaled scores, ``s = scale * q·k`` (the logits of the softmax).
 | ``dense``     | every non-empty block                                            | exact attention                         |
 | ``fixed``     | blocks whose upper bound on s reaches ``value``                 | no key with s ≥ value is missed         |
 | ``certified`` | blocks reaching τ = m − ln(N/ε), m an exact lower bound on max s | skipped softmax mass ≤ ε                |
-| ``topk``      | the ``value`` blocks with the largest upper bounds              | none (budgeted); a posterior bound      |
+| ``topk``      | the ``value`` blocks of largest estimated mass                  | none (budgeted); a posterior bound      |
 | ``topp``      | blocks until their estimated mass reaches ``value``             | none (budgeted); a posterior bound      |
+
+The budgeted modes estimate a block's mass as log n + q·c + ½‖q‖²·var (``hira.index.bounds.log_mass_estimate``).
 
 Every mode reports a bound on the skipped mass that holds for what it kept (``Selection.skip_bound``).
 """
@@ -42,7 +44,7 @@ class Threshold:
             raise ValueError(f"Threshold.fixed needs a finite τ or -inf, got {v}")
         if self.mode == "certified" and not 0.0 < v < 1.0:
             raise ValueError(f"Threshold.certified needs 0 < eps < 1, got {v}")
-        if self.mode == "topk" and (v < 1 or v != int(v)):
+        if self.mode == "topk" and not (math.isfinite(v) and v >= 1 and v == int(v)):
             raise ValueError(f"Threshold.topk needs an integer k >= 1, got {v}")
         if self.mode == "topp" and not 0.0 < v <= 1.0:
             raise ValueError(f"Threshold.topp needs 0 < p <= 1, got {v}")
@@ -64,7 +66,7 @@ class Threshold:
 
     @classmethod
     def topk(cls, k: int) -> "Threshold":
-        """Keep the ``k`` blocks with the largest upper bounds (plus sinks and the recent window)."""
+        """Keep the ``k`` blocks of largest estimated mass (plus sinks and the recent window)."""
         return cls("topk", float(k))
 
     @classmethod

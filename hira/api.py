@@ -12,6 +12,7 @@ directly inside a compiled or graph-captured decode step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -78,7 +79,8 @@ def build_index(
         keys, values: [B, Hkv, N, D] post-RoPE keys and values, float32/bfloat16/float16, same dtype and device.
         config: block size, branching, clustering, sinks and window (defaults: ``HiraConfig()``).
         key_mask: [B, N] bool, True for real tokens, False for padding (e.g. left padding). None: all real.
-        capacity: slots to reserve, for tokens appended later with ``hira.index.append``; default: just N.
+        capacity: slots to reserve, for tokens appended later with ``hira.index.index.append``; default: just N.
+            Appended tokens start at the next whole block, so T appends need ceil(N / BS)·BS + T slots.
     Returns:
         A ``HiraIndex`` whose storage holds K and V in cluster order.
     """
@@ -133,7 +135,15 @@ def _check_query(q, index: HiraIndex):
 
 
 def _scale(q, scale):
-    return q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if scale is None:
+        return q.shape[-1] ** -0.5
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        _fail(f"scale must be a finite number > 0 (the softmax scale, default 1/sqrt(D)), got {scale!r}")
+    return value
 
 
 def search(
@@ -150,7 +160,7 @@ def search(
         A ``Selection`` per (batch, KV head), the union over the G·S query rows of the group.
     """
     _check_query(q, index)
-    threshold = threshold or Threshold.topp(0.99)
+    threshold = Threshold.topp(0.99) if threshold is None else threshold
     if not isinstance(threshold, Threshold):
         _fail(f"threshold must be a hira.Threshold, got {threshold!r}")
     rows = fold_gqa(q.float(), index.keys.shape[1]) * _scale(q, scale)
@@ -215,6 +225,9 @@ def attend(
     if selection.tau.shape != (B, H, (Hq // H) * S):
         _fail(f"the selection was made for {tuple(selection.tau.shape)} query rows, q gives "
               f"{(B, H, (Hq // H) * S)}: search with the same q")
+    if selection.keep.shape != (B, H, index.num_leaves):
+        _fail(f"the selection covers {selection.keep.shape[-1]} blocks but the index has {index.num_leaves}: "
+              "search the index you attend through")
     extra = None
     if extra_kv is not None:
         k_x, v_x = extra_kv
@@ -227,6 +240,7 @@ def attend(
         if m_x.shape != (B, k_x.shape[2]) or m_x.dtype != torch.bool:
             _fail(f"extra_mask must be a bool tensor of shape {(B, k_x.shape[2])}, got {m_x.dtype} {tuple(m_x.shape)}")
         _check_finite("extra_kv keys", k_x)
+        _check_finite("extra_kv values", v_x)
         extra = (k_x, v_x, m_x)
     return attend_selection(q, index, selection, _scale(q, scale), extra)
 

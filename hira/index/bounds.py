@@ -23,25 +23,36 @@ class NodeBounds:
     """Bounds of every node of one index level. All float32 except ``count``.
 
     Attributes:
-        center: [B, H, M, D] mean of the node's members.
+        planes: [B, H, M, 3, D] the centre (mean of the members), hi and lo (per-dimension max and min over
+            members), packed so that one matrix product against stacked query rows evaluates both bounds and the
+            mass estimate (one read of the leaf data per step). ``center``, ``hi``, ``lo`` are views of it.
         radius: [B, H, M] max ‖k − center‖ over members.
-        lo, hi: [B, H, M, D] per-dimension min and max over members.
         count: [B, H, M] int32 number of real members (0: empty node, never selected).
         var: [B, H, M] mean over members and dimensions of (k − center)², the spread that the budgeted modes'
             mass estimate uses.
         scale: [B, H, M] ‖center‖ + radius + ‖max(|lo|, |hi|)‖, the magnitude that sizes the rounding margin.
     """
 
-    center: torch.Tensor
+    planes: torch.Tensor
     radius: torch.Tensor
-    lo: torch.Tensor
-    hi: torch.Tensor
     count: torch.Tensor
     var: torch.Tensor
     scale: torch.Tensor
 
+    @property
+    def center(self) -> torch.Tensor:
+        return self.planes[..., 0, :]
+
+    @property
+    def hi(self) -> torch.Tensor:
+        return self.planes[..., 1, :]
+
+    @property
+    def lo(self) -> torch.Tensor:
+        return self.planes[..., 2, :]
+
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.center, self.radius, self.lo, self.hi, self.count, self.var, self.scale)
+        return (self.planes, self.radius, self.count, self.var, self.scale)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
@@ -50,7 +61,7 @@ class NodeBounds:
 def _finish(center, radius, lo, hi, count, var) -> NodeBounds:
     mag = torch.maximum(lo.abs(), hi.abs()).norm(dim=-1)  # [B, H, M]
     scale = center.norm(dim=-1) + radius + mag
-    return NodeBounds(center, radius, lo, hi, count, var, scale)
+    return NodeBounds(torch.stack([center, hi, lo], dim=-2), radius, count, var, scale)
 
 
 def members_bounds(keys: torch.Tensor, valid: torch.Tensor) -> NodeBounds:
@@ -108,36 +119,44 @@ def parent_bounds(child: NodeBounds, branching: int) -> NodeBounds:
     return _finish(center, radius, lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0), total, var)
 
 
-def upper_bound(q: torch.Tensor, nodes: NodeBounds) -> torch.Tensor:
-    """Upper bound on q·k over each node's members: min(ball, box) plus a rounding margin; -inf for empty nodes.
+def bound_and_estimate(q: torch.Tensor, nodes: NodeBounds) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper bound on q·k over each node's members, and an estimate of log Σ_members exp(q·k).
+
+    The bound is min(ball, box) plus a rounding margin. The estimate, log n + q·c + ½‖q‖²·var (log-MGF of an
+    isotropic Gaussian), is not a bound: the budgeted modes rank and sum with it. On real keys (SmolLM2, pca order)
+    it picks blocks within ~1.1× of the oracle's output error at the same budget, where ranking by the upper bound
+    was 1.5–3× (benchmarks/bounds_results.md).
+
+    One batched product of stacked rows [q, 0, 0] and [0, q⁺, q⁻] against the packed [centre | hi | lo] planes
+    gives q·c and the box bound together.
 
     Args:
         q: [B, H, R, D] float32 query rows (already scaled, if scores are scaled).
         nodes: bounds of M nodes.
     Returns:
-        [B, H, R, M] float32.
+        (bound, estimate), each [B, H, R, M] float32, -inf for empty nodes.
     """
-    D = q.shape[-1]
-    qn = q.norm(dim=-1, keepdim=True)  # [B, H, R, 1]
-    ball = q @ nodes.center.transpose(-1, -2) + qn * nodes.radius[:, :, None, :]  # [B, H, R, M]
-    box = q.clamp_min(0) @ nodes.hi.transpose(-1, -2) + q.clamp_max(0) @ nodes.lo.transpose(-1, -2)
+    B, H, R, D = q.shape
+    zero = torch.zeros_like(q)
+    rows = torch.cat([torch.cat([q, zero, zero], -1), torch.cat([zero, q.clamp_min(0), q.clamp_max(0)], -1)], 2)
+    prod = rows @ nodes.planes.flatten(-2).transpose(-1, -2)  # [B, H, 2R, M]
+    qc, box = prod[:, :, :R], prod[:, :, R:]
+    q2 = (q * q).sum(-1, keepdim=True)  # [B, H, R, 1]
+    qn = q2.sqrt()
+    ball = qc + qn * nodes.radius[:, :, None, :]
     margin = (_REL_EPS_PER_DIM * (D + 2)) * qn * nodes.scale[:, :, None, :]
-    ub = torch.minimum(ball, box) + margin
-    return ub.masked_fill((nodes.count == 0)[:, :, None, :], -math.inf)
+    empty = (nodes.count == 0)[:, :, None, :]
+    ub = (torch.minimum(ball, box) + margin).masked_fill(empty, -math.inf)
+    log_n = nodes.count.clamp_min(1).float().log()[:, :, None, :]
+    est = (log_n + qc + 0.5 * q2 * nodes.var[:, :, None, :]).masked_fill(empty, -math.inf)
+    return ub, est
+
+
+def upper_bound(q: torch.Tensor, nodes: NodeBounds) -> torch.Tensor:
+    """The bound of ``bound_and_estimate`` alone: [B, H, R, M] float32."""
+    return bound_and_estimate(q, nodes)[0]
 
 
 def log_mass_estimate(q: torch.Tensor, nodes: NodeBounds) -> torch.Tensor:
-    """Estimate of log Σ_members exp(q·k) per node: log n + q·c + ½‖q‖²·var (log-MGF of an isotropic Gaussian).
-
-    Not a bound: the budgeted modes rank and sum with it. On real keys (SmolLM2, pca order) it picks blocks within
-    ~1.1× of the oracle's output error at the same budget; ranking by the upper bound was 1.5–3× (NOTES.md).
-
-    Args:
-        q: [B, H, R, D] float32 scaled query rows.
-    Returns:
-        [B, H, R, M] float32; -inf for empty nodes.
-    """
-    log_n = nodes.count.clamp_min(1).float().log()[:, :, None, :]
-    spread = 0.5 * (q * q).sum(-1, keepdim=True) * nodes.var[:, :, None, :]  # [B, H, R, M]
-    est = log_n + q @ nodes.center.transpose(-1, -2) + spread
-    return est.masked_fill((nodes.count == 0)[:, :, None, :], -math.inf)
+    """The estimate of ``bound_and_estimate`` alone: [B, H, R, M] float32."""
+    return bound_and_estimate(q, nodes)[1]

@@ -48,7 +48,7 @@ def pca_tree_rank(keys: torch.Tensor, eligible: torch.Tensor, leaf_size: int, po
         e = torch.cat([e, e.new_zeros(B, H, Np - N)], dim=2)  # [B, H, Np]
     perm = torch.arange(Np, device=keys.device).expand(B, H, Np)  # [B, H, Np]
     groups = 1
-    while groups < n_leaves:
+    while True:  # at least one pass: with a single leaf it still puts the eligible keys first
         m = Np // groups
         xs = x.view(B, H, groups, m, D)
         es = e.view(B, H, groups, m)
@@ -62,6 +62,8 @@ def pca_tree_rank(keys: torch.Tensor, eligible: torch.Tensor, leaf_size: int, po
         e = torch.gather(es, 3, idx).view(B, H, Np)
         perm = torch.gather(perm.reshape(B, H, groups, m), 3, idx).view(B, H, Np)
         groups *= 2
+        if groups >= n_leaves:
+            break
     # perm[r] = key at rank r; invert it. Padding entries (>= N) sort last and are cut off.
     rank = torch.empty_like(perm)
     rank.scatter_(2, perm, torch.arange(Np, device=keys.device).expand(B, H, Np))

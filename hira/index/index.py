@@ -2,8 +2,11 @@
 
 Storage layout per (batch row, KV head), in slots of a fixed capacity C (a multiple of the block size BS):
 
-    [ sink tokens | clustered middle tokens | recent-window tokens | invalid ] [ appended tokens ... ] [ free ]
+    [ clustered middle tokens | sink tokens | recent-window tokens | invalid ] [ appended tokens ... ] [ free ]
     '------------------- built by build_index (ceil(N / BS) blocks) ---------' '-- append(), position order --'
+
+The clustered tokens come first so that the clustering's leaves (runs of BS tokens) are exactly the storage blocks;
+the sinks and the window (always read) share the last of those blocks.
 
 Every run of BS slots is a block, a leaf of the index, with exact bounds over its real members. Upper levels group
 ``branching`` consecutive nodes. Attention is permutation-invariant over keys once RoPE is applied, so storing keys
@@ -134,14 +137,15 @@ def build_index(
     dev = keys.device
     valid = torch.ones(B, N, dtype=torch.bool, device=dev) if key_mask is None else key_mask.to(torch.bool)
 
-    # Sections: 0 sink, 1 middle (clustered), 2 recent window, 3 padding. Ranks count real tokens only.
+    # Sections: 0 middle (clustered, starts at slot 0 so its leaves are blocks), 1 sink, 2 recent window, 3 padding.
+    # Ranks count real tokens only.
     rank = valid.cumsum(1) - 1  # [B, N]
     n_valid = valid.sum(1)  # [B]
-    section = torch.ones(B, N, dtype=torch.int64, device=dev)
+    section = torch.zeros(B, N, dtype=torch.int64, device=dev)
     section = torch.where(rank >= n_valid[:, None] - window_tokens, 2, section)
-    section = torch.where(rank < sink_tokens, 0, section)
+    section = torch.where(rank < sink_tokens, 1, section)
     section = torch.where(valid, section, 3)
-    middle = (section == 1)[:, None, :].expand(B, H, N)  # [B, H, N]
+    middle = (section == 0)[:, None, :].expand(B, H, N)  # [B, H, N]
     crank = _cluster_rank(keys, middle, BS, clustering, kmeans_iters)  # [B, H, N]
     pos = torch.arange(N, device=dev)
     within = torch.where(middle, crank, pos.expand(B, H, N))
@@ -181,11 +185,9 @@ def build_index(
 def _select_nodes(nodes: NodeBounds, idx: torch.Tensor) -> NodeBounds:
     """Nodes at positions idx [n] (out-of-range positions read as empty nodes)."""
     M = nodes.count.shape[-1]
-    inside = idx < M
-    j = idx.clamp_max(M - 1)
-    out = [t.index_select(2, j) for t in nodes.tensors()]
-    out[4] = out[4].masked_fill(~inside, 0)  # count
-    return NodeBounds(*out)
+    picked = NodeBounds(*(t.index_select(2, idx.clamp_max(M - 1)) for t in nodes.tensors()))
+    picked.count = picked.count.masked_fill(~(idx < M), 0)
+    return picked
 
 
 def _write_nodes(nodes: NodeBounds, idx: torch.Tensor, new: NodeBounds) -> None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hira.index.bounds import log_mass_estimate, upper_bound
+from hira.index.bounds import bound_and_estimate, upper_bound
 from hira.index.index import HiraIndex
 from hira.search.threshold import Threshold
 
@@ -109,7 +109,7 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
     leaves = index.levels[0]
     live = leaves.count > 0  # [B, H, NB]
     forced = index.forced_leaves()
-    ub = upper_bound(q, leaves)  # [B, H, R, NB], equal to effective_bounds(index, q) (module docstring)
+    ub, est = bound_and_estimate(q, leaves)  # [B, H, R, NB]; ub equals effective_bounds(index, q) (docstring)
     m = _exact_top_leaf_score(index, q, ub)  # [B, H, R]
     mode, value = threshold.mode, threshold.value
     tau = torch.full_like(m, -math.inf)
@@ -125,11 +125,11 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
     elif mode == "topk":
         # Rank by the group's estimated share of mass: Σ over rows of each row's estimated fraction.
         k = min(int(value), ub.shape[-1])
-        share = log_mass_estimate(q, leaves).softmax(-1).nan_to_num(nan=0.0).sum(dim=2)  # [B, H, NB]
+        share = est.softmax(-1).nan_to_num(nan=0.0).sum(dim=2)  # [B, H, NB]
         top = share.masked_fill(~live, -1.0).topk(k, dim=-1).indices
         keep = torch.zeros_like(live).scatter_(-1, top, True) & live
     else:  # topp
-        keep = _topp_keep(log_mass_estimate(q, leaves), forced, value) & live
+        keep = _topp_keep(est, forced, value) & live
     keep = keep | forced
     if dense is not None:
         keep = torch.where(dense, live, keep)

@@ -1,0 +1,299 @@
+"""The search: no false negatives for exact thresholds, a skip bound that holds in every mode, budgets respected.
+
+Eager tensor code only (no flex_attention), so hypothesis draws shapes as well as contents. True scores and
+softmax masses are computed in float64 from the inputs, in token order; the index's rank maps them to leaves.
+"""
+
+import dataclasses
+import math
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import (
+    Q_KINDS,
+    index_cases,
+    kept_tokens,
+    make_queries,
+    per_query_head,
+    real_mask,
+    scores64,
+    skipped_mass,
+)
+
+import hira
+from hira import Threshold
+from hira.flex.attention import unfold_gqa
+from hira.index.bounds import log_mass_estimate, upper_bound
+from hira.search.search import effective_bounds
+from hira.search.search import search as search_rows
+
+# Slack for comparing a float32-computed skip bound with the float64 mass it bounds.
+MASS_RTOL, MASS_ATOL = 1e-4, 1e-7
+
+
+@dataclasses.dataclass
+class Searched:
+    """An index, queries and (optionally) their selection, with what the float64 checks need."""
+
+    keys: torch.Tensor  # [B, H, N, D] in token order
+    index: hira.HiraIndex
+    q: torch.Tensor  # [B, G·H, S, D]
+    real: torch.Tensor  # [B, N] real tokens
+    scale: float
+    sel: hira.Selection | None
+
+
+def searched(case, device, G, S, q_kind, seed, threshold, scale) -> Searched:
+    """Build the case's index, draw queries [B, G·H, S, D] and search them (unless threshold is None)."""
+    keys, values, key_mask = case.tensors(device)
+    index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=case.N + case.slack)
+    q = make_queries(q_kind, keys, G * case.H, S, torch.Generator().manual_seed(seed))
+    real = real_mask(key_mask, case.B, case.N, device)  # [B, N]
+    scale = case.D**-0.5 if scale is None else scale
+    sel = hira.search(index, q, threshold, scale=scale) if threshold is not None else None
+    return Searched(keys, index, q, real, scale, sel)
+
+
+def folded_rows(q, H, scale):
+    """q [B, Hq, S, D] -> the scaled float32 rows [B, H, G·S, D] that the tensor-level search takes."""
+    return q.float().reshape(q.shape[0], H, -1, q.shape[-1]) * scale
+
+
+def assert_selection_consistent(sel, index):
+    """keep, kv_num_blocks, kv_indices and kept_fraction say the same thing; empty leaves are never kept."""
+    B, H, NB = sel.keep.shape
+    live = index.levels[0].count > 0
+    assert not bool((sel.keep & ~live).any()), "an empty leaf was kept"
+    assert bool((sel.keep >= index.forced_leaves()).all()), "a sink or window leaf was dropped"
+    n = sel.keep.sum(-1)
+    assert torch.equal(sel.kv_num_blocks[..., 0].long(), n)
+    idx = sel.kv_indices[:, :, 0, :].long()  # [B, H, NB]
+    assert torch.equal(idx.sort(-1).values, torch.arange(NB, device=idx.device).expand(B, H, NB))
+    listed = torch.arange(NB, device=idx.device) < n[..., None]
+    assert torch.equal(torch.zeros_like(sel.keep).scatter_(2, idx, listed), sel.keep), "listed blocks != kept"
+    assert bool((idx.masked_fill(~listed, NB).diff(dim=-1) >= 0).all()), "kept blocks not listed ascending"
+    torch.testing.assert_close(sel.kept_fraction, n / live.sum(-1).clamp_min(1), rtol=1e-6, atol=0)
+
+
+def assert_no_false_negatives(d, tau):
+    """Every real key with float64 score ≥ tau ([B, Hq, S] or a float) lies in a kept leaf."""
+    s = scores64(d.q, d.keys, d.scale)  # [B, Hq, S, N]
+    tau = torch.as_tensor(tau, dtype=torch.float64, device=s.device)
+    hit = (s >= (tau[..., None] if tau.ndim else tau)) & per_query_head(d.real, s.shape[1])
+    kept = per_query_head(kept_tokens(d.index, d.sel.keep, d.real), s.shape[1])
+    missed = hit & ~kept
+    assert not bool(missed.any()), f"{int(missed.sum())} keys at or above tau were skipped"
+
+
+def assert_skip_bounds_hold(d, eps=None):
+    """True skipped softmax mass (float64) ≤ the selection's prior bound (and ≤ eps when given)."""
+    sel, q = d.sel, d.q
+    kept = kept_tokens(d.index, sel.keep, d.real)
+    mass = skipped_mass(q, d.keys, d.real, kept, d.scale)  # [B, Hq, S]
+    bound = unfold_gqa(sel.skip_bound, q.shape[1]).double()
+    assert bool((mass <= bound * (1 + MASS_RTOL) + MASS_ATOL).all()), f"mass {mass.max()} above bound"
+    if eps is not None:
+        assert bool((mass <= eps * (1 + MASS_RTOL)).all()), f"certified: skipped mass {mass.max()} > eps {eps}"
+
+
+common = dict(
+    case=index_cases(),
+    G=st.sampled_from([1, 2, 3]),
+    S=st.integers(1, 3),
+    q_kind=st.sampled_from(Q_KINDS),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([None, 0.05, 1.0]),
+)
+
+
+@settings(max_examples=60)
+@given(**common, tau_at=st.floats(0.0, 1.0), exactly_a_score=st.booleans())
+def test_fixed_threshold_has_no_false_negatives(case, G, S, q_kind, seed, scale, tau_at, exactly_a_score, device):
+    d = searched(case, device, G, S, q_kind, seed, None, scale)
+    s = scores64(d.q, d.keys, d.scale)[per_query_head(d.real, G * case.H).expand(-1, -1, S, -1)]
+    # τ: a quantile of the true scores, or exactly one real key's score (the boundary case of "≥").
+    tau = float(s[int(tau_at * (s.numel() - 1))]) if exactly_a_score else float(torch.quantile(s, tau_at))
+    d.sel = hira.search(d.index, d.q, Threshold.fixed(tau), scale=d.scale)
+    assert_no_false_negatives(d, tau)
+    assert_selection_consistent(d.sel, d.index)
+    assert bool((d.sel.tau == torch.tensor(tau, dtype=torch.float32)).all())
+
+
+thresholds = st.one_of(
+    st.just(Threshold.dense()),
+    st.just(Threshold.fixed(-math.inf)),
+    st.floats(-40, 5).map(Threshold.fixed),
+    st.sampled_from([0.5, 1e-2, 1e-4, 1e-6]).map(Threshold.certified),
+    st.integers(1, 6).map(Threshold.topk),
+    st.sampled_from([0.01, 0.5, 0.9, 0.99, 1.0]).map(Threshold.topp),
+)
+
+
+@settings(max_examples=60)
+@given(**common, threshold=thresholds)
+def test_skip_bound_holds_in_every_mode(case, G, S, q_kind, seed, scale, threshold, device):
+    """Prior skip bound ≥ true skipped mass for every mode; the exact modes also miss no key above their τ."""
+    d = searched(case, device, G, S, q_kind, seed, threshold, scale)
+    sel = d.sel
+    assert_selection_consistent(sel, d.index)
+    assert_skip_bounds_hold(d, eps=threshold.value if threshold.mode == "certified" else None)
+    if threshold.exact:
+        assert_no_false_negatives(d, unfold_gqa(sel.tau, G * case.H))
+    if threshold.mode == "dense" or threshold == Threshold.fixed(-math.inf):
+        assert torch.equal(sel.keep, d.index.levels[0].count > 0)
+        assert bool(torch.isneginf(sel.log_skip_ub).all())
+        assert bool((sel.skip_bound == 0).all())
+
+
+@settings(max_examples=25)
+@given(
+    case=index_cases().map(
+        lambda c: dataclasses.replace(
+            c,
+            N=max(c.N, 8 * c.block_size),
+            window_tokens=min(c.window_tokens, c.block_size),  # at most 2 blocks forced: some are left to prune
+            clustering="pca" if c.clustering == "none" else c.clustering,  # position order mixes the levels
+            key_kind="levels",
+            mask_kind="none",
+        )
+    ),
+    G=st.sampled_from([1, 2]),
+    S=st.integers(1, 2),
+    eps=st.sampled_from([0.3, 1e-2, 1e-3, 1e-5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_certified_prunes_yet_skips_at_most_eps(case, G, S, eps, seed, device):
+    """Keys on score levels spread over 30 nats, around τ = m − ln(N/ε): many blocks are dropped, mass ≤ ε."""
+    d = searched(case, device, G, S, "axis", seed, Threshold.certified(eps), None)
+    assert_skip_bounds_hold(d, eps=eps)
+    assert_no_false_negatives(d, unfold_gqa(d.sel.tau, G * case.H))
+    # τ = m − ln(n/ε), m (max_lb) the exact score of a key in a kept leaf, so at most the row's best score.
+    sel, Hq = d.sel, G * case.H
+    n = d.index.n_valid.double()[:, None, None]
+    torch.testing.assert_close(sel.tau.double(), sel.max_lb.double() - torch.log(n / eps), rtol=1e-6, atol=1e-5)
+    s = scores64(d.q, d.keys, d.scale)  # [B, Hq, S, N]
+    kept = per_query_head(kept_tokens(d.index, sel.keep, d.real), Hq)
+    m = unfold_gqa(sel.max_lb, Hq).double()[..., None]
+    assert bool(((s - m).abs().masked_fill(~kept, math.inf).amin(-1) < 1e-4).all()), "max_lb is no kept key's score"
+    assert bool((m[..., 0] <= s.masked_fill(~per_query_head(d.real, Hq), -math.inf).amax(-1) + 1e-4).all())
+    forced = d.index.forced_leaves()
+    assert bool((sel.keep > forced).any() and (sel.keep.sum() < (d.index.levels[0].count > 0).sum())), "no pruning"
+
+
+def test_certified_search_drops_far_blocks(device):
+    """A case where the answer is known: 16 blocks on 16 score levels 0, -2, ..., -30; ε = 1e-2 drops every level
+    below τ = 0 − ln(256/1e-2) ≈ -10.2 (the blocks at -12 .. -30)."""
+    B, H, BS, D = 1, 1, 16, 8
+    k = torch.zeros(B, H, 16 * BS, D)
+    k[..., 0] = torch.arange(16).repeat_interleave(BS) * -2.0
+    k[..., 1:] = 0.01 * torch.randn(B, H, 16 * BS, D - 1)
+    cfg = hira.HiraConfig(block_size=BS, branching=2, sink_tokens=0, window_tokens=0)
+    index = hira.build_index(k.to(device), k.to(device), cfg)
+    q = torch.zeros(B, H, 1, D, device=device)
+    q[..., 0] = D**0.5  # scaled score of a key = its first coordinate
+    sel = hira.search(index, q, Threshold.certified(1e-2))
+    assert int(sel.kv_num_blocks) == 6  # levels 0 .. -10
+    assert 0 < float(sel.skip_bound) < 1e-2
+
+
+@settings(max_examples=40)
+@given(
+    case=index_cases().map(lambda c: dataclasses.replace(c, sink_tokens=0, window_tokens=0)),
+    G=st.sampled_from([1, 2]),
+    q_kind=st.sampled_from(Q_KINDS),
+    k=st.integers(1, 8),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_topk_keeps_the_k_blocks_of_largest_estimated_mass(case, G, q_kind, k, seed, device):
+    """k blocks (or all live ones), ranked by the group's estimated share of mass: Σ over the rows of
+    softmax(log_mass_estimate)."""
+    d = searched(case, device, G, 2, q_kind, seed, Threshold.topk(k), None)
+    sel, index = d.sel, d.index
+    live = index.levels[0].count > 0
+    assert torch.equal(sel.keep.sum(-1), live.sum(-1).clamp_max(k))
+    rows = folded_rows(d.q, case.H, d.scale)
+    share = log_mass_estimate(rows, index.levels[0]).softmax(-1).nan_to_num(nan=0.0).sum(dim=2)  # [B, H, NB]
+    worst_kept = share.masked_fill(~sel.keep, math.inf).amin(-1)
+    best_dropped = share.masked_fill(sel.keep | ~live, -math.inf).amax(-1)
+    assert bool((worst_kept >= best_dropped).all())
+
+
+@settings(max_examples=40)
+@given(**common, p=st.tuples(st.floats(0.01, 1.0), st.floats(0.01, 1.0)).map(sorted))
+def test_topp_grows_with_p(case, G, S, q_kind, seed, scale, p, device):
+    d = searched(case, device, G, S, q_kind, seed, None, scale)
+    small = hira.search(d.index, d.q, Threshold.topp(p[0]), scale=d.scale)
+    large = hira.search(d.index, d.q, Threshold.topp(p[1]), scale=d.scale)
+    assert bool((small.keep <= large.keep).all()), "topp kept fewer blocks for a larger p"
+    assert bool((small.keep.sum(-1) >= 1).all())
+
+
+@settings(max_examples=40)
+@given(case=index_cases(), q_kind=st.sampled_from(Q_KINDS), seed=st.integers(0, 2**31 - 1), p=st.floats(0.01, 1.0))
+def test_topp_keeps_the_fewest_blocks_reaching_p(case, q_kind, seed, p, device):
+    """One query row: the kept blocks (forced ones included) hold estimated mass ≥ p, and dropping the weakest
+    kept block that is not forced would fall below p. Estimated mass: softmax over blocks of log_mass_estimate."""
+    d = searched(case, device, 1, 1, q_kind, seed, Threshold.topp(p), None)
+    index, keep = d.index, d.sel.keep  # keep [B, H, NB]
+    log_est = log_mass_estimate(folded_rows(d.q, case.H, d.scale), index.levels[0])[:, :, 0]  # [B, H, NB]
+    est = log_est.double().softmax(-1).nan_to_num(nan=0.0)
+    kept_mass = (est * keep).sum(-1)
+    assert bool((kept_mass >= p - 1e-5).all()), "the kept blocks do not reach p"
+    optional = keep & ~index.forced_leaves()
+    weakest = est.masked_fill(~optional, math.inf).amin(-1)
+    assert bool(((kept_mass - weakest < p + 1e-5) | ~optional.any(-1)).all()), "topp kept a block it did not need"
+
+
+@settings(max_examples=30)
+@given(**common, sink=st.sampled_from([0, 2]), window=st.sampled_from([1, 2, 17]))
+def test_forced_leaves_are_kept_and_dense_flag_keeps_all(case, G, S, q_kind, seed, scale, sink, window, device):
+    case = dataclasses.replace(case, sink_tokens=sink, window_tokens=window)
+    d = searched(case, device, G, S, q_kind, seed, None, scale)
+    index, q = d.index, d.q
+    nothing = hira.search(index, q, Threshold.fixed(1e30), scale=d.scale)
+    assert torch.equal(nothing.keep, index.forced_leaves())
+    # Tokens of the sinks and the recent window (by rank among real tokens) are in kept leaves.
+    rank = d.real.long().cumsum(1) - 1  # [B, N]
+    n = d.real.sum(1, keepdim=True)
+    forced_tok = d.real & ((rank < case.sink_tokens) | (rank >= n - case.window_tokens))
+    kept = kept_tokens(index, nothing.keep, d.real)
+    assert bool((kept >= forced_tok[:, None, :]).all())
+
+    rows = folded_rows(q, case.H, d.scale)
+    dense = search_rows(index, rows, Threshold.fixed(1e30), dense=torch.tensor(True, device=device))
+    assert torch.equal(dense.keep, index.levels[0].count > 0)
+    not_dense = search_rows(index, rows, Threshold.fixed(1e30), dense=torch.tensor(False, device=device))
+    assert torch.equal(not_dense.keep, nothing.keep)
+
+
+@settings(max_examples=25)
+@given(**common)
+def test_upper_levels_never_tighten_the_leaf_bounds(case, G, S, q_kind, seed, scale, device):
+    """A parent contains its children, so walking the tree top-down (effective_bounds) keeps exactly what the leaf
+    bounds alone keep: search evaluates the leaf level only."""
+    d = searched(case, device, G, S, q_kind, seed, None, scale)
+    rows = folded_rows(d.q, case.H, d.scale)
+    leaf = upper_bound(rows, d.index.levels[0])
+    scale_ = d.index.levels[0].scale[:, :, None, :] * rows.norm(dim=-1, keepdim=True)  # [B, H, R, NB]
+    torch.testing.assert_close(effective_bounds(d.index, rows), leaf, rtol=0, atol=1e-6 * float(scale_.max() + 1))
+
+
+def test_prior_bound_is_one_when_a_rows_best_block_is_dropped(device):
+    """Two query heads of one KV head disagree: topk(1) keeps the block the second head prefers, so the first head's
+    best block (its exact score m) is skipped and nearly all of its mass with it. The prior bound cannot lean on m
+    then: it must say 1."""
+    BS, D = 16, 4
+    k = torch.zeros(1, 1, 2 * BS, D)
+    k[0, 0, :BS, 0] = 1.0  # block A (exact duplicates: its bound is tight)
+    k[0, 0, BS:, 1] = 1.0  # block B
+    cfg = hira.HiraConfig(block_size=BS, clustering="none", sink_tokens=0, window_tokens=0)
+    index = hira.build_index(k.to(device), k.to(device), cfg)
+    q = torch.zeros(1, 2, 1, D, device=device)
+    q[0, 0, 0, 0] = 10.0  # head 0: A scores 10, B scores 0
+    q[0, 1, 0, 1] = 20.0  # head 1: B scores 20 (the best bound over the group)
+    sel = hira.search(index, q, Threshold.topk(1), scale=1.0)
+    assert sel.keep.tolist() == [[[False, True]]]
+    d = Searched(k.to(device), index, q, real_mask(None, 1, 2 * BS, device), 1.0, sel)
+    assert_skip_bounds_hold(d)  # head 0 skipped mass = 1 / (1 + e^-10)
+    assert sel.skip_bound[0, 0, 0] == 1.0

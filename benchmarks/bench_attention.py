@@ -1,0 +1,967 @@
+#!/usr/bin/env python3
+"""Time ONE decode attention step of one layer: Hira (search + mask + attention) vs SDPA dense vs flex dense.
+
+Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head dim 128, bf16, query length 1.
+
+For every (block size, context, batch) that fits in memory:
+  - SDPA dense (enable_gqa=True) over the same K/V storage, eager and replayed from a CUDA graph;
+  - flex_attention dense with an explicit all-blocks BlockMask (GQA folded into the query axis, as Hira does);
+  - the Hira step on a prebuilt index: the query-row fold and scale of hira/cache.py ``_decode``, then
+    ``hira.search.search.search`` and ``hira.api.attend_selection`` (mask, flex, stats), in two forms:
+      * eager step: the Python step as written (flex_attention compiled on its own, everything else eager);
+        timed per call ("no graph") and replayed from a CUDA graph captured after warm-up ("graph");
+      * compiled step: the same step function wrapped in ``torch.compile(step, fullgraph=True, dynamic=False)``
+        (what ``torch.compile(model)`` does to a decode step: inductor fuses the search's small kernels and the
+        flex call into one graph), timed per call and replayed from a CUDA graph;
+    plus search+mask alone (eager and compiled, both graph-replayed) and attention alone (the flex call with its
+    fold, cast and LSE on a mask made beforehand, graph-replayed), for
+      (a) forced kept fractions (Threshold.topk with k = fraction * NB), and
+      (b) the real threshold modes (topp 0.9/0.99, certified 1e-2/1e-3, fixed) on keys with realistic structure
+          (topic clusters recurring over the context, a few dominant directions, attention sinks, a recency
+          direction); the kept fraction each mode gets is reported, and the true softmax mass it read.
+    Each compile is one inductor compile per (shape, selection): only the selections named by ``--compiled``
+    get the compiled variants (default: topk 1% and 5%; ``--compiled all`` for every selection).
+
+Timing: triton.testing.do_bench (median; L2 flushed before each rep) on CUDA, a host clock median on CPU (no CUDA
+graphs there: the graph columns stay empty). Recompiles are counted around the timed loops (torch._dynamo counters)
+and the timed loops run under torch.compiler.set_stance("fail_on_recompile"), the compiled step's included.
+
+GPU run (one H100, ~6 min wall; batch-1 combos first, the rest skipped past --time-budget seconds):
+
+    export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+    python3 benchmarks/bench_attention.py \
+      --combos 128:128K:1,128:512K:1,128:32K:1,128:1M:1,128:128K:8,64:128K:1,64:512K:1 \
+      --time-budget 300 --out $OUT/bench.md
+
+(these combos, --compiled "topk 1%,topk 5%" and --profile-context 128K are also the defaults on CUDA.)
+
+CPU smoke run (2K and 4K, batch 1 and 2; the compiled step for topk 5% in the first combo only, ~1 min of compile):
+
+    python3 benchmarks/bench_attention.py --quick --device cpu --out /tmp/q.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from hira.api import attend_selection  # noqa: E402
+from hira.flex.attention import block_attention, fold_gqa  # noqa: E402
+from hira.flex.mask import Q_BLOCK_SIZE, selection_block_mask  # noqa: E402
+from hira.index.bounds import NodeBounds, upper_bound  # noqa: E402
+from hira.index.index import HiraIndex, build_index  # noqa: E402
+from hira.search.search import search  # noqa: E402
+from hira.search.threshold import Threshold  # noqa: E402
+
+HQ, HKV, D = 32, 8, 128
+G = HQ // HKV
+DTYPE = torch.bfloat16
+SINKS, WINDOW = 4, 256  # HiraConfig defaults
+# The default GPU run (module docstring): batch-1 combos first, most important first.
+DEFAULT_GPU_COMBOS = "128:128K:1,128:512K:1,128:32K:1,128:1M:1,128:128K:8,64:128K:1,64:512K:1"
+
+# --------------------------------------------------------------------------------------------------------------
+# Synthetic keys with realistic structure (NOT iid noise)
+# --------------------------------------------------------------------------------------------------------------
+
+
+def structured_row(N: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One batch row: keys, values [1, HKV, N, D] and the row's queries [1, HQ, 1, D], all bf16.
+
+    Keys = shared offset + topic-cluster centre (runs of 32 tokens share a topic; ~N/512 topics recur all over the
+    context) + 4 dominant directions (std 4, 3, 2, 1.5) + noise 0.5; the first 4 tokens are attention sinks (norm
+    40 along a sink direction); the most recent tokens carry a decaying recency direction (scale 256 tokens).
+    Queries aim at 2 topic centres per head (weights 9 and 6), mix the dominant directions, and lean towards the
+    sink and recency directions. At 32K this gives (row 0, median over query rows) 90% of the softmax mass in ~0.1%
+    of the keys, 99% in ~1-2%, ~10% on the sinks: in the range DESIGN.md §2b measured on a real model.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    f = dict(device=device, dtype=torch.float32)
+    H = HKV
+    nc = max(16, N // 512)
+    mu = torch.randn(H, 1, D, generator=gen, **f) * 0.6
+    dirs = torch.linalg.qr(torch.randn(H, D, 4, generator=gen, **f))[0].transpose(1, 2).contiguous()  # [H, 4, D]
+    centers = torch.randn(H, nc, D, generator=gen, **f)
+    run = 32
+    cid = torch.randint(nc, (H, -(-N // run)), generator=gen, device=device).repeat_interleave(run, 1)[:, :N]
+    k = torch.gather(centers, 1, cid[..., None].expand(H, N, D))
+    del cid
+    coef = torch.randn(H, N, 4, generator=gen, **f) * torch.tensor([4.0, 3.0, 2.0, 1.5], device=device)
+    k += torch.bmm(coef, dirs)
+    del coef
+    k += mu
+    k += 0.5 * torch.randn(H, N, D, generator=gen, **f)
+    sink_dir = torch.randn(H, 1, D, generator=gen, **f)
+    sink_dir /= sink_dir.norm(dim=-1, keepdim=True)
+    k[:, :SINKS] = sink_dir * 40.0 + 0.3 * torch.randn(H, SINKS, D, generator=gen, **f)
+    loc_dir = torch.randn(H, 1, D, generator=gen, **f)
+    loc_dir /= loc_dir.norm(dim=-1, keepdim=True)
+    age = torch.arange(N - 1, -1, -1, device=device, dtype=torch.float32)
+    k += loc_dir * (30.0 * torch.exp(-age / 256.0))[None, :, None]
+    keys = k.to(DTYPE)[None]
+    del k
+    values = torch.randn(1, H, N, D, generator=gen, **f).to(DTYPE)
+    tgt = torch.randint(nc, (H, G, 2), generator=gen, device=device)
+    c = centers[torch.arange(H, device=device)[:, None, None], tgt]  # [H, G, 2, D]
+    c = c / c.norm(dim=-1, keepdim=True)
+    q = (c * torch.tensor([9.0, 6.0], device=device)[:, None]).sum(2)  # [H, G, D]
+    q += torch.bmm(torch.randn(H, G, 4, generator=gen, **f) * 2.0, dirs)
+    q += sink_dir * 4.0 + loc_dir * 4.0
+    q += 0.5 * torch.randn(H, G, D, generator=gen, **f)
+    return keys, values, q.reshape(1, HQ, 1, D).to(DTYPE)
+
+
+def build_batch(N: int, B: int, block_size: int, device, seed: int, clustering: str = "pca") -> tuple[HiraIndex, torch.Tensor, float]:
+    """Build the index one batch row at a time (peak memory of one row's clustering), stacked into one index."""
+    full = None
+    qs = []
+    t_build = 0.0
+    for b in range(B):
+        keys, values, q = structured_row(N, seed + 1000 * b, device)
+        qs.append(q)
+        _sync(device)
+        t0 = time.perf_counter()
+        idx = build_index(keys, values, None, block_size=block_size, clustering=clustering, sink_tokens=SINKS,
+                          window_tokens=WINDOW)
+        _sync(device)
+        t_build += time.perf_counter() - t0
+        del keys, values
+        if B == 1:
+            return idx, torch.cat(qs), t_build * 1e3
+        if full is None:
+            full = _alloc_like(idx, B)
+        _copy_row(full, idx, b)
+        del idx
+    return full, torch.cat(qs), t_build * 1e3 / B
+
+
+def _alloc_like(idx: HiraIndex, B: int) -> HiraIndex:
+    def a(t):
+        return t.new_empty((B, *t.shape[1:]))
+
+    levels = [NodeBounds(*[a(t) for t in lv.tensors()]) for lv in idx.levels]
+    return dataclasses.replace(
+        idx,
+        keys=a(idx.keys), values=a(idx.values), valid=a(idx.valid), rank=a(idx.rank), levels=levels,
+        leaf_first=a(idx.leaf_first), leaf_last=a(idx.leaf_last), n_valid=a(idx.n_valid),
+        next_slot=idx.next_slot.clone(),
+    )
+
+
+def _copy_row(full: HiraIndex, idx: HiraIndex, b: int) -> None:
+    for name in ("keys", "values", "valid", "rank", "leaf_first", "leaf_last", "n_valid"):
+        getattr(full, name)[b].copy_(getattr(idx, name)[0])
+    for lf, li in zip(full.levels, idx.levels):
+        for tf, ti in zip(lf.tensors(), li.tensors()):
+            tf[b].copy_(ti[0])
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Timing helpers
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench(fn, device, rep_ms: float) -> float:
+    """Median ms of fn()."""
+    if device.type == "cuda":
+        from triton.testing import do_bench
+
+        return float(do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median"))
+    fn()
+    times = []
+    t_end = time.perf_counter() + rep_ms / 1e3
+    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 200):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def capture(fn, warm: int = 3):
+    """Warm fn up on a side stream, capture one call in a CUDA graph; returns (graph, the call's outputs)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warm):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    g.replay()
+    torch.cuda.synchronize()
+    return g, out
+
+
+def unique_graphs() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+class Timed:
+    """Counts dynamo graphs compiled inside the block, which runs with the fail_on_recompile stance."""
+
+    def __enter__(self):
+        self.before = unique_graphs()
+        self.stance = torch.compiler.set_stance("fail_on_recompile")
+        self.stance.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.stance.__exit__(*exc)
+        self.recompiles = unique_graphs() - self.before
+        return False
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The measured functions
+# --------------------------------------------------------------------------------------------------------------
+
+_dense_flex = None
+
+
+def dense_flex():
+    global _dense_flex
+    if _dense_flex is None:
+        _dense_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+    return _dense_flex
+
+
+def all_blocks_mask(B: int, C: int, bs: int, rows: int, device) -> BlockMask:
+    nb = C // bs
+    num = torch.full((B, HKV, 1), nb, dtype=torch.int32, device=device)
+    idx = torch.arange(nb, dtype=torch.int32, device=device).expand(B, HKV, 1, nb).contiguous()
+    # The same rule as hira.flex.mask.selection_block_mask: empty full-block lists on CPU only (its decode template
+    # needs them); on CUDA they would size the KV splits by the context (harmless here: every block is listed).
+    full = (None, None) if num.is_cuda else (torch.zeros_like(num), torch.zeros_like(idx))
+    return BlockMask.from_kv_blocks(
+        num, idx, *full, BLOCK_SIZE=(Q_BLOCK_SIZE, bs), seq_lengths=(rows, C), compute_q_blocks=False,
+    )
+
+
+def compiled(fn):
+    """The step as a user's ``torch.compile(model)`` compiles it: one graph, static shapes."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def hira_step(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale: float):
+    """Everything one decode step of one layer costs (hira/cache.py ``_decode`` minus the append): the fold and
+    scale of the query rows, search, BlockMask, flex attention with its LSE, and the stats."""
+    H = index.keys.shape[1]
+
+    def step():
+        rows = fold_gqa(q.float(), H) * scale
+        sel = search(index, rows, thr)
+        out, stats = attend_selection(q, index, sel, scale)
+        # every stat HiraCache keeps (last_stats), so that a compiled step cannot drop any of them as dead code
+        return out, stats.kept_fraction, stats.read_fraction, stats.skip_bound, sel.keep, stats.prior_skip_bound
+
+    return step
+
+
+def hira_search_mask(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale: float):
+    """Fold + scale, search and BlockMask: returns the mask's block lists and every Selection tensor (so that the
+    compiled form computes all the search's outputs, as the step uses them)."""
+    H = index.keys.shape[1]
+
+    def fn():
+        rows = fold_gqa(q.float(), H) * scale
+        sel = search(index, rows, thr)
+        mask = selection_block_mask(
+            sel.kv_num_blocks, sel.kv_indices, sel.keep, index.valid, index.block_size, rows.shape[2]
+        )
+        return (mask.kv_num_blocks, mask.kv_indices, sel.keep, sel.tau, sel.log_skip_ub, sel.max_lb,
+                sel.kept_fraction)
+
+    return fn
+
+
+def hira_attention_only(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale: float):
+    """The flex call of attend_selection (incl. folding, cast and LSE) on a selection and mask made beforehand.
+
+    block_attention calls hira's compiled flex_attention: this is the attention alone, already compiled."""
+    H = index.keys.shape[1]
+    rows32 = fold_gqa(q.float(), H) * scale
+    sel = search(index, rows32, thr)
+    mask = selection_block_mask(sel.kv_num_blocks, sel.kv_indices, sel.keep, index.valid, index.block_size, rows32.shape[2])
+
+    def fn():
+        rows = fold_gqa(q, H).to(index.keys.dtype)
+        return block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
+
+    return fn, sel
+
+
+# --------------------------------------------------------------------------------------------------------------
+# One (block size, context, batch) combination
+# --------------------------------------------------------------------------------------------------------------
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    mult = {"K": 1024, "M": 1024 * 1024}
+    return int(float(s[:-1]) * mult[s[-1]]) if s[-1] in mult else int(s)
+
+
+def fmt_size(n: int) -> str:
+    if n % (1024 * 1024) == 0:
+        return f"{n // (1024 * 1024)}M"
+    if n % 1024 == 0:
+        return f"{n // 1024}K"
+    return str(n)
+
+
+def data_stats(index: HiraIndex, q: torch.Tensor, scale: float) -> dict:
+    """Oracle facts about batch row 0: softmax concentration, sink/recent mass, the max scores."""
+    k = index.keys[0].float()  # [H, C, D]
+    rows = fold_gqa(q[:1].float(), HKV)[0] * scale  # [H, R, D]
+    s = torch.bmm(rows, k.transpose(1, 2))  # [H, R, C]
+    s = s.masked_fill(~index.valid[0][None, None, :], -math.inf)
+    p = s.softmax(-1)
+    ps = p.sort(-1, descending=True).values
+    cs = ps.cumsum(-1)
+    n = index.n_valid[0].float()
+    out = {}
+    for t in (0.9, 0.99):
+        need = ((cs < t).sum(-1).float() + 1) / n
+        out[f"keys_for_{t}"] = float(need.median())
+    rank = index.rank[0]  # [H, C] position of each slot's token
+    sink = (rank >= 0) & (rank < SINKS)
+    recent = rank >= (index.n_valid[0] - WINDOW)
+    out["sink_mass"] = float((p * sink[:, None, :]).sum(-1).median())
+    out["window_mass"] = float((p * recent[:, None, :]).sum(-1).median())
+    m = s.amax(-1)
+    out["max_score_median"] = float(m.median())
+    for eps in (1e-2, 1e-3):
+        out[f"keys_certified_{eps:g}"] = float((s >= (m - math.log(float(n) / eps))[..., None]).float().mean(-1).median())
+    return out, p  # p: [H, R, C] for mass-kept checks
+
+
+def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None:
+    tag = f"BS={bs} N={fmt_size(N)} B={B}"
+    kv_bytes = 2 * B * HKV * N * D * 2
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        # storage + one row's clustering (~5 float32 copies of a row's keys) + a row of raw K/V + slack
+        need = kv_bytes * 1.06 + 5 * HKV * N * D * 4 + 2 * HKV * N * D * 2 + (2 << 30)
+        if need > free:
+            log(f"{tag}: skip (memory): needs ~{need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free")
+            results.append(dict(bs=bs, N=N, B=B, skipped="memory"))
+            return
+    log(f"--- {tag}: building index ({kv_bytes / 2**30:.2f} GiB of K+V)")
+    index, q, build_ms = build_batch(N, B, bs, device, args.seed, args.clustering)
+    C = index.capacity
+    NB = index.num_leaves
+    scale = D**-0.5
+    rows = fold_gqa(q, HKV)  # [B, H, G, D] bf16
+    R = rows.shape[2]
+    stats, p0 = data_stats(index, q, scale)
+    mem_frac = index.index_nbytes() / index.kv_nbytes()
+    combo = dict(bs=bs, N=N, B=B, C=C, NB=NB, build_ms_per_row=build_ms, index_frac=mem_frac,
+                 index_bytes=index.index_nbytes(), kv_bytes=index.kv_nbytes(), data=stats, rows=[])
+    log(f"{tag}: built in {build_ms:.0f} ms/row; index/KV = {mem_frac * 100:.2f}%; data: "
+        + ", ".join(f"{k}={v:.4g}" for k, v in stats.items()))
+    use_graph = device.type == "cuda" and not args.no_graph
+    cuda = device.type == "cuda"
+
+    # --- SDPA dense (GQA) over the same storage -------------------------------------------------------------
+    def sdpa():
+        return F.scaled_dot_product_attention(q, index.keys, index.values, scale=scale, enable_gqa=True)
+
+    ref = sdpa().float()
+    ref_norm = ref.norm()
+    row = dict(method="SDPA dense (GQA)", selection="all", kept=1.0, read=1.0)
+    row["eager_ms"] = bench(sdpa, device, args.rep_ms)
+    if use_graph:
+        g, _ = capture(sdpa)
+        row["graph_ms"] = bench(g.replay, device, args.rep_ms)
+        del g
+    sdpa_ms = row.get("graph_ms", row["eager_ms"])
+    combo["sdpa_ms"] = sdpa_ms
+    combo["rows"].append(row)
+    log(f"{tag}: SDPA eager {row['eager_ms']:.4f} ms, graph {_f(row.get('graph_ms'), 4)} ms")
+
+    # --- flex dense, explicit all-blocks BlockMask, folded GQA ----------------------------------------------
+    try:
+        fmask = all_blocks_mask(B, C, bs, R, device)
+        ff = dense_flex()
+
+        def flex_dense():
+            return ff(rows, index.keys, index.values, block_mask=fmask, scale=scale)
+
+        out = flex_dense()
+        err = float((out.reshape(B, HQ, 1, D).float() - ref).norm() / ref_norm)
+        row = dict(method="flex dense (all-blocks mask)", selection="all", kept=1.0, read=1.0, rel_err=err)
+        with Timed() as t:
+            row["eager_ms"] = bench(flex_dense, device, args.rep_ms)
+        row["recompiles"] = t.recompiles
+        if use_graph:
+            g, _ = capture(flex_dense)
+            row["graph_ms"] = bench(g.replay, device, args.rep_ms)
+            del g
+        combo["rows"].append(row)
+        log(f"{tag}: flex dense eager {row['eager_ms']:.4f} ms, graph {_f(row.get('graph_ms'), 4)} ms, "
+            f"rel err vs SDPA {err:.2e}")
+    except Exception as e:  # noqa: BLE001
+        log(f"{tag}: flex dense FAILED: {type(e).__name__}: {_clean(str(e), 400)}")
+        combo["rows"].append(dict(method="flex dense (all-blocks mask)", selection="all",
+                                  error=f"{type(e).__name__}: {_clean(str(e), 2000)}"))
+
+    # --- the leaf bounds alone (what the search evaluates: one level, every leaf; mode-independent) ----------
+    if use_graph:
+        try:
+            def bounds_only():
+                return upper_bound(fold_gqa(q.float(), HKV) * scale, index.levels[0])
+
+            g, _ = capture(bounds_only)
+            combo["bounds_ms"] = bench(g.replay, device, args.rep_ms)
+            del g
+            log(f"{tag}: leaf upper_bound alone (graph) {combo['bounds_ms']:.4f} ms")
+        except Exception as e:  # noqa: BLE001
+            log(f"{tag}: bounds timing failed: {e!r}"[:300])
+
+    # --- Hira ---------------------------------------------------------------------------------------------
+    sels = []
+    for f in args.fractions:
+        k = max(1, round(f * NB))
+        sels.append((f"topk {f * 100:g}% (k={k})", Threshold.topk(k)))
+    fixed_tau = stats["max_score_median"] - 3.0
+    for m in args.modes:
+        if m.startswith("topp"):
+            sels.append((m, Threshold.topp(float(m[4:]))))
+        elif m.startswith("certified"):
+            sels.append((m, Threshold.certified(float(m[9:]))))
+        elif m == "fixed":
+            sels.append((f"fixed τ={fixed_tau:.1f}", Threshold.fixed(fixed_tau)))
+        elif m == "dense":
+            sels.append(("dense", Threshold.dense()))
+    compile_error = None  # the eager step's flex compile failed: the other selections would fail the same way
+    compiled_error = None  # the compiled step failed to compile: skip the other compiled variants of this combo
+    compiled_fns = {}  # selection -> (compiled step, compiled search+mask), for the profile
+    codes = set()  # code objects compiled here, released at the end of the combo
+    for name, thr in sels:
+        row = dict(method="Hira", selection=name)
+        if compile_error:
+            row["error"] = "not run: " + compile_error
+            combo["rows"].append(row)
+            continue
+        try:
+            step = hira_step(index, q, thr, scale)
+            g0 = unique_graphs()
+            out, kept, read, skip, keep, _ = step()  # warm-up: compiles flex for this shape and mask once
+            _sync(device)
+            row["warmup_compiles"] = unique_graphs() - g0
+            row["kept"] = float(kept.mean())
+            row["read"] = float(read.mean())
+            row["rel_err"] = float((out.float() - ref).norm() / ref_norm)
+            row["skip_bound_max"] = float(skip.max())
+            slot_keep = keep[0].repeat_interleave(bs, dim=-1)  # [H, C]
+            mass = (p0 * slot_keep[:, None, :]).sum(-1)  # [H, R] true softmax mass read, row 0
+            row["mass_read_median"] = float(mass.median())
+            row["mass_read_min"] = float(mass.min())
+            with Timed() as t:
+                row["eager_ms"] = bench(step, device, args.rep_ms)
+            row["recompiles"] = t.recompiles
+            if use_graph:
+                g, gout = capture(step)
+                gdiff = float((gout[0].float() - out.float()).abs().max())
+                row["graph_vs_eager_maxdiff"] = gdiff
+                if not gdiff <= 0.05:
+                    log(f"{tag}: WARNING graph replay output differs from eager by {gdiff:.3g}")
+                row["graph_ms"] = bench(g.replay, device, args.rep_ms)
+                del g, gout
+                g, _ = capture(hira_search_mask(index, q, thr, scale))
+                row["search_mask_ms"] = bench(g.replay, device, args.rep_ms)
+                del g
+                fn, _ = hira_attention_only(index, q, thr, scale)
+                g, _ = capture(fn)
+                row["attn_ms"] = bench(g.replay, device, args.rep_ms)
+                del g, fn
+            else:
+                fn = hira_search_mask(index, q, thr, scale)
+                row["search_mask_ms"] = bench(fn, device, args.rep_ms)
+                fn, _ = hira_attention_only(index, q, thr, scale)
+                row["attn_ms"] = bench(fn, device, args.rep_ms)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {_clean(str(e), 2000)}"
+            log(f"{tag}: Hira {name} FAILED: {row['error'][:400]}")
+            if "InductorError" in row["error"] or "CompilationError" in row["error"]:
+                compile_error = row["error"][:200]
+            if args.verbose:
+                traceback.print_exc()
+            combo["rows"].append(row)
+            continue
+
+        # --- the same step, compiled whole -------------------------------------------------------------------
+        if want_compiled(args, name):
+            if compiled_error:
+                row["compiled_error"] = "not run: " + compiled_error
+            else:
+                try:
+                    compiled_step(args, device, index, q, thr, scale, step, out, keep, row, codes, compiled_fns, name,
+                                  use_graph)
+                except Exception as e:  # noqa: BLE001
+                    row["compiled_error"] = f"{type(e).__name__}: {_clean(str(e), 2000)}"
+                    log(f"{tag}: Hira {name} compiled FAILED: {row['compiled_error'][:400]}")
+                    if "Detected recompile" not in row["compiled_error"]:
+                        compiled_error = row["compiled_error"][:200]
+                    if args.verbose:
+                        traceback.print_exc()
+        ms = row.get("graph_ms", row["eager_ms"])
+        cms = row.get("compiled_graph_ms", row.get("compiled_ms"))
+        log(f"{tag}: Hira {name:24s} kept {row['kept'] * 100:6.2f}%  mass read {row['mass_read_median']:.3f}"
+            f"  eager step: graph {_f(row.get('graph_ms'), 4)} ms, no graph {row['eager_ms']:.4f} ms"
+            f"  x{sdpa_ms / ms:.2f} vs SDPA  s+m {row['search_mask_ms']:.4f}  attn {row['attn_ms']:.4f}"
+            f"  rel err {row['rel_err']:.3f}  recompiles {row['recompiles']}"
+            + (f"  | compiled step: graph {_f(row.get('compiled_graph_ms'), 4)} ms, no graph "
+               f"{_f(row.get('compiled_ms'), 4)} ms x{sdpa_ms / cms:.2f} vs SDPA, s+m {_f(row.get('compiled_search_mask_ms'), 4)}"
+               f", compile {row['compile_s']:.1f}+{_f(row.get('compile_sm_s'), 1)} s, recompiles "
+               f"{row['compiled_recompiles']}, max diff vs eager {row['compiled_maxdiff']:.3g}"
+               if cms else "")
+            + (f"  | compiled: {row['compiled_error'][:200]}" if "compiled_error" in row else ""))
+        combo["rows"].append(row)
+
+    if cuda and args.profile_context and N == args.profile_context and B == 1 and bs == args.profile_block_size:
+        try:
+            combo["profile"] = profile_step(args, index, q, scale, NB, device, log, compiled_fns)
+        except Exception as e:  # noqa: BLE001
+            log(f"profile failed: {e!r}")
+    results.append(combo)
+    compiled_fns.clear()
+    _release(codes)
+    del index, q, rows, p0, ref
+    if cuda:
+        torch.cuda.empty_cache()
+
+
+def want_compiled(args, name: str) -> bool:
+    """Does the selection labelled ``name`` get the compiled variants (``--compiled``, matched by prefix), in this
+    combo (the first ``--compiled-combos`` combos run)?"""
+    if args.compiled_combos >= 0 and args.combos_run > args.compiled_combos:
+        return False
+    return any(c == "all" or name == c or name.startswith(c + " ") for c in args.compiled)
+
+
+def compiled_step(args, device, index, q, thr, scale, step, out, keep, row, codes, compiled_fns, name, use_graph):
+    """``torch.compile(step, fullgraph=True, dynamic=False)``: compile, check against the eager step, time it per
+    call (under fail_on_recompile: it must not recompile) and from a CUDA graph; then search+mask compiled alone."""
+    cstep = compiled(step)
+    codes.add(step.__code__)
+    g0 = unique_graphs()
+    t0 = time.perf_counter()
+    cout = cstep()  # compiles
+    _sync(device)
+    row["compile_s"] = time.perf_counter() - t0
+    row["compiled_warmup_compiles"] = unique_graphs() - g0
+    cout = cstep()
+    _sync(device)
+    row["compiled_maxdiff"] = float((cout[0].float() - out.float()).abs().max())  # nan if the output has any
+    row["compiled_same_selection"] = bool(torch.equal(cout[4], keep))
+    with Timed() as t:
+        row["compiled_ms"] = bench(cstep, device, args.rep_ms)
+    row["compiled_recompiles"] = t.recompiles
+    if use_graph:
+        g, gout = capture(cstep)
+        gdiff = float((gout[0].float() - cout[0].float()).abs().max())
+        if not gdiff <= 0.05:
+            row["compiled_graph_vs_call_maxdiff"] = gdiff
+        row["compiled_graph_ms"] = bench(g.replay, device, args.rep_ms)
+        del g, gout
+    fn = hira_search_mask(index, q, thr, scale)
+    csm = compiled(fn)
+    codes.add(fn.__code__)
+    t0 = time.perf_counter()
+    csm()
+    _sync(device)
+    row["compile_sm_s"] = time.perf_counter() - t0
+    if use_graph:
+        g, _ = capture(csm)
+        row["compiled_search_mask_ms"] = bench(g.replay, device, args.rep_ms)
+        del g
+    else:
+        row["compiled_search_mask_ms"] = bench(csm, device, args.rep_ms)
+    if args.profile_context:
+        compiled_fns[name] = (cstep, csm)
+
+
+def _release(codes) -> None:
+    """Drop dynamo's cache entries for the step closures compiled in this combo (they guard on its index)."""
+    try:
+        from torch._dynamo.eval_frame import reset_code
+    except ImportError:  # pragma: no cover - older/newer layouts
+        try:
+            from torch._C._dynamo.eval_frame import reset_code
+        except ImportError:
+            return
+    for code in codes:
+        try:
+            reset_code(code)
+        except Exception:  # noqa: BLE001
+            pass
+    codes.clear()
+
+
+def profile_step(args, index, q, scale, NB, device, log, compiled_fns) -> dict:
+    """torch.profiler over graph replays of the Hira step (topk 5%): device time per kernel, kernels per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    thr = Threshold.topk(max(1, round(0.05 * NB)))
+    res = {}
+    todo = [("step", hira_step(index, q, thr, scale)), ("search_mask", hira_search_mask(index, q, thr, scale))]
+    five = [v for k, v in compiled_fns.items() if k.startswith("topk 5% ")]
+    if five:
+        todo += [("compiled_step", five[0][0]), ("compiled_search_mask", five[0][1])]
+    for label, fn in todo:
+        g, _ = capture(fn)
+        n = 20
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(n):
+                g.replay()
+            torch.cuda.synchronize()
+        kernels = {}
+        count = 0
+        for e in prof.events():
+            if e.device_type == torch.autograd.DeviceType.CUDA:
+                dt = e.time_range.elapsed_us()
+                kernels.setdefault(e.name, [0, 0.0])
+                kernels[e.name][0] += 1
+                kernels[e.name][1] += dt
+                count += 1
+        if count == 0:  # older layouts: kernels only in the averages
+            for a in prof.key_averages():
+                if a.device_type == torch.autograd.DeviceType.CUDA:
+                    kernels[a.key] = [a.count, a.self_device_time_total]
+                    count += a.count
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][1])
+        total_us = sum(v[1] for v in kernels.values()) / n
+        res[label] = dict(kernels_per_step=count / n, kernel_us_per_step=total_us,
+                          top=[(k[:110], v[0] / n, v[1] / n) for k, v in top[:25]])
+        log(f"profile {label}: {count / n:.0f} kernels per replay, {total_us:.1f} us of kernel time per replay")
+        for k, calls, us in res[label]["top"][:12]:
+            log(f"    {us:8.2f} us  x{calls:4.1f}  {k}")
+        del g
+    # the eager step: host time per step
+    step = hira_step(index, q, thr, scale)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            step()
+        torch.cuda.synchronize()
+    res["eager_table"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Report
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _clean(msg: str, n: int = 160) -> str:
+    """One table cell: the informative part of an error, no newlines or pipes."""
+    msg = str(msg)
+    for key in ("AssertionError(", "RuntimeError: Detected recompile"):
+        if key in msg:
+            msg = msg[msg.index(key):]
+    return " ".join(msg.replace("|", "/").split())[:n]
+
+
+def _f(x, nd=3):
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+
+
+def markdown(results: list, meta: dict) -> str:
+    L = []
+    L.append("# Hira decode attention benchmark (one layer, one step)\n")
+    for k, v in meta.items():
+        L.append(f"- {k}: {v}")
+    L.append("")
+    L.append("ms = median (do_bench on CUDA: L2 flushed before every rep). 'eager step' = the Python step as written "
+             "(search, mask and stats eager, flex_attention compiled on its own); 'compiled step' = the same step "
+             "function under torch.compile(step, fullgraph=True, dynamic=False). 'graph' = replay of a "
+             "torch.cuda.CUDAGraph captured after warm-up (CUDA only); 'no graph' = the step called from Python. "
+             "x SDPA = SDPA ms / method ms, graph replays on CUDA (eager step / compiled step). "
+             "kept = blocks read / non-empty blocks (mean over batch, KV heads), sinks and window included; "
+             "mass read = true softmax mass in the blocks read (batch row 0, median and min over the 32 query rows); "
+             "rel err = ‖o − o_SDPA‖/‖o_SDPA‖ of the eager step; s+m = search + BlockMask alone (eager / compiled); "
+             "attn = the flex call alone (fold, cast, LSE; flex compiled) on a mask made beforehand; "
+             "s+m / attn uses the compiled s+m where measured. compile s = first-call wall time of the compiled step "
+             "+ of search+mask compiled. c-vs-e diff = max |o_compiled − o_eager| (bf16; 'WRONG' past 0.05 or NaN; "
+             "'sel≠' where the compiled search kept other blocks). recompiles = dynamo graphs compiled inside the "
+             "timed no-graph loops, eager step / compiled step (warm-up compiles in brackets); the loops run under "
+             "fail_on_recompile.\n")
+    L.append("| BS | context | B | method | selection | kept % | mass read med/min | eager step, graph ms | "
+             "compiled step, graph ms | x SDPA eager / compiled | eager step, no graph ms | compiled step, no graph ms | "
+             "s+m eager ms | s+m compiled ms | attn ms | s+m / attn | rel err | c-vs-e diff | compile s | recompiles |")
+    L.append("|" + "---|" * 20)
+    for c in results:
+        if c.get("skipped"):
+            L.append(f"| {c['bs']} | {fmt_size(c['N'])} | {c['B']} | skip ({c['skipped']}) |" + " |" * 16)
+            continue
+        sd = c["sdpa_ms"]
+        for r in c["rows"]:
+            if "error" in r:
+                L.append(f"| {c['bs']} | {fmt_size(c['N'])} | {c['B']} | {r['method']} | {r['selection']} | "
+                         f"FAILED: {_clean(r['error'])} |" + " |" * 14)
+                continue
+            ms = r.get("graph_ms", r.get("eager_ms"))
+            cms = r.get("compiled_graph_ms", r.get("compiled_ms"))
+            sm = r.get("compiled_search_mask_ms", r.get("search_mask_ms"))
+            at = r.get("attn_ms")
+            mass = (f"{r['mass_read_median']:.3f}/{r['mass_read_min']:.3f}" if "mass_read_median" in r else "1/1")
+            xs = f"{sd / ms:.2f}" + (f" / {sd / cms:.2f}" if cms else "")
+            if "compiled_error" in r:
+                cerr = f"FAILED: {_clean(r['compiled_error'], 120)}"
+                cells = [cerr, xs, _f(r.get("eager_ms"), 4), "—", _f(r.get("search_mask_ms"), 4), "—"]
+            else:
+                cells = [_f(r.get("compiled_graph_ms"), 4), xs, _f(r.get("eager_ms"), 4), _f(r.get("compiled_ms"), 4),
+                         _f(r.get("search_mask_ms"), 4), _f(r.get("compiled_search_mask_ms"), 4)]
+            diff = "—"
+            if "compiled_maxdiff" in r:
+                d = r["compiled_maxdiff"]
+                diff = f"{d:.3g}" if d <= 0.05 else f"WRONG ({d:.3g})"
+                if not r.get("compiled_same_selection", True):
+                    diff += " sel≠"
+            comp = f"{r['compile_s']:.1f}+{r['compile_sm_s']:.1f}" if "compile_sm_s" in r else "—"
+            rec = f"{r.get('recompiles', '—')}"
+            if r.get("warmup_compiles"):
+                rec += f" ({r['warmup_compiles']})"
+            if "compiled_recompiles" in r:
+                rec += f" / {r['compiled_recompiles']} ({r.get('compiled_warmup_compiles', 0)})"
+            L.append(
+                f"| {c['bs']} | {fmt_size(c['N'])} | {c['B']} | {r['method']} | {r['selection']} | "
+                f"{r['kept'] * 100:.2f} | {mass} | {_f(r.get('graph_ms'), 4)} | " + " | ".join(cells) + " | "
+                f"{_f(at, 4)} | {(f'{100 * sm / at:.0f}%' if sm and at else '—')} | {_f(r.get('rel_err'), 4)} | "
+                f"{diff} | {comp} | {rec} |"
+            )
+    L.append("")
+    L.append("## Index memory and data\n")
+    L.append("| BS | context | B | index / KV | index MiB | KV MiB | build ms/row | leaf bounds alone ms (graph) | "
+             "keys for 90% / 99% mass | sink mass | window mass | keys ≥ m−ln(N/ε), ε=1e-2 / 1e-3 |")
+    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for c in results:
+        if c.get("skipped"):
+            continue
+        d = c["data"]
+        L.append(f"| {c['bs']} | {fmt_size(c['N'])} | {c['B']} | {c['index_frac'] * 100:.2f}% | "
+                 f"{c['index_bytes'] / 2**20:.1f} | {c['kv_bytes'] / 2**20:.0f} | {c['build_ms_per_row']:.0f} | "
+                 f"{_f(c.get('bounds_ms'), 4)} | "
+                 f"{d['keys_for_0.9'] * 100:.2f}% / {d['keys_for_0.99'] * 100:.2f}% | {d['sink_mass']:.3f} | "
+                 f"{d['window_mass']:.3f} | {d['keys_certified_0.01'] * 100:.1f}% / {d['keys_certified_0.001'] * 100:.1f}% |")
+    L.append("")
+    prof = [c for c in results if c.get("profile")]
+    for c in prof:
+        L.append(f"## Profile: BS={c['bs']} context {fmt_size(c['N'])} B={c['B']}, topk 5%, graph replay\n")
+        for label in ("step", "search_mask", "compiled_step", "compiled_search_mask"):
+            if label not in c["profile"]:
+                continue
+            p = c["profile"][label]
+            L.append(f"**{label}**: {p['kernels_per_step']:.0f} kernels per replay, "
+                     f"{p['kernel_us_per_step']:.1f} µs of summed kernel time per replay.\n")
+            L.append("| µs / step | calls / step | kernel |")
+            L.append("|---|---|---|")
+            for k, calls, us in p["top"][:20]:
+                L.append(f"| {us:.2f} | {calls:.1f} | `{k}` |")
+            L.append("")
+        L.append("Eager step (5 calls), torch.profiler key_averages by CPU time:\n")
+        L.append("```")
+        L.append(c["profile"]["eager_table"])
+        L.append("```\n")
+    L.append("## Goals (batch 1)\n")
+    L.extend(goal_lines(results))
+    return "\n".join(L) + "\n"
+
+
+def goal_lines(results: list) -> list[str]:
+    out = []
+    for c in results:
+        if c.get("skipped") or c["B"] != 1:
+            continue
+        sd = c["sdpa_ms"]
+        target = {131072: 4.0, 524288: 12.0}.get(c["N"])
+        for r in c["rows"]:
+            if not r.get("selection", "").startswith(("topk 1% ", "topk 2% ", "topk 5% ")) or "error" in r:
+                continue
+            ms = r.get("graph_ms", r["eager_ms"])
+            parts = [f"eager step {ms:.4f} ms = {sd / ms:.2f}×"]
+            cms = r.get("compiled_graph_ms", r.get("compiled_ms"))
+            best = ms
+            if cms:
+                bad = "" if r["compiled_maxdiff"] <= 0.05 else " (output WRONG)"
+                parts.append(f"compiled step {cms:.4f} ms = {sd / cms:.2f}×{bad}")
+                best = min(ms, cms) if not bad else ms
+            goal = f" (goal ≥ {target:g}×: {'PASS' if sd / best >= target else 'FAIL'})" if target else ""
+            sm = r.get("compiled_search_mask_ms", r["search_mask_ms"])
+            which = "compiled" if "compiled_search_mask_ms" in r else "eager"
+            out.append(f"- BS={c['bs']} {fmt_size(c['N'])}: Hira {r['selection']} (kept {r['kept'] * 100:.1f}%) vs SDPA "
+                       f"{sd:.4f} ms: " + ", ".join(parts) + goal + f"; search+mask ({which}) {sm:.4f} ms "
+                       f"= {100 * sm / r['attn_ms']:.0f}% of attention {r['attn_ms']:.4f} ms "
+                       f"(goal ≤ 30%: {'PASS' if sm <= 0.3 * r['attn_ms'] else 'FAIL'})")
+        out.append(f"- BS={c['bs']} {fmt_size(c['N'])}: index = {c['index_frac'] * 100:.2f}% of KV "
+                   f"(goal ≤ 3%: {'PASS' if c['index_frac'] <= 0.03 else 'FAIL'})")
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--contexts", default="32K,128K,512K,1M", help="comma list, e.g. 32K,128K,512K,1M")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--block-size", default="128", help="KV block size(s), comma list (e.g. 128,64)")
+    ap.add_argument("--fractions", default="0.01,0.02,0.05,0.10,0.20", help="forced kept fractions (topk)")
+    ap.add_argument("--modes", default="topp0.9,topp0.99,certified1e-2,certified1e-3,fixed")
+    ap.add_argument("--quick", action="store_true", help="small sizes for a CPU smoke run")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-graph", action="store_true", help="do not capture CUDA graphs")
+    ap.add_argument("--rep-ms", type=float, default=None, help="time per measurement (ms)")
+    ap.add_argument("--profile-context", default="128K", help="profile the Hira step at this context (B=1); 0: off")
+    ap.add_argument("--combos", default=None,
+                    help="explicit ordered list BS:context:batch,... (overrides the three above); default on CUDA "
+                         f"without --quick/--contexts/--batches/--block-size: {DEFAULT_GPU_COMBOS}")
+    ap.add_argument("--compiled", default=None,
+                    help="selections that also get the compiled step and compiled search+mask, comma list of label "
+                         "prefixes ('topk 5%%', 'topp0.99', 'certified1e-3', 'fixed'), 'all' or 'none'; "
+                         "default 'topk 1%%,topk 5%%' ('topk 5%%' with --quick): one inductor compile each")
+    ap.add_argument("--compiled-combos", type=int, default=None,
+                    help="only the first N combos run get the compiled variants (-1: all; default all, 1 with --quick: "
+                         "a CPU inductor compile of the step takes 20-35 s)")
+    ap.add_argument("--profile-block-size", type=int, default=128)
+    ap.add_argument("--time-budget", type=float, default=0.0, help="seconds; skip remaining combos past it (0: none)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="markdown file for the full table (a .json beside it)")
+    ap.add_argument("--clustering", default="pca", choices=("pca", "kmeans", "none"))
+    ap.add_argument("--verbose", action="store_true")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    given = " ".join(argv if argv is not None else sys.argv)
+    if args.combos is None:
+        grid = any(f"--{o}" in given for o in ("contexts", "batches", "block-size"))
+        args.combos = DEFAULT_GPU_COMBOS if device.type == "cuda" and not args.quick and not grid else ""
+    if args.compiled is None:
+        args.compiled = "topk 5%" if args.quick else "topk 1%,topk 5%"
+    args.compiled = [c.strip() for c in args.compiled.split(",") if c.strip() and c.strip() != "none"]
+    if args.compiled_combos is None:
+        args.compiled_combos = 1 if args.quick else -1
+    args.combos_run = 0
+    if args.quick:
+        if "--contexts" not in given:
+            args.contexts = "2K,4K"
+        if "--batches" not in given:
+            args.batches = "1,2"
+        if "--profile-context" not in given:
+            args.profile_context = "0"
+    args.contexts = [parse_size(s) for s in args.contexts.split(",") if s]
+    args.batches = [int(s) for s in args.batches.split(",") if s]
+    args.block_sizes = [int(s) for s in str(args.block_size).split(",") if s]
+    args.fractions = [float(s) for s in args.fractions.split(",") if s]
+    args.modes = [s for s in args.modes.split(",") if s]
+    args.profile_context = parse_size(args.profile_context) if args.profile_context not in ("0", "") else 0
+    if args.rep_ms is None:
+        args.rep_ms = 60.0 if device.type == "cuda" else (20.0 if args.quick else 200.0)
+    if device.type != "cuda":
+        args.no_graph = True
+
+    # Many (shape, mask_mod) graphs live on flex_attention's one code object in this process: raise the limit
+    # (a model uses one shape per layer), and fail loudly rather than fall back to eager past it.
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, 256)
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
+
+    meta = {
+        "date": datetime.date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "triton": _triton_version(),
+        "python": platform.python_version(),
+        "shapes": f"Hq={HQ}, Hkv={HKV}, D={D}, bf16, query length 1, sinks={SINKS}, window={WINDOW}, "
+                  f"clustering={args.clustering}, branching=8",
+        "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "compiled variants for": (", ".join(args.compiled) or "none")
+        + ("" if args.compiled_combos < 0 else f" (first {args.compiled_combos} combo(s) only)"),
+    }
+    log_lines = []
+
+    def log(msg):
+        print(msg, flush=True)
+        log_lines.append(msg)
+
+    log(json.dumps(meta))
+    results = []
+    t0 = time.perf_counter()
+    graphs0 = unique_graphs()
+    if args.combos:
+        combos = []
+        for item in args.combos.split(","):
+            bs, n, b = item.split(":")
+            combos.append((int(bs), parse_size(n), int(b)))
+    else:  # batch outer: every batch-1 result first
+        combos = [(bs, N, B) for B in args.batches for N in args.contexts for bs in args.block_sizes]
+    for bs, N, B in combos:
+        if args.time_budget and time.perf_counter() - t0 > args.time_budget:
+            log(f"BS={bs} N={fmt_size(N)} B={B}: skip (time budget)")
+            results.append(dict(bs=bs, N=N, B=B, skipped="time budget"))
+            continue
+        if N % bs:
+            log(f"context {N} is not a multiple of the block size {bs}: skipped")
+            continue
+        args.combos_run += 1
+        try:
+            run_combo(args, device, bs, N, B, results, log)
+        except torch.OutOfMemoryError as e:
+            log(f"BS={bs} N={fmt_size(N)} B={B}: skip (memory): {str(e)[:200]}")
+            results.append(dict(bs=bs, N=N, B=B, skipped="memory"))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        if args.out:
+            _write(args.out, results, meta)
+    meta["graphs compiled in the process"] = unique_graphs() - graphs0
+    meta["wall seconds"] = f"{time.perf_counter() - t0:.0f}"
+    md = markdown(results, meta)
+    print(md)
+    if args.out:
+        _write(args.out, results, meta)
+        with open(os.path.splitext(args.out)[0] + ".log", "w") as fh:
+            fh.write("\n".join(log_lines) + "\n")
+
+
+def _write(path, results, meta):
+    with open(path, "w") as fh:
+        fh.write(markdown(results, meta))
+    with open(os.path.splitext(path)[0] + ".json", "w") as fh:
+        json.dump(dict(meta=meta, results=results), fh, indent=1, default=str)
+
+
+def _triton_version():
+    try:
+        import triton
+
+        return triton.__version__
+    except Exception:  # noqa: BLE001
+        return "not installed"
+
+
+if __name__ == "__main__":
+    main()

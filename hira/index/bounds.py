@@ -2,7 +2,8 @@
 
 For a node with members k: max q·k ≤ q·c + ‖q‖·r (ball) and max q·k ≤ Σ_i max(q_i·lo_i, q_i·hi_i) (box). The
 minimum of both holds too. Both are computed in float32 and padded by a margin that covers float32 rounding of
-the dot products, so that a bound is never below the true maximum (tests check it against float64 scores).
+the dot products (and TF32 rounding of their inputs where CUDA matmuls allow it), so that a bound is never below
+the true maximum (tests check it against float64 scores).
 
 Shapes: B batch, H KV heads, M nodes of a level, S members per node, R query rows, D head dim.
 """
@@ -16,6 +17,17 @@ import torch
 
 # Relative float32 rounding allowance per dimension of a dot product (a few ulps per accumulated term).
 _REL_EPS_PER_DIM = 8 * 2.0**-24
+
+
+@torch._dynamo.assume_constant_result
+def _cuda_matmul_input_rounding() -> float:
+    """Relative rounding of the inputs of a float32 matmul on CUDA: 2^-10 where TF32 is allowed (10 mantissa bits,
+    e.g. after ``torch.set_float32_matmul_precision("high")``), else 0. A constant when compiled."""
+    try:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+    except RuntimeError:  # the legacy and the new precision APIs were mixed: assume TF32
+        tf32 = True
+    return 2.0**-10 if tf32 else 0.0
 
 
 @dataclass
@@ -144,7 +156,9 @@ def bound_and_estimate(q: torch.Tensor, nodes: NodeBounds) -> tuple[torch.Tensor
     q2 = (q * q).sum(-1, keepdim=True)  # [B, H, R, 1]
     qn = q2.sqrt()
     ball = qc + qn * nodes.radius[:, :, None, :]
-    margin = (_REL_EPS_PER_DIM * (D + 2)) * qn * nodes.scale[:, :, None, :]
+    # Each product term carries up to 2× its inputs' rounding: TF32 inputs add 4·2^-10 of ‖q‖·scale (with slack).
+    input_rounding = _cuda_matmul_input_rounding() if q.is_cuda else 0.0
+    margin = (_REL_EPS_PER_DIM * (D + 2) + 4 * input_rounding) * qn * nodes.scale[:, :, None, :]
     empty = (nodes.count == 0)[:, :, None, :]
     ub = (torch.minimum(ball, box) + margin).masked_fill(empty, -math.inf)
     log_n = nodes.count.clamp_min(1).float().log()[:, :, None, :]

@@ -263,8 +263,6 @@ def measure_layer(l, Ql, Kl, Vl, scale, args, acc: Acc):
             bmax = sb.amax(-1)
             need = sb >= tau[..., None, None]
             true_blk = need.any(-1)
-            tail_keys = (n_row - P).to(F64)  # [R] always read
-            full_kv = n_row.to(F64) * 4 * D  # fp16 K+V bytes at this step
             acc.add(f"true_blk/{tag}", l, true_blk.to(F64).mean(-1))
             acc.add(f"true_blk_grp/{tag}", l, true_blk.view(H, G, T, nb).any(1).to(F64).mean(-1))
             acc.add(f"true_keys/{tag}", l, need.to(F64).mean((-1, -2)))
@@ -348,7 +346,6 @@ def measure_layer(l, Ql, Kl, Vl, scale, args, acc: Acc):
                 **{f"int{b}": (cb[f"int{b}_ub"] - lse[..., None, None]).exp().sum(-1) for b in BITS},
             }
             forced_keys = (BS + n_row - Wb).to(F64)  # [R]
-            nbud = len(args.budgets)
             k_row = torch.stack(
                 [((bud * n_row.to(F64) - forced_keys) / BS).floor().clamp(0, nc).long() for bud in args.budgets]
             )  # [nbud, R] candidate blocks the budget leaves after the forced keys

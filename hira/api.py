@@ -106,16 +106,23 @@ def build_index(
         _fail(f"capacity must be at least the number of keys N={N}, got {capacity}")
     _check_finite("keys", keys)
     _check_finite("values", values)
+    return build_index_unchecked(keys, values, key_mask, cfg, capacity)
+
+
+def build_index_unchecked(
+    keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None, config: HiraConfig, capacity: int | None
+) -> HiraIndex:
+    """``build_index`` without validation: the tensor program, with the index settings taken from ``config``."""
     return _build_index(
         keys,
         values,
         key_mask,
-        block_size=cfg.block_size,
-        branching=cfg.branching,
-        clustering=cfg.clustering,
-        kmeans_iters=cfg.kmeans_iters,
-        sink_tokens=cfg.sink_tokens,
-        window_tokens=cfg.window_tokens,
+        block_size=config.block_size,
+        branching=config.branching,
+        clustering=config.clustering,
+        kmeans_iters=config.kmeans_iters,
+        sink_tokens=config.sink_tokens,
+        window_tokens=config.window_tokens,
         capacity=capacity,
     )
 

@@ -17,10 +17,10 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from hira.api import AttentionStats, attend_selection
+from hira.api import AttentionStats, attend_selection, build_index_unchecked
 from hira.config import HiraConfig
 from hira.flex.attention import fold_gqa
-from hira.index.index import HiraIndex, append, build_index
+from hira.index.index import HiraIndex, append
 from hira.search.search import search
 from hira.search.threshold import Threshold
 
@@ -100,19 +100,7 @@ class HiraLayer(CacheLayerMixin):
         return out
 
     def _build(self, k, v, key_mask) -> HiraIndex:
-        cfg = self.config
-        return build_index(
-            k,
-            v,
-            key_mask,
-            block_size=cfg.block_size,
-            branching=cfg.branching,
-            clustering=cfg.clustering,
-            kmeans_iters=cfg.kmeans_iters,
-            sink_tokens=cfg.sink_tokens,
-            window_tokens=cfg.window_tokens,
-            capacity=self.capacity,
-        )
+        return build_index_unchecked(k, v, key_mask, self.config, self.capacity)
 
     def _prefill(self, q, k, v, attention_mask, scale):
         B, _, N, _ = k.shape

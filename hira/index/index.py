@@ -20,7 +20,6 @@ Shapes: B batch, H KV heads, N keys given to build, C capacity in slots, NB = C 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -240,7 +239,3 @@ def append(index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask:
         _write_nodes(index.levels[lvl], nodes, fresh)
     index.next_slot.add_(S)
 
-
-def padded_capacity(n_tokens: int, block_size: int) -> int:
-    """Slots needed for ``n_tokens`` tokens appended after a build: whole blocks plus one block of slack."""
-    return (math.ceil(n_tokens / block_size) + 1) * block_size

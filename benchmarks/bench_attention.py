@@ -56,12 +56,12 @@ import traceback
 
 import torch
 import torch.nn.functional as F
-from torch.nn.attention.flex_attention import BlockMask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from hira.api import attend_selection  # noqa: E402
-from hira.flex.attention import block_attention, fold_gqa  # noqa: E402
+from hira.flex.attention import block_attention, compiled_flex_attention, fold_gqa  # noqa: E402
 from hira.flex.mask import Q_BLOCK_SIZE, selection_block_mask  # noqa: E402
 from hira.index.bounds import NodeBounds, upper_bound  # noqa: E402
 from hira.index.index import HiraIndex, build_index  # noqa: E402
@@ -238,16 +238,6 @@ class Timed:
 # The measured functions
 # --------------------------------------------------------------------------------------------------------------
 
-_dense_flex = None
-
-
-def dense_flex():
-    global _dense_flex
-    if _dense_flex is None:
-        _dense_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
-    return _dense_flex
-
-
 def all_blocks_mask(B: int, C: int, bs: int, rows: int, device) -> BlockMask:
     nb = C // bs
     num = torch.full((B, HKV, 1), nb, dtype=torch.int32, device=device)
@@ -405,7 +395,7 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
     # --- flex dense, explicit all-blocks BlockMask, folded GQA ----------------------------------------------
     try:
         fmask = all_blocks_mask(B, C, bs, R, device)
-        ff = dense_flex()
+        ff = compiled_flex_attention()  # the same compiled flex hira uses
 
         def flex_dense():
             return ff(rows, index.keys, index.values, block_mask=fmask, scale=scale)

@@ -16,7 +16,8 @@ from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attent
 _compiled_flex = None
 
 
-def _flex():
+def compiled_flex_attention():
+    """The process-wide ``torch.compile(flex_attention, fullgraph=True, dynamic=False)``, created on first use."""
     global _compiled_flex
     if _compiled_flex is None:
         _compiled_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
@@ -77,9 +78,9 @@ def block_attention(
     """
     if return_lse and q_rows.is_cuda:
         # return_lse is deprecated (its warning costs a recompile on torch 2.11); AuxRequest is the supported form.
-        out, aux = _flex()(q_rows, keys, values, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        out, aux = compiled_flex_attention()(q_rows, keys, values, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
         return out, aux.lse.float()
-    out = _flex()(q_rows, keys, values, block_mask=block_mask, scale=scale)
+    out = compiled_flex_attention()(q_rows, keys, values, block_mask=block_mask, scale=scale)
     if not return_lse:
         return out, None
     return out, _masked_lse(q_rows, keys, block_mask, valid, scale)

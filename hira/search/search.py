@@ -78,7 +78,8 @@ def _exact_top_leaf_score(index: HiraIndex, q: torch.Tensor, ub: torch.Tensor) -
     top = ub.argmax(-1)  # [B, H, R]
     slots = (top[..., None] * BS + torch.arange(BS, device=q.device)).view(B, H, R * BS)  # [B, H, R*BS]
     k = torch.gather(index.keys, 2, slots[..., None].expand(B, H, R * BS, D)).view(B, H, R, BS, D)
-    s = torch.einsum("bhrd,bhrsd->bhrs", q, k.float())  # [B, H, R, BS]
+    # float64: an exact score of a real key, whatever the float32 matmul precision (TF32 on CUDA).
+    s = torch.einsum("bhrd,bhrsd->bhrs", q.double(), k.double()).float()  # [B, H, R, BS]
     real = torch.gather(index.valid, 1, slots.view(B, H * R * BS)).view(B, H, R, BS)
     return s.masked_fill(~real, -math.inf).amax(-1)
 

@@ -71,11 +71,10 @@ def effective_bounds(index: HiraIndex, q: torch.Tensor) -> torch.Tensor:
     return eff
 
 
-def _exact_top_leaf_score(index: HiraIndex, q: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
-    """Exact max score of each row over the leaf with the largest bound: [B, H, R] (-inf if no real key)."""
+def _exact_leaf_score(index: HiraIndex, q: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Exact max score of each row over one leaf per row, top: [B, H, R] -> [B, H, R] (-inf if no real key)."""
     B, H, R, D = q.shape
     BS = index.block_size
-    top = ub.argmax(-1)  # [B, H, R]
     slots = (top[..., None] * BS + torch.arange(BS, device=q.device)).view(B, H, R * BS)  # [B, H, R*BS]
     k = torch.gather(index.keys, 2, slots[..., None].expand(B, H, R * BS, D)).view(B, H, R, BS, D)
     # float64: an exact score of a real key, whatever the float32 matmul precision (TF32 on CUDA).
@@ -111,7 +110,8 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
     live = leaves.count > 0  # [B, H, NB]
     forced = index.forced_leaves()
     ub, est = bound_and_estimate(q, leaves)  # [B, H, R, NB]; ub equals effective_bounds(index, q) (docstring)
-    m = _exact_top_leaf_score(index, q, ub)  # [B, H, R]
+    top_leaf = ub.argmax(-1)  # [B, H, R] the leaf with the largest bound per row
+    m = _exact_leaf_score(index, q, top_leaf)  # [B, H, R]
     mode, value = threshold.mode, threshold.value
     tau = torch.full_like(m, -math.inf)
     if mode == "dense":
@@ -138,7 +138,7 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
     skipped = live & ~keep
     log_count = leaves.count.clamp_min(1).float().log()[:, :, None, :]
     log_skip_ub = (ub + log_count).masked_fill(~skipped[:, :, None, :], -math.inf).logsumexp(-1)  # [B, H, R]
-    top_kept = torch.gather(keep, 2, ub.argmax(-1))  # [B, H, R]: is the leaf that gave m read?
+    top_kept = torch.gather(keep, 2, top_leaf)  # [B, H, R]: is the leaf that gave m read?
     max_lb = m.masked_fill(~top_kept, -math.inf)
 
     kv_num = keep.sum(-1, dtype=torch.int32)  # [B, H]

@@ -124,6 +124,7 @@ def build_index_unchecked(
         sink_tokens=config.sink_tokens,
         window_tokens=config.window_tokens,
         capacity=capacity,
+        key_sketch=config.key_sketch,
     )
 
 

@@ -20,6 +20,10 @@ class HiraConfig:
         clustering: how keys are ordered into blocks at build time: ``pca`` (balanced principal-axis tree),
             ``kmeans`` (Lloyd iterations seeded by the pca tree, then sorted by cluster) or ``none`` (position order).
         kmeans_iters: Lloyd iterations for ``clustering="kmeans"``.
+        key_sketch: also keep an int4 sketch of the keys (``hira.index.sketch``): per-key score intervals about one
+            unit wide, which make the ``certified`` mode selective on real keys, its bounds and every mode's skip
+            certificate tight, and the budgeted modes' ranking close to the oracle's. Costs 1/8 of the K and V
+            bytes plus per-block scales (1/BS of that), in memory and read by every search.
         threshold: the search's threshold mode (see ``hira.Threshold``).
         sink_tokens: the first tokens of every sequence, always attended (attention sinks).
         window_tokens: the most recent tokens, always attended.
@@ -34,6 +38,7 @@ class HiraConfig:
     branching: int = 8
     clustering: str = "pca"
     kmeans_iters: int = 4
+    key_sketch: bool = False
     threshold: Threshold = field(default_factory=lambda: Threshold.topp(0.99))
     sink_tokens: int = 4
     window_tokens: int = 256
@@ -52,6 +57,8 @@ class HiraConfig:
             raise ValueError(f"HiraConfig.clustering must be one of {CLUSTERINGS}, got {self.clustering!r}")
         if not isinstance(self.kmeans_iters, int) or self.kmeans_iters < 1:
             raise ValueError(f"HiraConfig.kmeans_iters must be an integer >= 1, got {self.kmeans_iters!r}")
+        if not isinstance(self.key_sketch, bool):
+            raise ValueError(f"HiraConfig.key_sketch must be True or False, got {self.key_sketch!r}")
         if not isinstance(self.threshold, Threshold):
             raise ValueError(
                 f"HiraConfig.threshold must be a hira.Threshold (e.g. Threshold.topp(0.99)), got {self.threshold!r}"

@@ -215,6 +215,7 @@ class IndexCase:
     lengths: tuple[int, ...]
     slack: int
     seed: int
+    key_sketch: bool = False
 
     def config(self) -> HiraConfig:
         return HiraConfig(
@@ -223,6 +224,7 @@ class IndexCase:
             clustering=self.clustering,
             sink_tokens=self.sink_tokens,
             window_tokens=self.window_tokens,
+            key_sketch=self.key_sketch,
         )
 
     def tensors(self, device, dtype=torch.float32):
@@ -254,6 +256,7 @@ def index_cases(draw, max_n: int = 300, block_sizes=(16, 32, 64, 128)) -> IndexC
         lengths=tuple(draw(st.lists(st.integers(1, N), min_size=B, max_size=B))),
         slack=draw(st.sampled_from([0, 1, 150])),
         seed=draw(st.integers(0, 2**31 - 1)),
+        key_sketch=draw(st.booleans()),
     )
 
 

@@ -30,6 +30,15 @@ def _cuda_matmul_input_rounding() -> float:
     return 2.0**-10 if tf32 else 0.0
 
 
+def rounding_margin(qn: torch.Tensor, magnitude: torch.Tensor, D: int, is_cuda: bool) -> torch.Tensor:
+    """A bound on the float32 rounding error of a D-term dot product q·x computed by matmul: generous ulps per
+    term times ‖q‖·magnitude (magnitude ≥ ‖x‖ and each term's size), plus TF32 input rounding where CUDA allows it.
+    Each product term carries up to 2× its inputs' rounding: TF32 inputs add 4·2^-10 of ‖q‖·magnitude (with slack).
+    """
+    input_rounding = _cuda_matmul_input_rounding() if is_cuda else 0.0
+    return (_REL_EPS_PER_DIM * (D + 2) + 4 * input_rounding) * qn * magnitude
+
+
 @dataclass
 class NodeBounds:
     """Bounds of every node of one index level. All float32 except ``count``.
@@ -156,9 +165,7 @@ def bound_and_estimate(q: torch.Tensor, nodes: NodeBounds) -> tuple[torch.Tensor
     q2 = (q * q).sum(-1, keepdim=True)  # [B, H, R, 1]
     qn = q2.sqrt()
     ball = qc + qn * nodes.radius[:, :, None, :]
-    # Each product term carries up to 2× its inputs' rounding: TF32 inputs add 4·2^-10 of ‖q‖·scale (with slack).
-    input_rounding = _cuda_matmul_input_rounding() if q.is_cuda else 0.0
-    margin = (_REL_EPS_PER_DIM * (D + 2) + 4 * input_rounding) * qn * nodes.scale[:, :, None, :]
+    margin = rounding_margin(qn, nodes.scale[:, :, None, :], D, q.is_cuda)
     empty = (nodes.count == 0)[:, :, None, :]
     ub = (torch.minimum(ball, box) + margin).masked_fill(empty, -math.inf)
     log_n = nodes.count.clamp_min(1).float().log()[:, :, None, :]

@@ -26,6 +26,7 @@ import torch
 
 from hira.index.bounds import NodeBounds, members_bounds, parent_bounds
 from hira.index.cluster import kmeans_rank, pca_tree_rank, position_rank
+from hira.index.sketch import KeySketch, build_sketch, quantize_blocks, write_blocks
 
 
 @dataclass
@@ -41,6 +42,7 @@ class HiraIndex:
         n_valid: [B] int64 real tokens per row.
         next_slot: [] int64 first free slot (the same for all rows).
         block_size, branching, sink_tokens, window_tokens: static settings.
+        sketch: the int4 key sketch (per-key score intervals, ``hira.index.sketch``), or None.
     """
 
     keys: torch.Tensor
@@ -56,6 +58,7 @@ class HiraIndex:
     branching: int
     sink_tokens: int
     window_tokens: int
+    sketch: KeySketch | None = None
 
     @property
     def capacity(self) -> int:
@@ -73,9 +76,10 @@ class HiraIndex:
         return live & (sink | recent)
 
     def index_nbytes(self) -> int:
-        """Bytes of the index beyond K and V themselves (bounds, ranks, validity)."""
+        """Bytes of the index beyond K and V themselves (bounds, ranks, validity, the sketch)."""
         extra = (self.valid, self.rank, self.leaf_first, self.leaf_last)
-        return sum(lv.nbytes() for lv in self.levels) + sum(t.numel() * t.element_size() for t in extra)
+        sketch = self.sketch.nbytes() if self.sketch is not None else 0
+        return sum(lv.nbytes() for lv in self.levels) + sum(t.numel() * t.element_size() for t in extra) + sketch
 
     def kv_nbytes(self) -> int:
         return 2 * self.keys.numel() * self.keys.element_size()
@@ -117,6 +121,7 @@ def build_index(
     sink_tokens: int = 4,
     window_tokens: int = 256,
     capacity: int | None = None,
+    key_sketch: bool = False,
 ) -> HiraIndex:
     """Cluster a layer's keys into blocks, store K and V in that order, and compute the bound tree.
 
@@ -128,6 +133,7 @@ def build_index(
         key_mask: [B, N] bool, True for real tokens (False: padding). None: all real.
         capacity: slots to allocate (rounded up to whole blocks); at least the ceil(N / BS) blocks the build
             fills. Slots after them take appended tokens.
+        key_sketch: also keep the int4 key sketch (``hira.index.sketch``).
     """
     B, H, N, D = keys.shape
     BS = block_size
@@ -178,6 +184,7 @@ def build_index(
         branching=branching,
         sink_tokens=sink_tokens,
         window_tokens=window_tokens,
+        sketch=build_sketch(k_store, slot_valid, BS) if key_sketch else None,
     )
 
 
@@ -227,6 +234,8 @@ def append(index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask:
     members = index.keys.view(B, H, NB, BS, D).index_select(2, leaves)  # [B, H, n, BS, D]
     member_valid = index.valid.view(B, 1, NB, BS).index_select(2, leaves)
     _write_nodes(index.levels[0], leaves, members_bounds(members, member_valid))
+    if index.sketch is not None:
+        write_blocks(index.sketch, leaves, quantize_blocks(members, member_valid), BS)
     first, last = _leaf_rank_range(index.rank.view(B, H, NB, BS).index_select(2, leaves).flatten(2), BS)
     index.leaf_first.index_copy_(2, leaves, first)
     index.leaf_last.index_copy_(2, leaves, last)

@@ -7,6 +7,10 @@ theirs and the walk keeps exactly the leaves whose own bound reaches τ. On fixe
 evaluated anyway, ``search`` therefore evaluates the leaf level alone: one pass instead of one per level, with the
 same result (the tests check it against ``effective_bounds``).
 
+The ``certified`` mode works on mass rather than on one τ: each row lists leaves (sinks, window and the leaf of
+its best bound first, then by mass bound) until the mass bound of the rest is at most ε of the total, with the
+kept mass known from below by one exact key score, or, with a key sketch, by the sketch's per-key intervals.
+
 Query rows: the G query heads of a KV group and the S query positions are folded into R = G·S rows per KV head,
 and a block is kept for the KV head if any of its rows keeps it (the union over the group).
 
@@ -22,6 +26,7 @@ import torch
 
 from hira.index.bounds import bound_and_estimate, upper_bound
 from hira.index.index import HiraIndex
+from hira.index.sketch import key_score_bounds
 from hira.search.threshold import Threshold
 
 
@@ -33,10 +38,13 @@ class Selection:
         keep: [B, H, NB] bool, the kept leaves.
         kv_num_blocks: [B, H, 1] int32 number of kept leaves.
         kv_indices: [B, H, 1, NB] int32 kept leaf indices first, ascending; the rest is filler.
-        tau: [B, H, R] float32 the threshold each row used (-inf in the budgeted modes).
+        tau: [B, H, R] float32 every real key with scaled score ≥ tau was kept: the given τ (``fixed``), just above
+            the largest bound of a skipped leaf (``certified``), -inf otherwise.
         log_skip_ub: [B, H, R] float32 log of an upper bound on the unnormalised softmax mass Σ exp(s) of the
             keys in skipped leaves (-inf if nothing real was skipped).
-        max_lb: [B, H, R] float32 an exact score of a kept key (a lower bound on the row's max score), or -inf.
+        log_kept_lb: [B, H, R] float32 log of a lower bound on the unnormalised mass of the kept keys: the exact
+            score of one kept key, or the sketch's bound on the kept leaves' mass where that is larger (-inf if
+            neither is known).
         kept_fraction: [B, H] float32 kept leaves over non-empty leaves.
     """
 
@@ -45,13 +53,54 @@ class Selection:
     kv_indices: torch.Tensor
     tau: torch.Tensor
     log_skip_ub: torch.Tensor
-    max_lb: torch.Tensor
+    log_kept_lb: torch.Tensor
     kept_fraction: torch.Tensor
 
     @property
     def skip_bound(self) -> torch.Tensor:
-        """[B, H, R] bound, before attention, on the fraction of softmax mass skipped: U / (U + exp(max_lb))."""
-        return torch.sigmoid(self.log_skip_ub - self.max_lb).nan_to_num(nan=0.0)
+        """[B, H, R] bound, before attention, on the fraction of softmax mass skipped: U / (U + L)."""
+        return torch.sigmoid(self.log_skip_ub - self.log_kept_lb).nan_to_num(nan=0.0)
+
+
+@dataclass
+class LeafBounds:
+    """What the search knows about each leaf for each query row: [B, H, R, NB] float32 each, -inf for empty leaves.
+
+    Attributes:
+        ub: upper bound on the leaf's max scaled score.
+        log_mass_ub: log of an upper bound on the leaf's unnormalised mass Σ exp(s).
+        log_mass_lb: log of a lower bound on that mass (-inf where nothing is known).
+        est: log of an estimate of that mass, the budgeted modes' ranking.
+    """
+
+    ub: torch.Tensor
+    log_mass_ub: torch.Tensor
+    log_mass_lb: torch.Tensor
+    est: torch.Tensor
+
+
+def leaf_bounds(index: HiraIndex, q: torch.Tensor) -> LeafBounds:
+    """Bounds and estimates of every leaf for scaled query rows q [B, H, R, D] float32.
+
+    From the leaf planes (ball, box, spread) alone, or, where the index keeps a key sketch, tightened by the
+    sketch's per-key intervals: the max-score bound by the largest interval top, the mass bound by the sum of
+    exp(interval top), and the mass known from below by the sum of exp(interval bottom); the estimate is then the
+    sketch's own Σ exp(q·k̃).
+    """
+    leaves = index.levels[0]
+    ub, est = bound_and_estimate(q, leaves)  # ub equals effective_bounds(index, q) (module docstring)
+    log_count = leaves.count.clamp_min(1).float().log()[:, :, None, :]
+    log_mass_ub = ub + log_count
+    if index.sketch is None:
+        return LeafBounds(ub, log_mass_ub, torch.full_like(ub, -math.inf), est)
+    key_est, half_width = key_score_bounds(q, index.sketch, index.valid)  # [B, H, R, NB, BS], [B, H, R, NB]
+    sketch_est = key_est.logsumexp(-1)
+    return LeafBounds(
+        ub=torch.minimum(ub, key_est.amax(-1) + half_width),
+        log_mass_ub=torch.minimum(log_mass_ub, sketch_est + half_width),
+        log_mass_lb=sketch_est - half_width,
+        est=sketch_est,
+    )
 
 
 def effective_bounds(index: HiraIndex, q: torch.Tensor) -> torch.Tensor:
@@ -94,6 +143,24 @@ def _topp_keep(est: torch.Tensor, forced: torch.Tensor, p: float) -> torch.Tenso
     return keep_rows.any(dim=2)
 
 
+def _certified_keep(log_mass_ub: torch.Tensor, log_mass_lb: torch.Tensor, first: torch.Tensor, eps: float):
+    """Per row, the shortest list of leaves (``first`` ones, then by mass bound) after which the mass bound of the
+    rest is at most ε of the total: U_rest / (U_rest + L_kept) ≤ ε; union over the rows of a KV head.
+
+    Growing a row's list only lowers U_rest and raises L_kept, so the union keeps every row within ε.
+    log_mass_ub, log_mass_lb: [B, H, R, NB]; first: [B, H, R, NB] bool leaves listed first.
+    """
+    order = log_mass_ub.masked_fill(first, math.inf).argsort(dim=-1, descending=True)
+    u = torch.gather(log_mass_ub, -1, order)
+    kept_lb = torch.gather(log_mass_lb, -1, order).logcumsumexp(-1)  # L of the first t + 1 leaves
+    from_here = u.flip(-1).logcumsumexp(-1).flip(-1)  # U of the leaves from position t on
+    rest_ub = torch.cat([from_here[..., 1:], torch.full_like(u[..., :1], -math.inf)], -1)
+    ok = torch.isneginf(rest_ub) | (rest_ub - kept_lb <= math.log(eps / (1 - eps)))
+    cut = ok.to(torch.int32).argmax(-1, keepdim=True)  # the first t that is enough (the last one always is)
+    listed = torch.arange(u.shape[-1], device=u.device) <= cut
+    return torch.zeros_like(listed).scatter_(-1, order, listed).any(dim=2)
+
+
 def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch.Tensor | None = None) -> Selection:
     """Select the leaves to read for the given query rows.
 
@@ -106,40 +173,40 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
         dense: optional [] bool tensor; where True every non-empty leaf is kept (e.g. below ``min_context``).
     """
     B, H, R, D = q.shape
-    leaves = index.levels[0]
-    live = leaves.count > 0  # [B, H, NB]
+    live = index.levels[0].count > 0  # [B, H, NB]
     forced = index.forced_leaves()
-    ub, est = bound_and_estimate(q, leaves)  # [B, H, R, NB]; ub equals effective_bounds(index, q) (docstring)
-    top_leaf = ub.argmax(-1)  # [B, H, R] the leaf with the largest bound per row
-    m = _exact_leaf_score(index, q, top_leaf)  # [B, H, R]
+    bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
+    top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the leaf with the largest bound per row
+    m = _exact_leaf_score(index, q, top_leaf[..., 0])[..., None]  # [B, H, R, 1] exact score of one of its keys
+    log_mass_lb = bounds.log_mass_lb.scatter(-1, top_leaf, torch.maximum(bounds.log_mass_lb.gather(-1, top_leaf), m))
     mode, value = threshold.mode, threshold.value
-    tau = torch.full_like(m, -math.inf)
+    tau = torch.full_like(m[..., 0], -math.inf)
     if mode == "dense":
         keep = live
-    elif mode in ("fixed", "certified"):
-        if mode == "fixed":
-            tau = torch.full_like(m, value)
-        else:
-            n = index.n_valid.clamp_min(1).to(torch.float32)[:, None, None]  # [B, 1, 1]
-            tau = m - torch.log(n / value)
-        keep = (ub >= tau[..., None]).any(dim=2) & live
+    elif mode == "fixed":
+        tau = torch.full_like(tau, value)
+        keep = (bounds.ub >= tau[..., None]).any(dim=2) & live
+    elif mode == "certified":
+        first = forced[:, :, None, :] | (torch.arange(live.shape[-1], device=q.device) == top_leaf)
+        keep = _certified_keep(bounds.log_mass_ub, log_mass_lb, first, value) & live
     elif mode == "topk":
         # Rank by the group's estimated share of mass: Σ over rows of each row's estimated fraction.
-        k = min(int(value), ub.shape[-1])
-        share = est.softmax(-1).nan_to_num(nan=0.0).sum(dim=2)  # [B, H, NB]
+        k = min(int(value), live.shape[-1])
+        share = bounds.est.softmax(-1).nan_to_num(nan=0.0).sum(dim=2)  # [B, H, NB]
         top = share.masked_fill(~live, -1.0).topk(k, dim=-1).indices
         keep = torch.zeros_like(live).scatter_(-1, top, True) & live
     else:  # topp
-        keep = _topp_keep(est, forced, value) & live
+        keep = _topp_keep(bounds.est, forced, value) & live
     keep = keep | forced
     if dense is not None:
         keep = torch.where(dense, live, keep)
 
-    skipped = live & ~keep
-    log_count = leaves.count.clamp_min(1).float().log()[:, :, None, :]
-    log_skip_ub = (ub + log_count).masked_fill(~skipped[:, :, None, :], -math.inf).logsumexp(-1)  # [B, H, R]
-    top_kept = torch.gather(keep, 2, top_leaf)  # [B, H, R]: is the leaf that gave m read?
-    max_lb = m.masked_fill(~top_kept, -math.inf)
+    skipped = (live & ~keep)[:, :, None, :]  # [B, H, 1, NB]
+    if mode == "certified":  # every real key above the largest bound of a skipped leaf was kept
+        top_skipped = bounds.ub.masked_fill(~skipped, -math.inf).amax(-1)
+        tau = torch.where(top_skipped > -math.inf, torch.nextafter(top_skipped, torch.full_like(tau, math.inf)), tau)
+    log_skip_ub = bounds.log_mass_ub.masked_fill(~skipped, -math.inf).logsumexp(-1)  # [B, H, R]
+    log_kept_lb = log_mass_lb.masked_fill(~keep[:, :, None, :], -math.inf).logsumexp(-1)
 
     kv_num = keep.sum(-1, dtype=torch.int32)  # [B, H]
     # Kept leaves first in ascending order, then the others: a stable compaction by prefix sums (no sort).
@@ -155,6 +222,6 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
         kv_indices=order[:, :, None, :],
         tau=tau,
         log_skip_ub=log_skip_ub,
-        max_lb=max_lb,
+        log_kept_lb=log_kept_lb,
         kept_fraction=kept_fraction,
     )

@@ -6,11 +6,14 @@ Scores are scaled scores, ``s = scale * q·k`` (the logits of the softmax).
 |-------------|------------------------------------------------------------------|-----------------------------------------|
 | ``dense``     | every non-empty block                                            | exact attention                         |
 | ``fixed``     | blocks whose upper bound on s reaches ``value``                 | no key with s ≥ value is missed         |
-| ``certified`` | blocks reaching τ = m − ln(N/ε), m an exact lower bound on max s | skipped softmax mass ≤ ε                |
+| ``certified`` | blocks by mass bound until the rest is provably ≤ ε of the total  | skipped softmax mass ≤ ε                |
 | ``topk``      | the ``value`` blocks of largest estimated mass                  | none (budgeted); a posterior bound      |
 | ``topp``      | blocks until their estimated mass reaches ``value``             | none (budgeted); a posterior bound      |
 
-The budgeted modes estimate a block's mass as log n + q·c + ½‖q‖²·var (``hira.index.bounds.log_mass_estimate``).
+The budgeted modes estimate a block's mass as log n + q·c + ½‖q‖²·var (``hira.index.bounds.log_mass_estimate``), or,
+with a key sketch (``HiraConfig.key_sketch``), as Σ exp(q·k̃) over its sketched keys. ``certified`` bounds a block's
+mass by n·exp(bound on its max score), or with a sketch by Σ exp(top of each key's interval): the sketch is what
+makes it selective on real keys.
 
 Every mode reports a bound on the skipped mass that holds for what it kept (``Selection.skip_bound``).
 """
@@ -61,7 +64,7 @@ class Threshold:
 
     @classmethod
     def certified(cls, eps: float) -> "Threshold":
-        """Keep blocks above τ = m − ln(N/ε): the softmax mass left out is at most ``eps``."""
+        """Keep blocks, largest mass bound first, until the mass left out is provably at most ``eps``."""
         return cls("certified", float(eps))
 
     @classmethod

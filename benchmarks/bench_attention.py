@@ -281,7 +281,7 @@ def hira_search_mask(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale: f
         mask = selection_block_mask(
             sel.kv_num_blocks, sel.kv_indices, sel.keep, index.valid, index.block_size, rows.shape[2]
         )
-        return (mask.kv_num_blocks, mask.kv_indices, sel.keep, sel.tau, sel.log_skip_ub, sel.max_lb,
+        return (mask.kv_num_blocks, mask.kv_indices, sel.keep, sel.tau, sel.log_skip_ub, sel.log_kept_lb,
                 sel.kept_fraction)
 
     return fn

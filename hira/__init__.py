@@ -10,6 +10,7 @@ from hira.cache import HiraCache
 from hira.config import HiraConfig
 from hira.index.index import HiraIndex
 from hira.modeling import HiraAttention, convert, revert
+from hira.parallel import SequenceShard, sharded_decode_attention
 from hira.search.search import Selection
 from hira.search.threshold import Threshold
 
@@ -20,6 +21,7 @@ __all__ = [
     "HiraConfig",
     "HiraIndex",
     "Selection",
+    "SequenceShard",
     "Threshold",
     "attend",
     "build_index",
@@ -27,4 +29,5 @@ __all__ = [
     "decode_attention",
     "revert",
     "search",
+    "sharded_decode_attention",
 ]

@@ -7,6 +7,9 @@ A layer's life:
 - a later prefill chunk (query length > 1): appended, attended exactly, and (``recluster_on_prefill``) the whole
   layer is re-clustered.
 
+With a ``SequenceShard`` (context parallel, ``hira.parallel``) the layers are ``ShardedHiraLayer``: each rank
+indexes its slice of the prompt, the last rank stores the decoded tokens, and every decode step merges all ranks.
+
 The layers are only driven by ``HiraAttention`` (installed by ``hira.convert``); ``update`` raises, so a HiraCache
 given to an unconverted model fails loudly instead of attending over scrambled keys.
 """
@@ -21,6 +24,7 @@ from hira.api import AttentionStats, attend_selection, build_index_unchecked
 from hira.config import HiraConfig
 from hira.flex.attention import fold_gqa
 from hira.index.index import HiraIndex, append
+from hira.parallel import SequenceShard, ShardIndex, build_shard_index, shard_append, sharded_attend, sharded_search
 from hira.search.search import search
 from hira.search.threshold import Threshold
 
@@ -155,6 +159,45 @@ class HiraLayer(CacheLayerMixin):
         return out
 
 
+class ShardedHiraLayer(HiraLayer):
+    """A ``HiraLayer`` holding one rank's slice of the sequence (``hira.parallel``): prefill is exact on every rank
+    and indexes the rank's slice; decode tokens are stored on the last rank; every decode step searches and attends
+    on every rank and merges exactly, so every rank returns the same output.
+
+    Args:
+        layer_idx, capacity, config: as ``HiraLayer`` (capacity counts the tokens of the whole sequence).
+        shard: the ``SequenceShard`` plan of this rank.
+    """
+
+    def __init__(self, layer_idx: int, capacity: int, config: HiraConfig, shard: SequenceShard):
+        super().__init__(layer_idx, capacity, config)
+        self.shard = shard
+        self.local: ShardIndex | None = None
+
+    def reset(self) -> None:
+        super().reset()
+        self.local = None
+
+    def _build(self, k, v, key_mask) -> HiraIndex:
+        self.local = build_shard_index(k, v, key_mask, self.config, self.shard, self.capacity)
+        return self.local.index
+
+    def _continue_prefill(self, q, k, v, scale):
+        raise ValueError(
+            "a sequence-sharded HiraCache takes the whole prompt in one call (query length > 1 after the first "
+            "call is not supported): prefill the prompt at once, then decode one token per call"
+        )
+
+    def _decode(self, q, k, v, scale):
+        local = self.local
+        shard_append(local, k, v)
+        rows = fold_gqa(q.float(), local.index.keys.shape[1]) * scale  # [B, H, G, D]
+        dense = local.total_valid.amax() < self.config.min_context
+        sel = sharded_search(local, rows, self.threshold, dense=dense)
+        out, self.last_stats = sharded_attend(q, local, sel, scale)
+        return out
+
+
 class HiraCache(Cache):
     """The KV cache of a ``hira.convert``-ed model: one ``HiraLayer`` per decoder layer.
 
@@ -165,17 +208,24 @@ class HiraCache(Cache):
         model_config: the transformers config of the model (layer count, ``max_position_embeddings``).
         config: the ``HiraConfig``; its ``max_cache_len`` (or the model's ``max_position_embeddings``) sets the
             capacity of every layer, allocated at the first forward.
+        shard: a ``hira.SequenceShard`` to shard every layer along the sequence over its process group (context
+            parallel: each rank stores its slice; see ``hira.parallel``), or None for a single-process cache.
     """
 
-    def __init__(self, model_config, config: HiraConfig | None = None):
+    def __init__(self, model_config, config: HiraConfig | None = None, shard: SequenceShard | None = None):
+        if shard is not None and not isinstance(shard, SequenceShard):
+            raise ValueError(f"shard must be a hira.SequenceShard or None, got {type(shard).__name__}")
         self.hira_config = config or HiraConfig()
+        self.shard = shard
         text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
         capacity = self.hira_config.max_cache_len
         if capacity == -1:
             capacity = int(text.max_position_embeddings)
-        super().__init__(
-            layers=[HiraLayer(i, capacity, self.hira_config) for i in range(text.num_hidden_layers)]
-        )
+        if shard is None:
+            layers = [HiraLayer(i, capacity, self.hira_config) for i in range(text.num_hidden_layers)]
+        else:
+            layers = [ShardedHiraLayer(i, capacity, self.hira_config, shard) for i in range(text.num_hidden_layers)]
+        super().__init__(layers=layers)
 
     def stats(self) -> list[dict[str, float] | None]:
         """Per layer, what the last decode step read: ``read_fraction`` (real keys in the blocks read over all real

@@ -19,6 +19,7 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
 from hira.cache import HiraCache
 from hira.config import HiraConfig
+from hira.parallel import SequenceShard
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _SUPPORTED_MODULES = (LlamaAttention, MistralAttention, Qwen2Attention)
@@ -33,9 +34,10 @@ class HiraAttention(nn.Module):
     Args:
         original: the module it replaces; its q/k/v/o projections are shared, not copied.
         config: the ``HiraConfig``.
+        shard: the ``SequenceShard`` the model's caches are sharded by (shown by ``print(model)``), or None.
     """
 
-    def __init__(self, original: nn.Module, config: HiraConfig):
+    def __init__(self, original: nn.Module, config: HiraConfig, shard: SequenceShard | None = None):
         super().__init__()
         # Qwen2 sets sliding_window per module (None for full attention); Mistral reads it from the config.
         source = original if hasattr(original, "sliding_window") else original.config
@@ -55,15 +57,19 @@ class HiraAttention(nn.Module):
             original.q_proj, original.k_proj, original.v_proj, original.o_proj
         )
         self.hira_config = config
+        self.hira_shard = shard
         # Kept for revert(), outside the module tree so that its weights are not counted twice.
         object.__setattr__(self, "_hira_original", original)
 
     def extra_repr(self) -> str:
         c = self.hira_config
-        return (
+        text = (
             f"layer_idx={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
             f"block_size={c.block_size}, threshold={c.threshold.mode}({c.threshold.value:g})"
         )
+        if self.hira_shard is not None:
+            text += f", shard={self.hira_shard.rank}/{self.hira_shard.world_size}"
+        return text
 
     def forward(
         self,
@@ -103,7 +109,7 @@ def _base_model(model: nn.Module) -> nn.Module:
     return getattr(model, "model", model)
 
 
-def _inject_cache(config: HiraConfig) -> Callable:
+def _inject_cache(config: HiraConfig, shard: SequenceShard | None) -> Callable:
     """Forward pre-hook on the base model: a HiraCache where the model would otherwise create a DynamicCache."""
 
     def hook(module, args, kwargs):
@@ -111,13 +117,13 @@ def _inject_cache(config: HiraConfig) -> Callable:
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", True)
         if use_cache and kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = HiraCache(module.config, config)
+            kwargs["past_key_values"] = HiraCache(module.config, config, shard)
         return args, kwargs
 
     return hook
 
 
-def _hira_prepare_cache(model: nn.Module, config: HiraConfig) -> Callable:
+def _hira_prepare_cache(model: nn.Module, config: HiraConfig, shard: SequenceShard | None) -> Callable:
     """``generate`` makes a DynamicCache when given none: make it a HiraCache instead (user caches stay)."""
     prepare = type(model)._prepare_cache_for_generation
 
@@ -125,23 +131,30 @@ def _hira_prepare_cache(model: nn.Module, config: HiraConfig) -> Callable:
         result = prepare(self, generation_config, model_kwargs, *args, **kwargs)
         cache = model_kwargs.get("past_key_values")
         if isinstance(cache, DynamicCache) and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = HiraCache(self.config, config)
+            model_kwargs["past_key_values"] = HiraCache(self.config, config, shard)
         return result
 
     return types.MethodType(prepare_cache, model)
 
 
-def convert(model: nn.Module, config: HiraConfig | None = None, filter_fn=None) -> nn.Module:
+def convert(
+    model: nn.Module, config: HiraConfig | None = None, filter_fn=None, *, shard: SequenceShard | None = None
+) -> nn.Module:
     """Swap, in place, every attention module of a Llama, Mistral or Qwen2 model for ``HiraAttention``.
 
     Args:
         model: a transformers ``*ForCausalLM`` or base model of a supported family.
         config: the ``HiraConfig`` (default ``HiraConfig()``).
         filter_fn: optional ``(module, fqn) -> bool``; only modules for which it returns True are converted.
+        shard: a ``hira.SequenceShard`` for context parallelism: the caches the model creates shard the sequence
+            over the shard's process group (run the same model and inputs on every rank; every rank gets the same
+            outputs). None: a single-process cache.
     Returns:
         The same model. Converting again replaces the config; ``hira.revert`` restores the original modules.
     """
     config = config or HiraConfig()
+    if shard is not None and not isinstance(shard, SequenceShard):
+        raise ValueError(f"shard must be a hira.SequenceShard or None, got {type(shard).__name__}")
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(
@@ -157,7 +170,7 @@ def convert(model: nn.Module, config: HiraConfig | None = None, filter_fn=None) 
         original = module._hira_original if isinstance(module, HiraAttention) else module
         if not isinstance(original, _SUPPORTED_MODULES) or (filter_fn is not None and not filter_fn(original, fqn)):
             continue
-        swaps.append((fqn, HiraAttention(original, config)))
+        swaps.append((fqn, HiraAttention(original, config, shard)))
     for fqn, new in swaps:
         parent_name, _, child = fqn.rpartition(".")
         setattr(model.get_submodule(parent_name), child, new)
@@ -165,10 +178,11 @@ def convert(model: nn.Module, config: HiraConfig | None = None, filter_fn=None) 
     old = getattr(base, "_hira_hook", None)
     if old is not None:
         old.remove()
-    base._hira_hook = base.register_forward_pre_hook(_inject_cache(config), with_kwargs=True)
+    base._hira_hook = base.register_forward_pre_hook(_inject_cache(config, shard), with_kwargs=True)
     if hasattr(type(model), "_prepare_cache_for_generation"):
-        model._prepare_cache_for_generation = _hira_prepare_cache(model, config)
+        model._prepare_cache_for_generation = _hira_prepare_cache(model, config, shard)
     model.hira_config = config
+    model.hira_shard = shard
     return model
 
 
@@ -185,4 +199,5 @@ def revert(model: nn.Module) -> nn.Module:
         del base._hira_hook
     model.__dict__.pop("_prepare_cache_for_generation", None)
     model.__dict__.pop("hira_config", None)
+    model.__dict__.pop("hira_shard", None)
     return model

@@ -143,3 +143,29 @@ def test_posterior_certificate_is_tight_with_a_sketch(device):
         ratios[key_sketch] = float((post / mass).max())
     assert ratios[True] <= 10, ratios
     assert ratios[False] > 10, ratios
+
+
+@torch.no_grad()
+def test_converted_model_with_sketch_decodes_within_eps():
+    """A tiny Llama converted with a key sketch and certified(1e-3): each decode step's logits stay close to the
+    unconverted model's (every layer skips ≤ 1e-3 of its mass), and the sketch follows the appended tokens."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=96, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=6,
+                      num_key_value_heads=2, max_position_embeddings=256)
+    model = LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(3, 96, (1, 150), generator=torch.Generator().manual_seed(1))
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    hcfg = hira.HiraConfig(block_size=16, threshold=Threshold.certified(1e-3), min_context=0, window_tokens=16,
+                           key_sketch=True)
+    hira.convert(model, hcfg)
+    cache = hira.HiraCache(model.config, hcfg)
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True, past_key_values=cache)
+    assert torch.equal(out.sequences, ref.sequences)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=2e-2, rtol=0)
+    assert cache.summary()["skip_bound"] <= 1e-3
+    assert all(layer.index.sketch is not None for layer in cache.layers)

@@ -82,22 +82,21 @@ class LeafBounds:
 def leaf_bounds(index: HiraIndex, q: torch.Tensor) -> LeafBounds:
     """Bounds and estimates of every leaf for scaled query rows q [B, H, R, D] float32.
 
-    From the leaf planes (ball, box, spread) alone, or, where the index keeps a key sketch, tightened by the
-    sketch's per-key intervals: the max-score bound by the largest interval top, the mass bound by the sum of
-    exp(interval top), and the mass known from below by the sum of exp(interval bottom); the estimate is then the
-    sketch's own Σ exp(q·k̃).
+    From the leaf planes (ball, box, spread), or, where the index keeps a key sketch, from the sketch's per-key
+    intervals instead (a step then reads the sketch, not the planes): the max-score bound is the largest interval
+    top, the mass bound the sum of exp(interval top), the mass known from below the sum of exp(interval bottom),
+    and the estimate the sketch's own Σ exp(q·k̃).
     """
-    leaves = index.levels[0]
-    ub, est = bound_and_estimate(q, leaves)  # ub equals effective_bounds(index, q) (module docstring)
-    log_count = leaves.count.clamp_min(1).float().log()[:, :, None, :]
-    log_mass_ub = ub + log_count
     if index.sketch is None:
-        return LeafBounds(ub, log_mass_ub, torch.full_like(ub, -math.inf), est)
+        leaves = index.levels[0]
+        ub, est = bound_and_estimate(q, leaves)  # ub equals effective_bounds(index, q) (module docstring)
+        log_count = leaves.count.clamp_min(1).float().log()[:, :, None, :]
+        return LeafBounds(ub, ub + log_count, torch.full_like(ub, -math.inf), est)
     key_est, half_width = key_score_bounds(q, index.sketch, index.valid)  # [B, H, R, NB, BS], [B, H, R, NB]
     sketch_est = key_est.logsumexp(-1)
     return LeafBounds(
-        ub=torch.minimum(ub, key_est.amax(-1) + half_width),
-        log_mass_ub=torch.minimum(log_mass_ub, sketch_est + half_width),
+        ub=key_est.amax(-1) + half_width,
+        log_mass_ub=sketch_est + half_width,
         log_mass_lb=sketch_est - half_width,
         est=sketch_est,
     )
@@ -120,7 +119,7 @@ def effective_bounds(index: HiraIndex, q: torch.Tensor) -> torch.Tensor:
     return eff
 
 
-def _exact_leaf_score(index: HiraIndex, q: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+def exact_leaf_score(index: HiraIndex, q: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
     """Exact max score of each row over one leaf per row, top: [B, H, R] -> [B, H, R] (-inf if no real key)."""
     B, H, R, D = q.shape
     BS = index.block_size
@@ -130,6 +129,14 @@ def _exact_leaf_score(index: HiraIndex, q: torch.Tensor, top: torch.Tensor) -> t
     s = torch.einsum("bhrd,bhrsd->bhrs", q.double(), k.double()).float()  # [B, H, R, BS]
     real = torch.gather(index.valid, 1, slots.view(B, H * R * BS)).view(B, H, R, BS)
     return s.masked_fill(~real, -math.inf).amax(-1)
+
+
+def fold_exact_score(bounds: LeafBounds, top_leaf: torch.Tensor, m: torch.Tensor) -> LeafBounds:
+    """The bounds with the exact score m of a key of leaf ``top_leaf`` ([B, H, R, 1] each) taken into that leaf's
+    mass lower bound: exp(m) is part of its mass."""
+    lb = bounds.log_mass_lb
+    lb = lb.scatter(-1, top_leaf, torch.maximum(lb.gather(-1, top_leaf), m))
+    return LeafBounds(bounds.ub, bounds.log_mass_ub, lb, bounds.est)
 
 
 def _topp_keep(est: torch.Tensor, forced: torch.Tensor, p: float) -> torch.Tensor:
@@ -161,34 +168,32 @@ def _certified_keep(log_mass_ub: torch.Tensor, log_mass_lb: torch.Tensor, first:
     return torch.zeros_like(listed).scatter_(-1, order, listed).any(dim=2)
 
 
-def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch.Tensor | None = None) -> Selection:
-    """Select the leaves to read for the given query rows.
-
-    Tensor program (no validation, no host sync): compile-able with ``fullgraph=True``.
+def select_leaves(
+    bounds: LeafBounds,
+    top_leaf: torch.Tensor,
+    forced: torch.Tensor,
+    live: torch.Tensor,
+    threshold: Threshold,
+    dense: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The threshold's choice of leaves from their bounds: (keep [B, H, NB] bool, tau [B, H, R]).
 
     Args:
-        index: the layer's index.
-        q: [B, H, R, D] float32 query rows, already multiplied by the softmax scale.
-        threshold: the mode.
-        dense: optional [] bool tensor; where True every non-empty leaf is kept (e.g. below ``min_context``).
+        bounds: [B, H, R, NB] per leaf, the exact score of ``top_leaf`` folded in (``fold_exact_score``).
+        top_leaf: [B, H, R, 1] each row's leaf of largest bound (listed first by ``certified``).
+        forced: [B, H, NB] leaves always kept (sinks, window); live: [B, H, NB] non-empty leaves.
+        threshold: the mode; dense: optional [] bool, where True every live leaf is kept.
     """
-    B, H, R, D = q.shape
-    live = index.levels[0].count > 0  # [B, H, NB]
-    forced = index.forced_leaves()
-    bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
-    top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the leaf with the largest bound per row
-    m = _exact_leaf_score(index, q, top_leaf[..., 0])[..., None]  # [B, H, R, 1] exact score of one of its keys
-    log_mass_lb = bounds.log_mass_lb.scatter(-1, top_leaf, torch.maximum(bounds.log_mass_lb.gather(-1, top_leaf), m))
     mode, value = threshold.mode, threshold.value
-    tau = torch.full_like(m[..., 0], -math.inf)
+    tau = torch.full_like(bounds.ub[..., 0], -math.inf)
     if mode == "dense":
         keep = live
     elif mode == "fixed":
         tau = torch.full_like(tau, value)
         keep = (bounds.ub >= tau[..., None]).any(dim=2) & live
     elif mode == "certified":
-        first = forced[:, :, None, :] | (torch.arange(live.shape[-1], device=q.device) == top_leaf)
-        keep = _certified_keep(bounds.log_mass_ub, log_mass_lb, first, value) & live
+        first = forced[:, :, None, :] | (torch.arange(live.shape[-1], device=live.device) == top_leaf)
+        keep = _certified_keep(bounds.log_mass_ub, bounds.log_mass_lb, first, value) & live
     elif mode == "topk":
         # Rank by the group's estimated share of mass: Σ over rows of each row's estimated fraction.
         k = min(int(value), live.shape[-1])
@@ -200,22 +205,25 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
     keep = keep | forced
     if dense is not None:
         keep = torch.where(dense, live, keep)
-
-    skipped = (live & ~keep)[:, :, None, :]  # [B, H, 1, NB]
     if mode == "certified":  # every real key above the largest bound of a skipped leaf was kept
-        top_skipped = bounds.ub.masked_fill(~skipped, -math.inf).amax(-1)
+        top_skipped = bounds.ub.masked_fill(~(live & ~keep)[:, :, None, :], -math.inf).amax(-1)
         tau = torch.where(top_skipped > -math.inf, torch.nextafter(top_skipped, torch.full_like(tau, math.inf)), tau)
-    log_skip_ub = bounds.log_mass_ub.masked_fill(~skipped, -math.inf).logsumexp(-1)  # [B, H, R]
-    log_kept_lb = log_mass_lb.masked_fill(~keep[:, :, None, :], -math.inf).logsumexp(-1)
+    return keep, tau
 
+
+def selection_from_keep(keep: torch.Tensor, live: torch.Tensor, bounds: LeafBounds, tau: torch.Tensor) -> Selection:
+    """The ``Selection`` of a keep table [B, H, NB]: block lists, and the skipped and kept mass bounds from
+    ``bounds`` (the exact score folded in)."""
+    skipped = (live & ~keep)[:, :, None, :]  # [B, H, 1, NB]
+    log_skip_ub = bounds.log_mass_ub.masked_fill(~skipped, -math.inf).logsumexp(-1)  # [B, H, R]
+    log_kept_lb = bounds.log_mass_lb.masked_fill(~keep[:, :, None, :], -math.inf).logsumexp(-1)
     kv_num = keep.sum(-1, dtype=torch.int32)  # [B, H]
     # Kept leaves first in ascending order, then the others: a stable compaction by prefix sums (no sort).
     kept_pos = keep.cumsum(-1) - 1
     rest_pos = kv_num[..., None] + (~keep).cumsum(-1) - 1
     slot = torch.where(keep, kept_pos, rest_pos)  # [B, H, NB] destination of each leaf
-    leaf_ids = torch.arange(keep.shape[-1], device=q.device, dtype=torch.int32).expand_as(slot)
+    leaf_ids = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32).expand_as(slot)
     order = torch.empty_like(leaf_ids).scatter_(-1, slot, leaf_ids)
-    kept_fraction = kv_num.float() / live.sum(-1).clamp_min(1).float()
     return Selection(
         keep=keep,
         kv_num_blocks=kv_num[..., None],
@@ -223,5 +231,25 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
         tau=tau,
         log_skip_ub=log_skip_ub,
         log_kept_lb=log_kept_lb,
-        kept_fraction=kept_fraction,
+        kept_fraction=kv_num.float() / live.sum(-1).clamp_min(1).float(),
     )
+
+
+def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch.Tensor | None = None) -> Selection:
+    """Select the leaves to read for the given query rows.
+
+    Tensor program (no validation, no host sync): compile-able with ``fullgraph=True``.
+
+    Args:
+        index: the layer's index.
+        q: [B, H, R, D] float32 query rows, already multiplied by the softmax scale.
+        threshold: the mode.
+        dense: optional [] bool tensor; where True every non-empty leaf is kept (e.g. below ``min_context``).
+    """
+    live = index.levels[0].count > 0  # [B, H, NB]
+    bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
+    top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the leaf with the largest bound per row
+    m = exact_leaf_score(index, q, top_leaf[..., 0])[..., None]  # [B, H, R, 1] exact score of one of its keys
+    bounds = fold_exact_score(bounds, top_leaf, m)
+    keep, tau = select_leaves(bounds, top_leaf, index.forced_leaves(), live, threshold, dense)
+    return selection_from_keep(keep, live, bounds, tau)

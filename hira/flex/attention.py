@@ -13,15 +13,14 @@ import math
 import torch
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-_compiled_flex = None
+# Created at import (compiling happens at the first call): a global first assigned inside a compiled decode step
+# would fail dynamo's guard on it at the next step and cost one recompile.
+_COMPILED_FLEX = torch.compile(flex_attention, fullgraph=True, dynamic=False)
 
 
 def compiled_flex_attention():
-    """The process-wide ``torch.compile(flex_attention, fullgraph=True, dynamic=False)``, created on first use."""
-    global _compiled_flex
-    if _compiled_flex is None:
-        _compiled_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
-    return _compiled_flex
+    """The process-wide ``torch.compile(flex_attention, fullgraph=True, dynamic=False)``."""
+    return _COMPILED_FLEX
 
 
 def fold_gqa(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:

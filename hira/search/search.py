@@ -198,7 +198,7 @@ def select_leaves(
         # Rank by the group's estimated share of mass: Σ over rows of each row's estimated fraction.
         k = min(int(value), live.shape[-1])
         share = bounds.est.softmax(-1).nan_to_num(nan=0.0).sum(dim=2)  # [B, H, NB]
-        top = share.masked_fill(~live, -1.0).topk(k, dim=-1).indices
+        top = share.masked_fill(~live, -1.0).topk(k, dim=-1, sorted=False).indices
         keep = torch.zeros_like(live).scatter_(-1, top, True) & live
     else:  # topp
         keep = _topp_keep(bounds.est, forced, value) & live

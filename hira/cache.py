@@ -104,7 +104,10 @@ class HiraLayer(CacheLayerMixin):
         return out
 
     def _build(self, k, v, key_mask) -> HiraIndex:
-        return build_index_unchecked(k, v, key_mask, self.config, self.capacity)
+        # One spare block: the prompt fills its last block before decode tokens are appended, so a prompt of N
+        # tokens leaves capacity − N tokens to decode whatever N is, in storage of one size (one compiled shape).
+        bs = self.config.block_size
+        return build_index_unchecked(k, v, key_mask, self.config, -(-self.capacity // bs) * bs + bs)
 
     def _prefill(self, q, k, v, attention_mask, scale):
         B, _, N, _ = k.shape

@@ -183,3 +183,13 @@ def test_errors_are_clear():
         converted(_ids(length=20), past_key_values=DynamicCache(config=converted.config))
     with torch.no_grad(), pytest.raises(ValueError, match="capacity"):
         converted(_ids(length=300), past_key_values=hira.HiraCache(converted.config, DENSE))
+
+
+@torch.no_grad()
+def test_prompt_near_the_capacity_still_decodes():
+    """A prompt whose last block is partly filled leaves capacity − N tokens to decode (one spare block)."""
+    model = _tiny("llama")
+    config = hira.HiraConfig(block_size=16, min_context=0, window_tokens=16, max_cache_len=208)
+    hira.convert(model, config)
+    out = _greedy(model, _ids(length=200), steps=8)  # 200 = 12.5 blocks; 8 more tokens fill the capacity exactly
+    assert out.shape[1] == 208

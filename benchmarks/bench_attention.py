@@ -126,8 +126,11 @@ def structured_row(N: int, seed: int, device) -> tuple[torch.Tensor, torch.Tenso
     return keys, values, q.reshape(1, HQ, 1, D).to(DTYPE)
 
 
-def build_batch(N: int, B: int, block_size: int, device, seed: int, clustering: str = "pca") -> tuple[HiraIndex, torch.Tensor, float]:
+def build_batch(N: int, B: int, block_size: int, device, seed: int, clustering: str = "pca",
+                key_sketch: bool = False) -> tuple[HiraIndex, torch.Tensor, float]:
     """Build the index one batch row at a time (peak memory of one row's clustering), stacked into one index."""
+    if key_sketch and B > 1:
+        raise ValueError("--key-sketch runs batch 1 combos only")
     full = None
     qs = []
     t_build = 0.0
@@ -137,7 +140,7 @@ def build_batch(N: int, B: int, block_size: int, device, seed: int, clustering: 
         _sync(device)
         t0 = time.perf_counter()
         idx = build_index(keys, values, None, block_size=block_size, clustering=clustering, sink_tokens=SINKS,
-                          window_tokens=WINDOW)
+                          window_tokens=WINDOW, key_sketch=key_sketch)
         _sync(device)
         t_build += time.perf_counter() - t0
         del keys, values
@@ -360,7 +363,7 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
             results.append(dict(bs=bs, N=N, B=B, skipped="memory"))
             return
     log(f"--- {tag}: building index ({kv_bytes / 2**30:.2f} GiB of K+V)")
-    index, q, build_ms = build_batch(N, B, bs, device, args.seed, args.clustering)
+    index, q, build_ms = build_batch(N, B, bs, device, args.seed, args.clustering, args.key_sketch)
     C = index.capacity
     NB = index.num_leaves
     scale = D**-0.5
@@ -841,6 +844,7 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="markdown file for the full table (a .json beside it)")
     ap.add_argument("--clustering", default="pca", choices=("pca", "kmeans", "none"))
+    ap.add_argument("--key-sketch", action="store_true", help="indexes keep the int4 key sketch (batch 1 combos only)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
 
@@ -887,7 +891,7 @@ def main(argv=None):
         "triton": _triton_version(),
         "python": platform.python_version(),
         "shapes": f"Hq={HQ}, Hkv={HKV}, D={D}, bf16, query length 1, sinks={SINKS}, window={WINDOW}, "
-                  f"clustering={args.clustering}, branching=8",
+                  f"clustering={args.clustering}, key_sketch={args.key_sketch}, branching=8",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
         "compiled variants for": (", ".join(args.compiled) or "none")
         + ("" if args.compiled_combos < 0 else f" (first {args.compiled_combos} combo(s) only)"),

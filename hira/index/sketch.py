@@ -126,10 +126,18 @@ def key_score_bounds(q: torch.Tensor, sketch: KeySketch, valid: torch.Tensor) ->
     NB = sketch.lo.shape[2]
     BS = sketch.codes.shape[2] // NB
     lo, step = sketch.lo.float(), sketch.step.float()  # [B, H, NB, D]
-    c = _unpack(sketch.codes, D).view(B, H, NB, BS, D)
     base = q @ lo.transpose(-1, -2)  # [B, H, R, NB]
     w = q[:, :, :, None, :] * step[:, :, None, :, :]  # [B, H, R, NB, D]
-    est = base[..., None] + torch.einsum("bhrnd,bhnsd->bhrns", w, c)  # [B, H, R, NB, BS]
+    if torch.compiler.is_compiling():
+        # As a broadcast product summed over channels, inductor fuses the unpacking into one reduction that reads
+        # the codes as bytes; eagerly that product would be materialised (R·C·D floats), so eager code unpacks once.
+        Dp = sketch.codes.shape[-1]
+        w = torch.nn.functional.pad(w, (0, 2 * Dp - D)).view(B, H, R, NB, 1, Dp, 2)
+        codes = sketch.codes.view(B, H, 1, NB, BS, Dp)
+        dot = (w[..., 0] * (codes & 15) + w[..., 1] * (codes >> 4)).sum(-1)  # [B, H, R, NB, BS]
+    else:
+        dot = torch.einsum("bhrnd,bhnsd->bhrns", w, _unpack(sketch.codes, D).view(B, H, NB, BS, D))
+    est = base[..., None] + dot
     err = _HALF_STEP * (q.abs() @ step.transpose(-1, -2))  # [B, H, R, NB]
     magnitude = lo.norm(dim=-1) + LEVELS * step.norm(dim=-1)  # [B, H, NB] bounds ‖k̃‖ and each term's size
     qn = q.norm(dim=-1, keepdim=True)  # [B, H, R, 1]

@@ -55,9 +55,9 @@ def test_sketch_intervals_hold_before_and_after_appends(case, G, S, q_kind, seed
     assert_intervals_hold(index, keys, real, q, scale)
 
 
-def test_sketch_is_far_tighter_than_ball_and_box(device):
+def test_sketch_is_far_tighter_than_the_ball(device):
     """Gaussian keys in 64 dimensions, 32-key blocks: the sketch's interval half-width is a small fraction of the
-    gap between the ball/box bound and the block's true max score (measured ~1/10; the test asks for < 1/4)."""
+    gap between the ball bound and the block's true max score (measured ~1/10; the test asks for < 1/4)."""
     gen = torch.Generator().manual_seed(0)
     B, H, N, D = 1, 2, 2048, 64
     k = torch.randn(B, H, N, D, generator=gen).to(device)

@@ -1,9 +1,12 @@
-"""Bounds on q·k over the members of an index node: a ball (centre, radius) and a box (per-dimension min, max).
+"""Bounds on q·k over the members of an index node: a ball (centre, radius), and the members' spread.
 
-For a node with members k: max q·k ≤ q·c + ‖q‖·r (ball) and max q·k ≤ Σ_i max(q_i·lo_i, q_i·hi_i) (box). The
-minimum of both holds too. Both are computed in float32 and padded by a margin that covers float32 rounding of
-the dot products (and TF32 rounding of their inputs where CUDA matmuls allow it), so that a bound is never below
-the true maximum (tests check it against float64 scores).
+For a node with members k: max q·k ≤ q·c + ‖q‖·r. Computed in float32 and padded by a margin that covers float32
+rounding of the dot products (and TF32 rounding of their inputs where CUDA matmuls allow it), so that a bound is
+never below the true maximum (tests check it against float64 scores).
+
+A per-dimension box [lo, hi] was measured beside the ball: on real keys it tightens the bound by 1–2 of the 12–18
+score units both overshoot (benchmarks/bounds_results_8k.md), so neither prunes, while the box tripled the bytes a
+search reads per leaf. Tight bounds come from the key sketch (``hira.index.sketch``) instead.
 
 Shapes: B batch, H KV heads, M nodes of a level, S members per node, R query rows, D head dim.
 """
@@ -44,45 +47,30 @@ class NodeBounds:
     """Bounds of every node of one index level. All float32 except ``count``.
 
     Attributes:
-        planes: [B, H, M, 3, D] the centre (mean of the members), hi and lo (per-dimension max and min over
-            members), packed so that one matrix product against stacked query rows evaluates both bounds and the
-            mass estimate (one read of the leaf data per step). ``center``, ``hi``, ``lo`` are views of it.
+        center: [B, H, M, D] mean of the members: one matrix product against the query rows gives the bound and
+            the mass estimate (one read of the leaf data per step).
         radius: [B, H, M] max ‖k − center‖ over members.
         count: [B, H, M] int32 number of real members (0: empty node, never selected).
         var: [B, H, M] mean over members and dimensions of (k − center)², the spread that the budgeted modes'
             mass estimate uses.
-        scale: [B, H, M] ‖center‖ + radius + ‖max(|lo|, |hi|)‖, the magnitude that sizes the rounding margin.
+        scale: [B, H, M] ‖center‖ + radius (≥ every member's norm), the magnitude that sizes the rounding margin.
     """
 
-    planes: torch.Tensor
+    center: torch.Tensor
     radius: torch.Tensor
     count: torch.Tensor
     var: torch.Tensor
     scale: torch.Tensor
 
-    @property
-    def center(self) -> torch.Tensor:
-        return self.planes[..., 0, :]
-
-    @property
-    def hi(self) -> torch.Tensor:
-        return self.planes[..., 1, :]
-
-    @property
-    def lo(self) -> torch.Tensor:
-        return self.planes[..., 2, :]
-
     def tensors(self) -> tuple[torch.Tensor, ...]:
-        return (self.planes, self.radius, self.count, self.var, self.scale)
+        return (self.center, self.radius, self.count, self.var, self.scale)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
-def _finish(center, radius, lo, hi, count, var) -> NodeBounds:
-    mag = torch.maximum(lo.abs(), hi.abs()).norm(dim=-1)  # [B, H, M]
-    scale = center.norm(dim=-1) + radius + mag
-    return NodeBounds(torch.stack([center, hi, lo], dim=-2), radius, count, var, scale)
+def _finish(center, radius, count, var) -> NodeBounds:
+    return NodeBounds(center, radius, count, var, center.norm(dim=-1) + radius)
 
 
 def members_bounds(keys: torch.Tensor, valid: torch.Tensor) -> NodeBounds:
@@ -100,19 +88,13 @@ def members_bounds(keys: torch.Tensor, valid: torch.Tensor) -> NodeBounds:
     dist = (x - center[..., None, :]).norm(dim=-1).masked_fill(~valid, 0.0)  # [B, H, M, S]
     radius = dist.amax(-1)
     var = (dist * dist).sum(-1) / (count.clamp_min(1).to(x.dtype) * x.shape[-1])  # [B, H, M]
-    lo = x.masked_fill(~valid[..., None], math.inf).amin(-2)  # [B, H, M, D]
-    hi = x.masked_fill(~valid[..., None], -math.inf).amax(-2)
-    empty = (count == 0)[..., None]
-    lo = lo.masked_fill(empty, 0.0)
-    hi = hi.masked_fill(empty, 0.0)
-    return _finish(center, radius, lo, hi, count, var)
+    return _finish(center, radius, count, var)
 
 
 def parent_bounds(child: NodeBounds, branching: int) -> NodeBounds:
     """Bounds of the next level up, each parent covering ``branching`` consecutive children.
 
-    The box is exact (the union of the children's boxes); the ball is centred on the members' mean with radius
-    max_j(‖c_j − c‖ + r_j), which holds for every member.
+    The ball is centred on the members' mean with radius max_j(‖c_j − c‖ + r_j), which holds for every member.
     """
     B, H, M, D = child.center.shape
     P = -(-M // branching)
@@ -134,22 +116,16 @@ def parent_bounds(child: NodeBounds, branching: int) -> NodeBounds:
     # Pooled spread: children's own spread plus their centres' offsets from the parent's centre.
     var = (w * (grouped(child.var, 0.0) + offset * offset / D)).sum(-1) / total.clamp_min(1).to(torch.float32)
     radius = reach.masked_fill(~live, 0.0).amax(-1)
-    lo = grouped(child.lo, 0.0).masked_fill(~live[..., None], math.inf).amin(-2)
-    hi = grouped(child.hi, 0.0).masked_fill(~live[..., None], -math.inf).amax(-2)
-    empty = (total == 0)[..., None]
-    return _finish(center, radius, lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0), total, var)
+    return _finish(center, radius, total, var)
 
 
 def bound_and_estimate(q: torch.Tensor, nodes: NodeBounds) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper bound on q·k over each node's members, and an estimate of log Σ_members exp(q·k).
 
-    The bound is min(ball, box) plus a rounding margin. The estimate, log n + q·c + ½‖q‖²·var (log-MGF of an
-    isotropic Gaussian), is not a bound: the budgeted modes rank and sum with it. On real keys (SmolLM2, pca order)
+    The bound is the ball's, q·c + ‖q‖·r, plus a rounding margin. The estimate, log n + q·c + ½‖q‖²·var (log-MGF of
+    an isotropic Gaussian), is not a bound: the budgeted modes rank and sum with it. On real keys (SmolLM2, pca order)
     it picks blocks within ~1.1× of the oracle's output error at the same budget, where ranking by the upper bound
-    was 1.5–3× (benchmarks/bounds_results.md).
-
-    One batched product of stacked rows [q, 0, 0] and [0, q⁺, q⁻] against the packed [centre | hi | lo] planes
-    gives q·c and the box bound together.
+    was 1.5–3× (benchmarks/bounds_results.md). Both come from one product of the rows with the centres.
 
     Args:
         q: [B, H, R, D] float32 query rows (already scaled, if scores are scaled).
@@ -157,17 +133,13 @@ def bound_and_estimate(q: torch.Tensor, nodes: NodeBounds) -> tuple[torch.Tensor
     Returns:
         (bound, estimate), each [B, H, R, M] float32, -inf for empty nodes.
     """
-    B, H, R, D = q.shape
-    zero = torch.zeros_like(q)
-    rows = torch.cat([torch.cat([q, zero, zero], -1), torch.cat([zero, q.clamp_min(0), q.clamp_max(0)], -1)], 2)
-    prod = rows @ nodes.planes.flatten(-2).transpose(-1, -2)  # [B, H, 2R, M]
-    qc, box = prod[:, :, :R], prod[:, :, R:]
+    D = q.shape[-1]
+    qc = q @ nodes.center.transpose(-1, -2)  # [B, H, R, M]
     q2 = (q * q).sum(-1, keepdim=True)  # [B, H, R, 1]
     qn = q2.sqrt()
-    ball = qc + qn * nodes.radius[:, :, None, :]
     margin = rounding_margin(qn, nodes.scale[:, :, None, :], D, q.is_cuda)
     empty = (nodes.count == 0)[:, :, None, :]
-    ub = (torch.minimum(ball, box) + margin).masked_fill(empty, -math.inf)
+    ub = (qc + qn * nodes.radius[:, :, None, :] + margin).masked_fill(empty, -math.inf)
     log_n = nodes.count.clamp_min(1).float().log()[:, :, None, :]
     est = (log_n + qc + 0.5 * q2 * nodes.var[:, :, None, :]).masked_fill(empty, -math.inf)
     return ub, est

@@ -17,8 +17,10 @@ Reported (medians over layers × KV heads × steps unless said otherwise):
 - the posterior certificate (after attention, from the exact log-sum-exp of what was read) over the true skipped
   mass, where that mass is ≥ 1e-3, for top-k 10% and top-p 0.9: median, p90, share within 10×; violations (< 1).
 
+    # capture on a machine with the model (CPU, ~2 min), then measure anywhere (15 s on an H100):
     python3 benchmarks/bench_certified.py --context 8192 --steps 16 --text ../shared/data/austen/emma.txt \\
-        --out benchmarks/certified_results.md          # ~10 min on 2 CPU cores; seconds on a GPU after capture
+        --layers 0,6,12,18,24 --save-capture cap8k.pt
+    python3 benchmarks/bench_certified.py --capture cap8k.pt --out benchmarks/certified_results.md
 """
 
 from __future__ import annotations
@@ -188,7 +190,9 @@ def main():
     ap.add_argument("--layers", default="all", help="all, or a comma list of layer indices")
     ap.add_argument("--block-sizes", default="32,64")
     ap.add_argument("--clusterings", default="none,pca")
-    ap.add_argument("--capture", default=None, help="a capture saved by capture.py (else SmolLM2 is run)")
+    ap.add_argument("--capture", default=None, help="a capture saved by capture.py or --save-capture (else SmolLM2 is run)")
+    ap.add_argument("--save-capture", default=None,
+                    help="save the capture of --layers (float16: an 8K capture of 5 layers is 32 MB) and exit")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -204,6 +208,11 @@ def main():
     L = Qa.shape[0]
     layers = list(range(L)) if args.layers == "all" else [int(x) for x in args.layers.split(",")]
     names = cap.get("layers", list(range(L)))  # model layer of each captured one (a capture may hold a subset)
+    if args.save_capture:
+        sub = {k: cap[k][layers].half() for k in ("Q", "K", "V")}
+        torch.save({**sub, "scaling": scale, "q_pos": cap["q_pos"], "layers": [names[i] for i in layers]},
+                   args.save_capture)
+        return
     configs = {}
     for bs in (int(x) for x in args.block_sizes.split(",")):
         for cl in args.clusterings.split(","):

@@ -617,32 +617,35 @@ def plot(out: Path) -> Path | None:
     ppl = json.loads(ppl_path.read_text())["overall"] if ppl_path.is_file() else []
     fig, axes = plt.subplots(1, 2 if ppl else 1, figsize=(13 if ppl else 7, 5), squeeze=False)
     ax = axes[0, 0]
-    colors = {"topk": "C0", "topp": "C1", "certified": "C2", "fixed": "C4", "dense": "k"}
-    styles = ["-", "--", ":", "-."]
-    for ci, ctx in enumerate(sorted({r["context"] for r in fid})):
-        for mode, color in colors.items():
-            pts = sorted((r["read_fraction"], r["err_median"]) for r in fid
-                         if r["context"] == ctx and r["mode"] == mode)
-            if not pts:
-                continue
-            x, y = zip(*pts)
-            style = dict(marker="*", markersize=12, linestyle="none") if mode == "dense" else dict(
-                marker="o", linestyle=styles[ci % len(styles)])
-            ax.plot(x, y, color=color, label=f"{mode} @ {ctx}", **style)
+    colors = {"topk": "C0", "topp": "C1", "certified": "C2", "topk +sketch": "C9", "topp +sketch": "C3",
+              "certified +sketch": "C5", "fixed": "C4", "dense": "k"}
+
+    def curve(r) -> str:
+        return r["mode"] + (" +sketch" if r["label"].endswith("+sketch") else "")
+
+    ctx = max(r["context"] for r in fid)  # the longest context: one curve per mode
+    for name, color in colors.items():
+        pts = sorted((r["read_fraction"], r["err_median"]) for r in fid if r["context"] == ctx and curve(r) == name)
+        if not pts:
+            continue
+        x, y = zip(*pts)
+        style = dict(marker="*", markersize=12, linestyle="none") if name == "dense" else dict(
+            marker="s" if "sketch" in name else "o", linestyle="--" if "sketch" in name else "-")
+        ax.plot(x, y, color=color, label=name, **style)
     ax.set_yscale("log")
     ax.set_xlabel("fraction of KV read")
     ax.set_ylabel("relative output error ‖o − ô‖/‖o‖ (median)")
-    ax.set_title("Attention fidelity, SmolLM2-135M (real KV caches)")
+    ax.set_title(f"Attention fidelity, SmolLM2-135M, {ctx} tokens (real KV caches)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     if ppl:
         ax = axes[0, 1]
-        for mode, color in colors.items():
-            pts = sorted((r["read_fraction"], 100 * r["delta"], r["label"]) for r in ppl if r["mode"] == mode)
+        for name, color in colors.items():
+            pts = sorted((r["read_fraction"], 100 * r["delta"], r["label"]) for r in ppl if curve(r) == name)
             if not pts:
                 continue
             x, y, names = zip(*pts)
-            ax.plot(x, y, color=color, marker="o", label=mode)
+            ax.plot(x, y, color=color, marker="o", label=name)
             for xi, yi, name in pts:
                 ax.annotate(name, (xi, yi), fontsize=7, textcoords="offset points", xytext=(3, 3))
         ax.axhline(0, color="gray", lw=0.8)

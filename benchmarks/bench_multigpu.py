@@ -46,7 +46,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_attention import capture  # noqa: E402
 from hira.api import attend_selection, build_index_unchecked  # noqa: E402
 from hira.config import HiraConfig  # noqa: E402
 from hira.flex.attention import fold_gqa  # noqa: E402
@@ -93,21 +95,6 @@ def timed_ms(fn, device: torch.device, reps: int, warm: int = 3) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
-def graph_of(fn, warm: int = 3):
-    """fn captured in a CUDA graph after a warm-up on a side stream; returns the replay function."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warm):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    torch.cuda.synchronize()
-    return g.replay
-
-
 def slowest(ms: float | None, device) -> float | None:
     """Max over the ranks (None anywhere: None)."""
     t = torch.tensor([math.inf if ms is None else ms], dtype=torch.float64, device=device)
@@ -152,7 +139,7 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
         row["sharded_graph"] = None
         if use_graph:
             try:
-                replay = graph_of(sharded)
+                replay = capture(sharded)[0].replay
                 ms = timed_ms(replay, device, args.reps)
             except RuntimeError as e:  # a backend that cannot capture its collectives
                 log(f"  graph capture of the sharded step failed: {str(e)[:160]}")
@@ -170,8 +157,8 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
 
             row["single"] = timed_ms(one_gpu, device, args.reps)
             row["sdpa"] = timed_ms(sdpa, device, args.reps)
-            row["single_graph"] = timed_ms(graph_of(one_gpu), device, args.reps) if device.type == "cuda" else None
-            row["sdpa_graph"] = timed_ms(graph_of(sdpa), device, args.reps) if device.type == "cuda" else None
+            row["single_graph"] = timed_ms(capture(one_gpu)[0].replay, device, args.reps) if device.type == "cuda" else None
+            row["sdpa_graph"] = timed_ms(capture(sdpa)[0].replay, device, args.reps) if device.type == "cuda" else None
             row["diff"] = (out_sharded.float() - one_gpu().float()).abs().max().item()
             rows_q = fold_gqa(q.float(), HKV) * scale
             row["kept"] = float(search(single, rows_q, thr).kept_fraction.mean())

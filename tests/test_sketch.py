@@ -1,9 +1,11 @@
 """The int4 key sketch: every per-key interval holds the float64 score, before and after appends; it is far tighter
-than the ball and box bounds; it makes the certified mode selective while the skipped mass stays ≤ ε."""
+than the ball bound; it makes the certified mode selective while the skipped mass stays ≤ ε; the CUDA kernel equals
+the tensor program."""
 
 import dataclasses
 import math
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -171,19 +173,41 @@ def test_converted_model_with_sketch_decodes_within_eps():
     assert all(layer.index.sketch is not None for layer in cache.layers)
 
 
-def test_compiled_search_with_sketch_equals_eager():
-    """Under torch.compile the sketch's dot products take a fused form (hira.index.sketch.key_score_bounds): the
-    selection and the bounds equal the eager ones (odd head dim: the padded channel is exercised)."""
+def test_compiled_search_with_sketch_equals_eager(device):
+    """Under torch.compile the sketch's dot products take a fused form (hira.index.sketch.key_scores; on CUDA the
+    Triton kernel inside the graph): the selection and the bounds equal the eager ones (odd head dim: the padded
+    channel is exercised)."""
     from hira.search.search import search as search_rows
 
     gen = torch.Generator().manual_seed(3)
-    B, H, N, D, G = 1, 2, 700, 33, 2
-    k = torch.randn(B, H, N, D, generator=gen)
+    B, H, N, G = 1, 2, 700, 2
+    D = 32 if device.type == "cuda" else 33  # CUDA: the kernel (D % 8 == 0); CPU: an odd dim's padded channel
+    k = torch.randn(B, H, N, D, generator=gen).to(device)
     index = hira.build_index(k, k, hira.HiraConfig(block_size=32, key_sketch=True, window_tokens=32))
-    rows = torch.randn(B, H, G, D, generator=gen) * D**-0.5
+    rows = (torch.randn(B, H, G, D, generator=gen) * D**-0.5).to(device)
     compiled = torch.compile(search_rows, fullgraph=True, dynamic=False)
     for threshold in (Threshold.certified(1e-2), Threshold.topk(4)):
         want, got = search_rows(index, rows, threshold), compiled(index, rows, threshold)
         assert torch.equal(got.keep, want.keep)
         torch.testing.assert_close(got.log_skip_ub, want.log_skip_ub, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got.log_kept_lb, want.log_kept_lb, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the sketch kernel runs on CUDA")
+@settings(max_examples=30)
+@given(case=index_cases(), G=st.sampled_from([1, 3, 4]), S=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
+def test_sketch_kernel_equals_the_tensor_program(case, G, S, seed):
+    """The Triton kernel's per-block max and log-sum-exp of q·k̃ equal the tensor program's (any block size, head
+    dims that are multiples of 8, padding, empty blocks)."""
+    from hira.index.sketch import _KERNEL, key_scores
+
+    case = dataclasses.replace(case, key_sketch=True, D=8 * max(1, case.D // 8))
+    keys, values, key_mask = case.tensors("cuda")
+    index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=case.N + case.slack)
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(case.B, case.H, G * S, case.D, generator=gen).cuda()
+    top, lse = _KERNEL(rows, index.sketch.codes, index.sketch.lo, index.sketch.step, index.valid)
+    est = key_scores(rows, index.sketch, index.valid)
+    scale = est.abs().masked_fill(torch.isinf(est), 0).amax().item() + 1
+    torch.testing.assert_close(top, est.amax(-1), rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(lse, est.logsumexp(-1), rtol=0, atol=1e-5 * scale)

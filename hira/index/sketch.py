@@ -112,16 +112,18 @@ def _unpack(codes: torch.Tensor, D: int) -> torch.Tensor:
     return c[..., :D].float()
 
 
-def key_score_bounds(q: torch.Tensor, sketch: KeySketch, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-key score intervals from the sketch.
+def _half_width(q: torch.Tensor, sketch: KeySketch) -> torch.Tensor:
+    """[B, H, R, NB]: the quantisation error Σ|q_i|·step_i·(1/2 + 2^-12) plus the rounding margin of computing q·k̃."""
+    D = q.shape[-1]
+    lo, step = sketch.lo.float(), sketch.step.float()  # [B, H, NB, D]
+    err = _HALF_STEP * (q.abs() @ step.transpose(-1, -2))  # [B, H, R, NB]
+    magnitude = lo.norm(dim=-1) + LEVELS * step.norm(dim=-1)  # [B, H, NB] bounds ‖k̃‖ and each term's size
+    qn = q.norm(dim=-1, keepdim=True)  # [B, H, R, 1]
+    return err + rounding_margin(qn, magnitude[:, :, None, :], D, q.is_cuda)
 
-    Args:
-        q: [B, H, R, D] float32 scaled query rows.
-        sketch: the layer's sketch; valid: [B, C] real slots.
-    Returns:
-        (estimate, half_width): estimate [B, H, R, NB, BS] float32 q·k̃ (-inf in invalid slots) and
-        half_width [B, H, R, NB] such that |q·k − estimate| ≤ half_width for every real key.
-    """
+
+def key_scores(q: torch.Tensor, sketch: KeySketch, valid: torch.Tensor) -> torch.Tensor:
+    """q·k̃ for every key: [B, H, R, NB, BS] float32, -inf in invalid slots (the tensor program)."""
     B, H, R, D = q.shape
     NB = sketch.lo.shape[2]
     BS = sketch.codes.shape[2] // NB
@@ -137,10 +139,49 @@ def key_score_bounds(q: torch.Tensor, sketch: KeySketch, valid: torch.Tensor) ->
         dot = (w[..., 0] * (codes & 15) + w[..., 1] * (codes >> 4)).sum(-1)  # [B, H, R, NB, BS]
     else:
         dot = torch.einsum("bhrnd,bhnsd->bhrns", w, _unpack(sketch.codes, D).view(B, H, NB, BS, D))
-    est = base[..., None] + dot
-    err = _HALF_STEP * (q.abs() @ step.transpose(-1, -2))  # [B, H, R, NB]
-    magnitude = lo.norm(dim=-1) + LEVELS * step.norm(dim=-1)  # [B, H, NB] bounds ‖k̃‖ and each term's size
-    qn = q.norm(dim=-1, keepdim=True)  # [B, H, R, 1]
-    half_width = err + rounding_margin(qn, magnitude[:, :, None, :], D, q.is_cuda)
     real = valid.view(B, 1, 1, NB, BS)
-    return est.masked_fill(~real, -math.inf), half_width
+    return (base[..., None] + dot).masked_fill(~real, -math.inf)
+
+
+def key_score_bounds(q: torch.Tensor, sketch: KeySketch, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-key score intervals from the sketch.
+
+    Args:
+        q: [B, H, R, D] float32 scaled query rows.
+        sketch: the layer's sketch; valid: [B, C] real slots.
+    Returns:
+        (estimate, half_width): estimate [B, H, R, NB, BS] float32 q·k̃ (-inf in invalid slots) and
+        half_width [B, H, R, NB] such that |q·k − estimate| ≤ half_width for every real key.
+    """
+    return key_scores(q, sketch, valid), _half_width(q, sketch)
+
+
+def block_score_stats(
+    q: torch.Tensor, sketch: KeySketch, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per block and row: (max, log-sum-exp) of q·k̃ over the block's real keys and the half-width, each
+    [B, H, R, NB] float32 (-inf for blocks without a real key). Every key's score lies within half-width of q·k̃.
+
+    On CUDA a Triton kernel reads each block's codes once (``hira.index.sketch_kernel``; head dims that are a
+    multiple of 8); elsewhere the tensor program of ``key_scores``.
+    """
+    if q.is_cuda and _KERNEL is not None and q.shape[-1] % 8 == 0:
+        top, lse = _KERNEL(q, sketch.codes, sketch.lo, sketch.step, valid)
+    else:
+        est = key_scores(q, sketch, valid)
+        top, lse = est.amax(-1), est.logsumexp(-1)
+    return top, lse, _half_width(q, sketch)
+
+
+def _load_kernel():
+    """The Triton kernel where CUDA and triton are present, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from hira.index.sketch_kernel import sketch_block_stats
+    except ImportError:
+        return None
+    return sketch_block_stats
+
+
+_KERNEL = _load_kernel()

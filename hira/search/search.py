@@ -25,7 +25,7 @@ import torch
 
 from hira.index.bounds import bound_and_estimate, upper_bound
 from hira.index.index import HiraIndex
-from hira.index.sketch import key_score_bounds
+from hira.index.sketch import block_score_stats
 from hira.search.threshold import Threshold
 
 
@@ -91,14 +91,8 @@ def leaf_bounds(index: HiraIndex, q: torch.Tensor) -> LeafBounds:
         ub, est = bound_and_estimate(q, leaves)  # ub equals effective_bounds(index, q) (module docstring)
         log_count = leaves.count.clamp_min(1).float().log()[:, :, None, :]
         return LeafBounds(ub, ub + log_count, torch.full_like(ub, -math.inf), est)
-    key_est, half_width = key_score_bounds(q, index.sketch, index.valid)  # [B, H, R, NB, BS], [B, H, R, NB]
-    sketch_est = key_est.logsumexp(-1)
-    return LeafBounds(
-        ub=key_est.amax(-1) + half_width,
-        log_mass_ub=sketch_est + half_width,
-        log_mass_lb=sketch_est - half_width,
-        est=sketch_est,
-    )
+    top, lse, half_width = block_score_stats(q, index.sketch, index.valid)  # [B, H, R, NB] each
+    return LeafBounds(ub=top + half_width, log_mass_ub=lse + half_width, log_mass_lb=lse - half_width, est=lse)
 
 
 def effective_bounds(index: HiraIndex, q: torch.Tensor) -> torch.Tensor:

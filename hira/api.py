@@ -175,6 +175,17 @@ def search(
     return _search(index, rows, threshold)
 
 
+def attend_rows(
+    rows: torch.Tensor, index: HiraIndex, selection: Selection, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compiled flex attention of folded query rows [B, H, R, D] (the index's dtype) over the selected blocks:
+    (out [B, H, R, D], lse [B, H, R] float32)."""
+    mask = selection_block_mask(
+        selection.kv_num_blocks, selection.kv_indices, selection.keep, index.valid, index.block_size, rows.shape[2]
+    )
+    return block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
+
+
 def attend_selection(
     q: torch.Tensor,
     index: HiraIndex,
@@ -184,12 +195,8 @@ def attend_selection(
 ) -> tuple[torch.Tensor, AttentionStats]:
     """``attend`` without validation: the tensor program a compiled decode step calls."""
     B, Hq, S, D = q.shape
-    H = index.keys.shape[1]
-    rows = fold_gqa(q, H).to(index.keys.dtype)  # [B, H, G*S, D]
-    mask = selection_block_mask(
-        selection.kv_num_blocks, selection.kv_indices, selection.keep, index.valid, index.block_size, rows.shape[2]
-    )
-    out, lse = block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
+    rows = fold_gqa(q, index.keys.shape[1]).to(index.keys.dtype)  # [B, H, G*S, D]
+    out, lse = attend_rows(rows, index, selection, scale)
     if extra is not None:
         k_x, v_x, m_x = extra
         out_x, lse_x = dense_attention_lse(rows, k_x.to(rows.dtype), v_x.to(rows.dtype), m_x, scale)

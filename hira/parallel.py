@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from hira.api import AttentionStats, build_index_unchecked
+from hira.api import AttentionStats, attend_rows, build_index_unchecked
 from hira.config import HiraConfig
-from hira.flex.attention import block_attention, fold_gqa, merge_partials, unfold_gqa
-from hira.flex.mask import selection_block_mask
+from hira.flex.attention import fold_gqa, merge_partials, unfold_gqa
 from hira.index.index import HiraIndex, append
 from hira.search.search import (
     LeafBounds,
@@ -282,10 +281,7 @@ def sharded_attend(
     H = index.keys.shape[1]
     rows = fold_gqa(q, H).to(index.keys.dtype)  # [B, H, R, D]
     B, _, R, _ = rows.shape
-    mask = selection_block_mask(
-        selection.kv_num_blocks, selection.kv_indices, selection.keep, index.valid, index.block_size, R
-    )
-    out, lse = block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
+    out, lse = attend_rows(rows, index, selection, scale)
     counts = index.levels[0].count.float()  # [B, H, NB]
     kept = selection.keep.float()
     tallies = torch.stack(  # [B, H, 4]: tokens read, tokens, leaves kept, leaves live

@@ -99,7 +99,6 @@ def build_sketch(keys: torch.Tensor, valid: torch.Tensor, block_size: int) -> Ke
 
 def write_blocks(sketch: KeySketch, blocks: torch.Tensor, fresh: KeySketch, block_size: int) -> None:
     """In place: replace the sketch of the given blocks [n] by ``fresh`` (from ``quantize_blocks`` of them)."""
-    B, H, _, Dp = sketch.codes.shape
     slots = (blocks[:, None] * block_size + torch.arange(block_size, device=blocks.device)).flatten()
     sketch.codes.index_copy_(2, slots, fresh.codes)
     sketch.lo.index_copy_(2, blocks, fresh.lo)

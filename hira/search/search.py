@@ -2,9 +2,10 @@
 
 Top-down, a node's effective bound is the minimum of its own upper bound and its parent's effective bound (both hold
 for every member), so a node below τ is dropped with its whole subtree (``effective_bounds``). A parent contains
-its children (its ball reaches every child ball), so its bound is never below theirs and the walk keeps exactly the leaves whose own bound reaches τ. On fixed shapes, where every node would be
-evaluated anyway, ``search`` therefore evaluates the leaf level alone: one pass instead of one per level, with the
-same result (the tests check it against ``effective_bounds``).
+its children (its ball reaches every child ball), so its bound is never below theirs and the walk keeps exactly
+the leaves whose own bound reaches τ. On fixed shapes, where every node would be evaluated anyway, ``search``
+therefore evaluates the leaf level alone: one pass instead of one per level, with the same result (the tests check
+it against ``effective_bounds``).
 
 The ``certified`` mode works on mass rather than on one τ: each row lists leaves (sinks, window and the leaf of
 its best bound first, then by mass bound) until the mass bound of the rest is at most ε of the total, with the
@@ -81,10 +82,10 @@ class LeafBounds:
 def leaf_bounds(index: HiraIndex, q: torch.Tensor) -> LeafBounds:
     """Bounds and estimates of every leaf for scaled query rows q [B, H, R, D] float32.
 
-    From the leaf balls and spreads, or, where the index keeps a key sketch, from the sketch's per-key
-    intervals instead (a step then reads the sketch, not the leaf centres): the max-score bound is the largest interval
-    top, the mass bound the sum of exp(interval top), the mass known from below the sum of exp(interval bottom),
-    and the estimate the sketch's own Σ exp(q·k̃).
+    From the leaf balls and spreads, or, where the index keeps a key sketch, from the sketch's per-key intervals
+    instead (a step then reads the sketch, not the leaf centres): the max-score bound is the largest interval top,
+    the mass bound the sum of exp(interval top), the mass known from below the sum of exp(interval bottom), and the
+    estimate the sketch's own Σ exp(q·k̃).
     """
     if index.sketch is None:
         leaves = index.levels[0]

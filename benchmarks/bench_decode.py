@@ -232,7 +232,7 @@ def prefill(model, ids: torch.Tensor, clock: Clock) -> tuple[list, list, list]:
     try:
         for b in range(B):
             cache = DynamicCache(config=cfg)
-            model.model(input_ids=ids[b : b + 1], past_key_values=cache, use_cache=True)
+            model.model(input_ids=ids[b : b + 1], **{hira.CACHE_ARG: cache}, use_cache=True)
             for i in range(len(layers)):
                 ms[i].append(clock.ms(marks[(i, 0)], marks[(i, 1)]))
                 keys[i][b].copy_(cache.layers[i].keys[0])
@@ -287,7 +287,7 @@ def time_decode(args, model, cache, B: int, N: int, hold, clock: Clock, device: 
     pos = torch.full((B, 1), N, dtype=torch.long, device=device)
 
     def step():
-        logits = model(input_ids=ids, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        logits = model(input_ids=ids, position_ids=pos, **{hira.CACHE_ARG: cache}, use_cache=True, logits_to_keep=1).logits
         ids.copy_(logits[:, -1:].argmax(-1))
         pos.add_(1)
         return logits

@@ -376,9 +376,9 @@ def hira_forced_decode(model, ids: torch.Tensor, prefill: int, config: hira.Hira
     logprob, pred, read, kept, skip = [], [], [], [], []
     with converted(model, config):
         cache = hira.HiraCache(model.config, config)
-        model(ids[:, :prefill], past_key_values=cache, logits_to_keep=1)
+        model(ids[:, :prefill], **{hira.CACHE_ARG: cache}, logits_to_keep=1)
         for t in tqdm(range(prefill, n - 1), desc=desc, leave=False):
-            logits = model(ids[:, t : t + 1], past_key_values=cache).logits[0, -1].double()
+            logits = model(ids[:, t : t + 1], **{hira.CACHE_ARG: cache}).logits[0, -1].double()
             logprob.append(logits.log_softmax(-1)[ids[0, t + 1]])
             pred.append(logits.argmax())
             stats = [s for s in cache.stats() if s is not None]
@@ -504,7 +504,7 @@ def greedy(model, ids: torch.Tensor, new_tokens: int, config: hira.HiraConfig | 
         return model.generate(ids, **kw)[0, ids.shape[1] :].cpu()
     with converted(model, config):
         cache = hira.HiraCache(model.config, config)
-        return model.generate(ids, past_key_values=cache, **kw)[0, ids.shape[1] :].cpu()
+        return model.generate(ids, **{hira.CACHE_ARG: cache}, **kw)[0, ids.shape[1] :].cpu()
 
 
 def run_passkey(args, model, tok, ids_text: torch.Tensor) -> dict:

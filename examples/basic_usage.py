@@ -42,7 +42,7 @@ def main():
     cache = None if args.dense else hira.HiraCache(model.config, config)  # kept to read its stats afterwards
     with torch.no_grad():
         t0 = time.perf_counter()
-        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, past_key_values=cache)
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False, **{hira.CACHE_ARG: cache})
         elapsed = time.perf_counter() - t0
     new = out[0, ids.shape[1]:]
     print("answer:", tokenizer.decode(new, skip_special_tokens=True).strip())

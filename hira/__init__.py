@@ -7,6 +7,7 @@ D head dim.
 
 from hira.api import AttentionStats, attend, build_index, decode_attention, search
 from hira.cache import HiraCache
+from hira.compat import CACHE_ARG
 from hira.config import HiraConfig
 from hira.index.index import HiraIndex
 from hira.modeling import HiraAttention, convert, revert
@@ -15,6 +16,7 @@ from hira.search.search import Selection
 from hira.search.threshold import Threshold
 
 __all__ = [
+    "CACHE_ARG",
     "AttentionStats",
     "HiraAttention",
     "HiraCache",

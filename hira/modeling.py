@@ -18,6 +18,7 @@ from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
 
 from hira.cache import HiraCache
+from hira.compat import CACHE_ARG, CACHE_ARGS
 from hira.config import HiraConfig
 from hira.parallel import SequenceShard
 
@@ -76,10 +77,13 @@ class HiraAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None = None,
-        past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        """hidden_states: [B, S, hidden]; position_embeddings: (cos, sin); attention_mask: the model's 4D mask."""
+        """hidden_states: [B, S, hidden]; position_embeddings: (cos, sin); attention_mask: the model's 4D mask.
+
+        The cache comes as ``kwargs[hira.CACHE_ARG]`` (``cache`` or ``past_key_values``, by transformers release).
+        """
+        cache = kwargs.get(CACHE_ARG)
         if kwargs.get("output_attentions"):
             raise ValueError("HiraAttention does not materialise attention weights: call with output_attentions=False")
         B, S, _ = hidden_states.shape
@@ -89,20 +93,36 @@ class HiraAttention(nn.Module):
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
-        if past_key_values is None:
+        if cache is None:
+            _check_no_cache_is_full_sequence(kwargs.get("position_ids"), S, self.layer_idx)
             out = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and S > 1, scale=self.scaling,
                 enable_gqa=True,
             )
-        elif isinstance(past_key_values, HiraCache):
-            out = past_key_values.layers[self.layer_idx].attend(q, k, v, attention_mask, self.scaling)
+        elif isinstance(cache, HiraCache):
+            out = cache.layers[self.layer_idx].attend(q, k, v, attention_mask, self.scaling)
         else:
             raise TypeError(
-                f"a Hira-converted model needs a HiraCache, got {type(past_key_values).__name__}: pass "
-                "past_key_values=hira.HiraCache(model.config, config) or none at all"
+                f"a Hira-converted model needs a HiraCache, got {type(cache).__name__}: pass "
+                f"{CACHE_ARG}=hira.HiraCache(model.config, config) or none at all"
             )
         out = out.transpose(1, 2).reshape(B, S, -1)  # [B, S, Hq*D]
         return self.o_proj(out), None
+
+
+def _check_no_cache_is_full_sequence(position_ids: torch.Tensor | None, length: int, layer_idx: int) -> None:
+    """Without a cache a forward must see its whole sequence: positions at or past its length mean that earlier
+    tokens sit in a cache this module was not given (a decode whose cache was lost on the way), which would
+    silently attend to the new tokens alone."""
+    if position_ids is None or torch.compiler.is_compiling():
+        return
+    if int(position_ids.max()) >= length:
+        raise RuntimeError(
+            f"HiraAttention (layer {layer_idx}) got positions up to {int(position_ids.max())} for {length} new "
+            f"tokens but no cache under {CACHE_ARG!r}: the HiraCache holding the earlier tokens did not reach the "
+            "attention module. Pass the cache as generate/forward's "
+            f"{CACHE_ARG}= (the name the installed transformers uses), or report this with your transformers version"
+        )
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -113,11 +133,15 @@ def _inject_cache(config: HiraConfig, shard: SequenceShard | None) -> Callable:
     """Forward pre-hook on the base model: a HiraCache where the model would otherwise create a DynamicCache."""
 
     def hook(module, args, kwargs):
+        # A cache given under either name moves to the installed one (no deprecation warning, never dropped).
+        given = next((c for c in [kwargs.pop(name, None) for name in CACHE_ARGS] if c is not None), None)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(module.config, "use_cache", True)
-        if use_cache and kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = HiraCache(module.config, config, shard)
+        if given is None and use_cache:
+            given = HiraCache(module.config, config, shard)
+        if given is not None:
+            kwargs[CACHE_ARG] = given
         return args, kwargs
 
     return hook
@@ -129,9 +153,9 @@ def _hira_prepare_cache(model: nn.Module, config: HiraConfig, shard: SequenceSha
 
     def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
         result = prepare(self, generation_config, model_kwargs, *args, **kwargs)
-        cache = model_kwargs.get("past_key_values")
+        cache = model_kwargs.get(CACHE_ARG)
         if isinstance(cache, DynamicCache) and not getattr(cache, "_is_user_defined", False):
-            model_kwargs["past_key_values"] = HiraCache(self.config, config, shard)
+            model_kwargs[CACHE_ARG] = HiraCache(self.config, config, shard)
         return result
 
     return types.MethodType(prepare_cache, model)

@@ -57,12 +57,12 @@ def test_dense_config_matches_unconverted(family):
         ref_tokens = _greedy(model, ids)
         hira.convert(model, DENSE)
         cache = hira.HiraCache(model.config, DENSE)
-        logits = model(ids, past_key_values=cache).logits
+        logits = model(ids, **{hira.CACHE_ARG: cache}).logits
         torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=0)
         assert torch.equal(_greedy(model, ids), ref_tokens)
         # Decode steps read through the index: every block, nothing skipped.
         cache = hira.HiraCache(model.config, DENSE)
-        _greedy(model, ids, past_key_values=cache)
+        _greedy(model, ids, **{hira.CACHE_ARG: cache})
         assert cache.summary() == {"read_fraction": 1.0, "skip_bound": 0.0}
 
 
@@ -73,9 +73,9 @@ def test_decode_logits_match_step_by_step():
     ref = model(ids).logits[:, PROMPT - 1 :]
     hira.convert(model, DENSE)
     cache = hira.HiraCache(model.config, DENSE)
-    out = [model(ids[:, :PROMPT], past_key_values=cache).logits[:, -1:]]
+    out = [model(ids[:, :PROMPT], **{hira.CACHE_ARG: cache}).logits[:, -1:]]
     for t in range(PROMPT, PROMPT + 8):
-        out.append(model(ids[:, t : t + 1], past_key_values=cache).logits)
+        out.append(model(ids[:, t : t + 1], **{hira.CACHE_ARG: cache}).logits)
     torch.testing.assert_close(torch.cat(out, 1), ref, atol=1e-4, rtol=0)
 
 
@@ -86,10 +86,10 @@ def test_chunked_prefill_matches_unconverted():
     ref = model(ids).logits
     hira.convert(model, DENSE)
     cache = hira.HiraCache(model.config, DENSE)
-    first = model(ids[:, :PROMPT], past_key_values=cache).logits
-    second = model(ids[:, PROMPT:], past_key_values=cache).logits  # query length 40 over a permuted cache
+    first = model(ids[:, :PROMPT], **{hira.CACHE_ARG: cache}).logits
+    second = model(ids[:, PROMPT:], **{hira.CACHE_ARG: cache}).logits  # query length 40 over a permuted cache
     torch.testing.assert_close(torch.cat([first, second], 1), ref, atol=1e-4, rtol=0)
-    step = model(ids[:, -1:], past_key_values=cache).logits  # decode after re-clustering
+    step = model(ids[:, -1:], **{hira.CACHE_ARG: cache}).logits  # decode after re-clustering
     assert torch.isfinite(step).all()
 
 
@@ -97,7 +97,7 @@ def test_chunked_prefill_matches_unconverted():
 def test_sparse_config_reads_less_and_reports_it():
     model = hira.convert(_tiny("llama"), SPARSE)
     cache = hira.HiraCache(model.config, SPARSE)
-    out = _greedy(model, _ids(), past_key_values=cache)
+    out = _greedy(model, _ids(), **{hira.CACHE_ARG: cache})
     assert out.shape == (1, PROMPT + 12)
     stats = cache.stats()
     assert len(stats) == 2 and all(s is not None for s in stats)
@@ -144,14 +144,14 @@ def test_compiled_decode_does_not_recompile():
     compiled = torch.compile(model)
     cache, eager_cache = hira.HiraCache(model.config, SPARSE), hira.HiraCache(model.config, SPARSE)
     ids = _ids()
-    tok = compiled(ids, past_key_values=cache).logits[:, -1:].argmax(-1)
-    model(ids, past_key_values=eager_cache)
+    tok = compiled(ids, **{hira.CACHE_ARG: cache}).logits[:, -1:].argmax(-1)
+    model(ids, **{hira.CACHE_ARG: eager_cache})
     graphs = []
     for i in range(30):
         pos = torch.tensor([[PROMPT + i]])
-        logits = compiled(tok, past_key_values=cache, position_ids=pos).logits
+        logits = compiled(tok, **{hira.CACHE_ARG: cache}, position_ids=pos).logits
         if i < 3:  # the compiled step computes what the eager one does
-            eager = model(tok, past_key_values=eager_cache, position_ids=pos).logits
+            eager = model(tok, **{hira.CACHE_ARG: eager_cache}, position_ids=pos).logits
             torch.testing.assert_close(logits, eager, atol=1e-4, rtol=0)
         tok = logits[:, -1:].argmax(-1)
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
@@ -177,12 +177,12 @@ def test_errors_are_clear():
             num_key_value_heads=1, sliding_window=64)))
     plain = _tiny("llama")
     with torch.no_grad(), pytest.raises(TypeError, match="convert"):
-        plain(_ids(length=20), past_key_values=hira.HiraCache(plain.config))
+        plain(_ids(length=20), **{hira.CACHE_ARG: hira.HiraCache(plain.config)})
     converted = hira.convert(_tiny("llama"), DENSE)
     with torch.no_grad(), pytest.raises(TypeError, match="needs a HiraCache"):
-        converted(_ids(length=20), past_key_values=DynamicCache(config=converted.config))
+        converted(_ids(length=20), **{hira.CACHE_ARG: DynamicCache(config=converted.config)})
     with torch.no_grad(), pytest.raises(ValueError, match="capacity"):
-        converted(_ids(length=300), past_key_values=hira.HiraCache(converted.config, DENSE))
+        converted(_ids(length=300), **{hira.CACHE_ARG: hira.HiraCache(converted.config, DENSE)})
 
 
 @torch.no_grad()
@@ -193,3 +193,44 @@ def test_prompt_near_the_capacity_still_decodes():
     hira.convert(model, config)
     out = _greedy(model, _ids(length=200), steps=8)  # 200 = 12.5 blocks; 8 more tokens fill the capacity exactly
     assert out.shape[1] == 208
+
+
+@torch.no_grad()
+def test_cache_reaches_every_layer_through_generate():
+    """The cache generate creates by itself is a HiraCache and every layer decodes through its index: a decode
+    whose cache went missing (as when transformers renamed the argument) would leave these stats empty."""
+    model = hira.convert(_tiny("llama"), SPARSE)
+    out = model.generate(_ids(), max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True)
+    cache = getattr(out, hira.CACHE_ARG)
+    assert isinstance(cache, hira.HiraCache)
+    assert all(s is not None and 0.0 < s["read_fraction"] < 1.0 for s in cache.stats())
+    assert cache.get_seq_length() == PROMPT + 3  # the last token is sampled, not fed back
+
+
+@torch.no_grad()
+def test_decode_without_its_cache_fails_loudly():
+    model = hira.convert(_tiny("llama"), SPARSE)
+    attn = model.model.layers[0].self_attn
+    hidden = torch.randn(1, 1, 96)
+    cos, sin = model.model.rotary_emb(hidden, torch.tensor([[PROMPT]]))
+    with pytest.raises(RuntimeError, match="no cache under"):
+        attn(hidden, (cos, sin), None, position_ids=torch.tensor([[PROMPT]]))
+    # A whole sequence without a cache is a plain forward, and allowed.
+    full = torch.randn(1, 5, 96)
+    cos, sin = model.model.rotary_emb(full, torch.arange(5)[None])
+    assert attn(full, (cos, sin), None, position_ids=torch.arange(5)[None])[0].shape == (1, 5, 96)
+
+
+@pytest.mark.parametrize("name", hira.compat.CACHE_ARGS)
+@torch.no_grad()
+def test_base_model_takes_a_hira_cache_under_either_name(name):
+    """The base model's forward takes a user's HiraCache as ``cache`` or ``past_key_values``, whatever the
+    transformers release calls it, and decodes through it (the other name is never dropped in its favour)."""
+    model = hira.convert(_tiny("llama"), DENSE)
+    ids = _ids(length=40)
+    ref = model(ids).logits[:, -1]
+    cache = hira.HiraCache(model.config, DENSE)
+    model.model(ids[:, :-1], **{name: cache})
+    hidden = model.model(ids[:, -1:], **{name: cache}).last_hidden_state
+    torch.testing.assert_close(model.lm_head(hidden)[:, -1], ref, atol=1e-4, rtol=0)
+    assert cache.get_seq_length() == 40 and cache.stats()[0] is not None

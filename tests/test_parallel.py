@@ -155,10 +155,10 @@ def _tiny_llama() -> LlamaForCausalLM:
 @torch.no_grad()
 def _decode_logits(model, ids, cache, steps: int = 6) -> torch.Tensor:
     """Greedy decode through ``cache``: the logits of the prompt's last position and of each step, [1, steps+1, V]."""
-    logits = [model(ids, past_key_values=cache).logits[:, -1:]]
+    logits = [model(ids, **{hira.CACHE_ARG: cache}).logits[:, -1:]]
     for _ in range(steps):
         tok = logits[-1].argmax(-1)
-        logits.append(model(tok, past_key_values=cache).logits)
+        logits.append(model(tok, **{hira.CACHE_ARG: cache}).logits)
     return torch.cat(logits, 1)
 
 
@@ -189,9 +189,9 @@ def _check_model(device: str) -> None:
             torch.testing.assert_close(_decode_logits(model, ids, alone), ref, atol=1e-4, rtol=0)
     # Misuse fails clearly, on every rank alike.
     with pytest.raises(ValueError, match="whole prompt in one call"):
-        model(ids[:, :2], past_key_values=cache)
+        model(ids[:, :2], **{hira.CACHE_ARG: cache})
     with pytest.raises(ValueError, match=f"fewer than the {world} ranks"):
-        model(ids[:, : 16 * (world - 1)], past_key_values=hira.HiraCache(model.config, DENSE, shard))
+        model(ids[:, : 16 * (world - 1)], **{hira.CACHE_ARG: hira.HiraCache(model.config, DENSE, shard)})
     wide = hira.HiraConfig(block_size=16, window_tokens=100, threshold=hira.Threshold.topk(3))
     with pytest.raises(ValueError, match="window_tokens=100"):
         build_shard_index(torch.zeros(1, 2, PROMPT, 16), torch.zeros(1, 2, PROMPT, 16), None, wide, shard, 256)

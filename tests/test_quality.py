@@ -67,7 +67,7 @@ def test_passkey_hira_answers_as_dense(smollm2):
     hira.convert(model, config)
     try:
         cache = hira.HiraCache(model.config, config)
-        sparse = tok.decode(model.generate(ids, past_key_values=cache, **greedy)[0, ids.shape[1] :])
+        sparse = tok.decode(model.generate(ids, **{hira.CACHE_ARG: cache}, **greedy)[0, ids.shape[1] :])
     finally:
         hira.revert(model)
     print(f"dense {dense!r}, hira {sparse!r}")

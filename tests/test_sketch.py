@@ -165,7 +165,7 @@ def test_converted_model_with_sketch_decodes_within_eps():
     hira.convert(model, hcfg)
     cache = hira.HiraCache(model.config, hcfg)
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
-                         return_dict_in_generate=True, past_key_values=cache)
+                         return_dict_in_generate=True, **{hira.CACHE_ARG: cache})
     assert torch.equal(out.sequences, ref.sequences)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=2e-2, rtol=0)

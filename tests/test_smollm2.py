@@ -43,10 +43,10 @@ def test_teacher_forced_agreement_with_dense(smollm2, emma_ids):
     hira.convert(model, config)
     try:
         cache = hira.HiraCache(model.config, config)
-        preds = [model(emma_ids[:, :PROMPT], past_key_values=cache).logits[0, -1].argmax()]
+        preds = [model(emma_ids[:, :PROMPT], **{hira.CACHE_ARG: cache}).logits[0, -1].argmax()]
         read = []
         for t in range(PROMPT, PROMPT + STEPS - 1):
-            preds.append(model(emma_ids[:, t : t + 1], past_key_values=cache).logits[0, -1].argmax())
+            preds.append(model(emma_ids[:, t : t + 1], **{hira.CACHE_ARG: cache}).logits[0, -1].argmax())
             read.append(cache.summary()["read_fraction"])
     finally:
         hira.revert(model)
@@ -63,7 +63,7 @@ def test_generation_end_to_end(smollm2, emma_ids):
     hira.convert(model)
     try:
         cache = hira.HiraCache(model.config, model.hira_config)
-        out = model.generate(emma_ids[:, :PROMPT], max_new_tokens=8, do_sample=False, past_key_values=cache)
+        out = model.generate(emma_ids[:, :PROMPT], max_new_tokens=8, do_sample=False, **{hira.CACHE_ARG: cache})
     finally:
         hira.revert(model)
     assert out.shape == (1, PROMPT + 8)

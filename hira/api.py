@@ -46,6 +46,9 @@ class AttentionStats:
     skip_bound: torch.Tensor
     prior_skip_bound: torch.Tensor
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self.kept_fraction, self.read_fraction, self.skip_bound, self.prior_skip_bound)
+
 
 def _fail(msg: str):
     raise ValueError(msg)

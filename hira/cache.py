@@ -16,17 +16,19 @@ given to an unconverted model fails loudly instead of attending over scrambled k
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from hira.api import AttentionStats, attend_selection, build_index_unchecked
+from hira.api import AttentionStats, build_index_unchecked
 from hira.config import HiraConfig
 from hira.flex.attention import fold_gqa
 from hira.index.index import HiraIndex, append
 from hira.parallel import SequenceShard, ShardIndex, build_shard_index, shard_append, sharded_attend, sharded_search
-from hira.search.search import search
 from hira.search.threshold import Threshold
+from hira.step import run_decode_step
 
 
 def key_mask_from_attention_mask(attention_mask: torch.Tensor | None, batch: int, n_keys: int, device) -> torch.Tensor:
@@ -41,9 +43,15 @@ def key_mask_from_attention_mask(attention_mask: torch.Tensor | None, batch: int
 
 
 class HiraLayer(CacheLayerMixin):
-    """One decoder layer's cache: the ``HiraIndex`` over its keys and values, plus the last decode step's stats."""
+    """One decoder layer's cache: the ``HiraIndex`` over its keys and values, plus the last decode step's stats.
 
-    is_compileable = False
+    Compileable in transformers' sense: once prefilled, every tensor a decode step reads or writes keeps its address
+    (the index storage, the token count ``length`` and the stats are updated in place, a later prefill refills them
+    in place) and no Python value changes between steps, so ``generate``'s compiled decode is recorded once as a
+    CUDA graph and replayed.
+    """
+
+    is_compileable = True
     is_sliding = False
 
     def __init__(self, layer_idx: int, capacity: int, config: HiraConfig):
@@ -52,8 +60,8 @@ class HiraLayer(CacheLayerMixin):
         self.capacity = capacity
         self.config = config
         self.index: HiraIndex | None = None
-        self.seen = 0
-        self.last_stats: AttentionStats | None = None
+        self.length = torch.zeros((), dtype=torch.int64)  # tokens seen, a 0-d tensor advanced in place
+        self.last_stats: AttentionStats | None = None  # buffers the decode step overwrites
         self.threshold = Threshold.dense() if layer_idx in config.dense_layers else config.threshold
 
     # --- transformers' CacheLayerMixin contract -------------------------------------------------------------
@@ -67,18 +75,24 @@ class HiraLayer(CacheLayerMixin):
         )
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        return self.seen + query_length, 0
+        # A decode step never reads the model's mask (padding lives in the index): one column, the same shape at
+        # every step, is all a compiled decode needs. Prefill gets the full causal width (a host read: eager only).
+        if self.index is None:
+            return query_length, 0
+        if query_length == 1:
+            return 1, 0
+        return int(self.length) + query_length, 0
 
-    def get_seq_length(self) -> int:
-        return self.seen
+    def get_seq_length(self) -> torch.Tensor:
+        return self.length
 
     def get_max_length(self) -> int:
         return self.capacity
 
     def reset(self) -> None:
-        self.index = None
-        self.seen = 0
-        self.last_stats = None
+        # Storage stays allocated, so the next prefill refills it in place (the recorded decode graph stays valid).
+        self.length.zero_()
+        self._clear_stats()
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("HiraCache does not support beam search yet: use greedy or sampling decoding")
@@ -94,13 +108,13 @@ class HiraLayer(CacheLayerMixin):
             [B, Hq, S, D] attention output.
         """
         S = q.shape[2]
-        if self.index is None:
+        if self.index is None or (S > 1 and not bool(self.length)):
             out = self._prefill(q, k, v, attention_mask, scale)
         elif S > 1:
             out = self._continue_prefill(q, k, v, scale)
         else:
             out = self._decode(q, k, v, scale)
-        self.seen += S
+        self.length.add_(S)
         return out
 
     def _build(self, k, v, key_mask) -> HiraIndex:
@@ -108,6 +122,32 @@ class HiraLayer(CacheLayerMixin):
         # tokens leaves capacity − N tokens to decode whatever N is, in storage of one size (one compiled shape).
         bs = self.config.block_size
         return build_index_unchecked(k, v, key_mask, self.config, -(-self.capacity // bs) * bs + bs)
+
+    def _install(self, index: HiraIndex, B: int, Hq: int) -> None:
+        """Make ``index`` the layer's, refilling the current storage in place where the shapes agree (the recorded
+        decode graph reads those addresses), and mark every tensor the decode step mutates as a static address."""
+        old = self.index
+        if old is not None and [t.shape for t in old.tensors()] == [t.shape for t in index.tensors()]:
+            for dst, src in zip(old.tensors(), index.tensors()):
+                dst.copy_(src)
+            self._clear_stats()
+            return
+        self.index = index
+        dev = index.keys.device
+        self.length = self.length.to(dev)
+        H = index.keys.shape[1]
+        self.last_stats = AttentionStats(*(torch.empty(shape, device=dev) for shape in ((B, H), (B, H), (B, Hq, 1), (B, Hq, 1))))
+        self._clear_stats()
+        if not torch.compiler.is_compiling():  # (not traceable; a compiled prefill leaves it to the next call)
+            for t in (*index.tensors(), self.length, *self.last_stats.tensors()):
+                torch._dynamo.mark_static_address(t)
+
+    def _clear_stats(self) -> None:
+        """NaN stats: no decode step since the last prefill (a flag in a tensor, so the step never reads a Python
+        value that changes)."""
+        if self.last_stats is not None:
+            for t in self.last_stats.tensors():
+                t.fill_(math.nan)
 
     def _prefill(self, q, k, v, attention_mask, scale):
         B, _, N, _ = k.shape
@@ -119,7 +159,7 @@ class HiraLayer(CacheLayerMixin):
             q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and N > 1, scale=scale,
             enable_gqa=True,
         )
-        self.index = self._build(k, v, key_mask_from_attention_mask(attention_mask, B, N, k.device))
+        self._install(self._build(k, v, key_mask_from_attention_mask(attention_mask, B, N, k.device)), B, q.shape[1])
         return out
 
     def _continue_prefill(self, q, k, v, scale):
@@ -136,7 +176,7 @@ class HiraLayer(CacheLayerMixin):
             enable_gqa=True,
         )
         if self.config.recluster_on_prefill:
-            self.index = self._rebuild()
+            self._install(self._rebuild(), B, Hq)
         return out
 
     def _rebuild(self) -> HiraIndex:
@@ -153,13 +193,7 @@ class HiraLayer(CacheLayerMixin):
         return self._build(k, v, key_mask)
 
     def _decode(self, q, k, v, scale):
-        index = self.index
-        append(index, k, v)
-        rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G, D]
-        dense = index.n_valid.amax() < self.config.min_context
-        sel = search(index, rows, self.threshold, dense=dense)
-        out, self.last_stats = attend_selection(q, index, sel, scale)
-        return out
+        return run_decode_step(self.index, q, k, v, self.threshold, scale, self.config.min_context, self.last_stats)
 
 
 class ShardedHiraLayer(HiraLayer):
@@ -172,14 +206,18 @@ class ShardedHiraLayer(HiraLayer):
         shard: the ``SequenceShard`` plan of this rank.
     """
 
+    # Its decode step runs collectives and is not made for generate's CUDA-graph replay.
+    is_compileable = False
+
     def __init__(self, layer_idx: int, capacity: int, config: HiraConfig, shard: SequenceShard):
         super().__init__(layer_idx, capacity, config)
         self.shard = shard
         self.local: ShardIndex | None = None
 
-    def reset(self) -> None:
-        super().reset()
-        self.local = None
+    def _install(self, index: HiraIndex, B: int, Hq: int) -> None:
+        self.index = index
+        self.length = self.length.to(index.keys.device)
+        self.last_stats = None
 
     def _build(self, k, v, key_mask) -> HiraIndex:
         self.local = build_shard_index(k, v, key_mask, self.config, self.shard, self.capacity)
@@ -239,7 +277,7 @@ class HiraCache(Cache):
         out = []
         for layer in self.layers:
             s = layer.last_stats
-            if s is None:
+            if s is None or bool(s.read_fraction.isnan().all()):
                 out.append(None)
                 continue
             out.append(

@@ -234,3 +234,32 @@ def test_base_model_takes_a_hira_cache_under_either_name(name):
     hidden = model.model(ids[:, -1:], **{name: cache}).last_hidden_state
     torch.testing.assert_close(model.lm_head(hidden)[:, -1], ref, atol=1e-4, rtol=0)
     assert cache.get_seq_length() == 40 and cache.stats()[0] is not None
+
+
+@torch.no_grad()
+def test_generate_compiles_the_decode_once_and_replays_it():
+    """transformers' own auto-compile (forced on the CPU through compile_config) takes the HiraCache: one compile
+    of the model's decode and one of the shared step, no graph break, no recompile over the steps or on a second
+    call that reuses the reset cache, and the tokens of the eager path."""
+    from transformers.generation import CompileConfig
+
+    model = hira.convert(_tiny("llama"), SPARSE)
+    ids = _ids()
+    eager = _greedy(model, ids, steps=16, disable_compile=True)
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers auto-compiles on accelerators only
+    cache = hira.HiraCache(model.config, SPARSE)
+    assert cache.is_compileable
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    first = _greedy(model, ids, steps=16, compile_config=config, **{hira.CACHE_ARG: cache})
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    assert torch.equal(first, eager)
+    assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
+    assert 1 <= graphs <= 4, graphs  # the model's decode graph and the step's (once per input view-ness)
+    assert all(s is not None for s in cache.stats())
+    cache.reset()
+    assert all(s is None for s in cache.stats())
+    second = _greedy(model, ids, steps=16, compile_config=config, **{hira.CACHE_ARG: cache})
+    assert torch.equal(second, eager)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # nothing recompiled

@@ -75,6 +75,13 @@ class HiraIndex:
         recent = self.leaf_last >= (self.n_valid - self.window_tokens)[:, None, None]
         return live & (sink | recent)
 
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor of the index, in a fixed order; ``append`` mutates them in place."""
+        levels = tuple(t for lv in self.levels for t in lv.tensors())
+        sketch = self.sketch.tensors() if self.sketch is not None else ()
+        head = (self.keys, self.values, self.valid, self.rank)
+        return head + levels + (self.leaf_first, self.leaf_last, self.n_valid, self.next_slot) + sketch
+
     def index_nbytes(self) -> int:
         """Bytes of the index beyond K and V themselves (bounds, ranks, validity, the sketch)."""
         extra = (self.valid, self.rank, self.leaf_first, self.leaf_last)

@@ -1,0 +1,291 @@
+#!/usr/bin/env python3
+"""Tokens/s of exactly the user's call, ``model.generate``, on a Llama-3-8B-shaped model: Hira against dense.
+
+Every variant runs the same random prompt through one ``model.generate(ids, max_new_tokens=W + T)`` call, the way a
+user runs it, with nothing captured or compiled by this script:
+
+  - ``dense-dynamic``: the unconverted model, transformers' default (dynamic) cache, eager.
+  - ``dense-static``: the unconverted model with ``cache_implementation="static"``: transformers compiles the decode
+    (``torch.compile``, mode ``reduce-overhead``, CUDA graphs) by itself.
+  - ``hira``, ``hira-topk1``, ``hira-topk5``: ``hira.convert(model, config)`` with the default threshold, or top-k
+    at 1% / 5% of the prompt's blocks. The HiraCache generate creates is compileable, so transformers compiles and
+    graph-replays the decode the same way as for dense-static.
+
+A streamer timestamps every token (after a device sync): prefill = prompt to first token; the first W decode steps
+are warm-up (compile, CUDA-graph recording) and the next T are timed: ms/token and tokens/s = B / (ms/token).
+``warm-up`` is the time from the call to the end of the W-th step (prefill and compile included); ``first call``
+the whole call. Dynamo's graph count is read before and after the timed steps (``recompiles`` in them must be 0).
+The bandwidth floor of a dense decode step is (weight bytes + B · KV bytes) / the copy bandwidth measured in the
+same run.
+
+The model has Llama-3-8B's shapes (hidden 4096, 32/8 heads, head dim 128, intermediate 14336, vocab 128256) and
+``--layers`` decoder layers (default all 32), random bf16 weights. Random weights give unstructured keys: the
+default threshold reads most blocks there, so the fixed budgets (topk) show the speed of a sparse read.
+
+GPU run (results as markdown and JSON; ``--plot`` turns the JSON into a PNG anywhere matplotlib is installed):
+
+    python3 benchmarks/bench_generate.py --contexts 32768 131072 --batches 1 --out $OUT/generate.md
+    python3 benchmarks/bench_generate.py --plot $OUT/generate.json
+
+CPU smoke run (tiny model; compiles through transformers' ``compile_config`` on CPU): ``--smoke``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+import torch
+import torch._dynamo.utils as dynamo_utils
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.generation import CompileConfig
+from transformers.generation.streamers import BaseStreamer
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import hira  # noqa: E402
+
+LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                 intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5)
+SMOKE_MODEL = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
+                   intermediate_size=512, vocab_size=1024, rope_theta=500000.0, rms_norm_eps=1e-5)
+VARIANTS = ("dense-dynamic", "dense-static", "hira", "hira-topk1", "hira-topk5")
+DTYPE = torch.bfloat16
+
+
+def make_model(shape: dict, layers: int, max_positions: int, device: torch.device, seed: int) -> LlamaForCausalLM:
+    """A Llama of the given shapes with random bf16 weights (normal, std 0.02; norms 1), built on the meta device
+    and initialised in place, so no float32 copy of the weights is ever made."""
+    config = LlamaConfig(
+        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
+        intermediate_size=shape["intermediate_size"], num_hidden_layers=layers,
+        num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
+        head_dim=shape["head_dim"], max_position_embeddings=max_positions, rms_norm_eps=shape["rms_norm_eps"],
+        rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]}, tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    model = model.to(DTYPE).to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
+        rotary = type(model.model.rotary_emb)(config=config).to(device)
+    model.model.rotary_emb = rotary  # its frequencies are buffers computed at construction, in float32
+    model.generation_config.pad_token_id = 0
+    return model.eval()
+
+
+class StepClock(BaseStreamer):
+    """Timestamps every ``put`` of generate (the prompt, then one per new token) after a device sync, with dynamo's
+    graph count at that moment."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self.graphs = device, [], []
+
+    def put(self, value):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.times.append(time.perf_counter())
+        self.graphs.append(unique_graphs())
+
+    def end(self):
+        pass
+
+
+def unique_graphs() -> int:
+    return int(dynamo_utils.counters["stats"]["unique_graphs"])
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Bytes/s of a 1 GiB device-to-device copy (read + write), best of 5."""
+    if device.type != "cuda":
+        return float("nan")
+    a = torch.empty(1 << 29, dtype=torch.int16, device=device)
+    b = torch.empty_like(a)
+    best = float("inf")
+    for _ in range(5):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        stop.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(stop) / 1e3)
+    return 2 * a.numel() * a.element_size() / best
+
+
+def hira_config(variant: str, N: int, new_tokens: int, block_size: int) -> hira.HiraConfig:
+    capacity = N + new_tokens + 1
+    if variant == "hira":
+        return hira.HiraConfig(max_cache_len=capacity)
+    fraction = {"hira-topk1": 0.01, "hira-topk5": 0.05}[variant]
+    k = max(1, round(fraction * N / block_size))
+    return hira.HiraConfig(max_cache_len=capacity, threshold=hira.Threshold.topk(k))
+
+
+def run_variant(args, model, variant: str, ids: torch.Tensor, device: torch.device) -> dict:
+    B, N = ids.shape
+    new = args.warmup_steps + args.steps
+    kw = dict(max_new_tokens=new, min_new_tokens=new, do_sample=False)
+    if args.smoke:  # transformers compiles on CUDA only unless told otherwise
+        cc = CompileConfig()
+        cc._compile_all_devices = True
+        kw["compile_config"] = cc
+    if variant == "dense-static":
+        kw["cache_implementation"] = "static"
+    config = None
+    if variant.startswith("hira"):
+        config = hira_config(variant, N, new, args.block_size)
+        hira.convert(model, config)
+    clock = StepClock(device)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(ids, streamer=clock, return_dict_in_generate=True, **kw)
+        total = time.perf_counter() - t0
+    finally:
+        if config is not None:
+            hira.revert(model)
+    t, graphs = clock.times, clock.graphs  # t[0]: prompt put (before prefill); t[i]: i-th new token
+    W, T = args.warmup_steps, args.steps
+    ms = 1e3 * (t[W + T] - t[W + 1]) / (T - 1)  # decode steps W+2 .. W+T (the first token comes from prefill)
+    row = dict(
+        variant=variant, context=N, batch=B, threshold=str(config.threshold) if config else "dense",
+        prefill_s=t[1] - t[0], warmup_s=t[W + 1] - t0, first_call_s=total, ms_per_token=ms,
+        tok_s=1e3 * B / ms, graphs=graphs[-1], recompiles=graphs[-1] - graphs[W + 1],
+        peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan"),
+        cudagraph_skips=int(dynamo_utils.counters["inductor"]["cudagraph_skips"]),
+    )
+    cache = getattr(out, hira.CACHE_ARG, None)
+    if isinstance(cache, hira.HiraCache):
+        summary = cache.summary()
+        row.update(read_fraction=summary.get("read_fraction"), skip_bound=summary.get("skip_bound"))
+    del out, cache
+    return row
+
+
+def _f(x, nd=2) -> str:
+    return "—" if x is None or x != x else f"{x:.{nd}f}"
+
+
+def markdown(rows: list, meta: dict) -> str:
+    lines = [f"# bench_generate: {meta['device']}, {meta['date']}", "",
+             f"`{meta['command']}`", "",
+             f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['layers']} layers; "
+             f"{meta['warmup_steps']} warm-up + {meta['steps']} timed decode steps per call; copy bandwidth "
+             f"{_f(meta['bandwidth_tbs'])} TB/s.", "",
+             "| context | batch | variant | tok/s | ms/token | vs best dense | floor ms (dense) | read | prefill s "
+             "| warm-up s | first call s | graphs | recompiles | cudagraph skips | peak GB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['context']} | {r['batch']} | {r['variant']} | error: {r['error']} |" + " |" * 11)
+            continue
+        best = max((x["tok_s"] for x in rows if "error" not in x and x["context"] == r["context"]
+                    and x["batch"] == r["batch"] and x["variant"].startswith("dense")), default=None)
+        lines.append(
+            f"| {r['context']} | {r['batch']} | {r['variant']} | {_f(r['tok_s'], 1)} | {_f(r['ms_per_token'])} | "
+            f"{_f(r['tok_s'] / best if best else None)}× | {_f(r['floor_ms'])} | {_f(r.get('read_fraction'))} | "
+            f"{_f(r['prefill_s'])} | {_f(r['warmup_s'], 1)} | {_f(r['first_call_s'], 1)} | {r['graphs']} | "
+            f"{r['recompiles']} | {r['cudagraph_skips']} | {_f(r['peak_gb'], 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(json_path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.load(open(json_path))
+    rows = [r for r in data["rows"] if "error" not in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for batch in sorted({r["batch"] for r in rows}):
+        for variant in VARIANTS:
+            pts = sorted((r["context"], r["tok_s"]) for r in rows if r["variant"] == variant and r["batch"] == batch)
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{variant}, batch {batch}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"model.generate, {data['meta']['layers']} layers, {data['meta']['device']}")
+    ax.legend(fontsize=7)
+    out = os.path.splitext(json_path)[0] + ".png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--block-size", type=int, default=128)
+    p.add_argument("--warmup-steps", type=int, default=8)
+    p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--time-budget", type=float, default=540.0, help="seconds; later runs are skipped")
+    p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU")
+    p.add_argument("--out", default="generate.md")
+    p.add_argument("--plot", metavar="JSON", help="only plot a results JSON and exit")
+    args = p.parse_args(argv)
+    if args.plot:
+        print(plot(args.plot))
+        return
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    shape = SMOKE_MODEL if args.smoke else LLAMA3_8B
+    max_new = args.warmup_steps + args.steps + 1
+    model = make_model(shape, args.layers, max(args.contexts) + max_new + args.block_size, device, seed=0)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    kv_per_token = 2 * args.layers * shape["num_key_value_heads"] * shape["head_dim"] * 2
+    bandwidth = copy_bandwidth(device)
+    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+                date=datetime.date.today().isoformat(), command="python3 " + " ".join(sys.argv),
+                torch=torch.__version__, transformers=transformers.__version__, layers=args.layers,
+                warmup_steps=args.warmup_steps, steps=args.steps, bandwidth_tbs=bandwidth / 1e12)
+    rows = []
+    runs = [(N, B, v) for N in args.contexts for B in args.batches for v in args.variants]
+    for N, B, variant in tqdm(runs, desc="generate", file=sys.stdout):
+        row = dict(variant=variant, context=N, batch=B)
+        if time.perf_counter() - start > args.time_budget:
+            row["error"] = "skipped: time budget"
+        else:
+            ids = torch.randint(3, shape["vocab_size"], (B, N), device=device,
+                                generator=torch.Generator(device=device).manual_seed(1))
+            try:
+                row = run_variant(args, model, variant, ids, device)
+                row["floor_ms"] = 1e3 * (weight_bytes + B * N * kv_per_token) / bandwidth
+            except Exception as e:  # noqa: BLE001 - one failed variant must not lose the others
+                traceback.print_exc()
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:140]}"
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(args.out, "w") as f:
+            f.write(markdown(rows, meta))
+        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()

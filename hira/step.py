@@ -1,27 +1,57 @@
-"""The decode step of one layer: append the new token to the index, search, attend, write the stats.
+"""The decode step of one layer, in two halves: ``plan`` appends the new token to the index and searches it;
+``run`` attends over the selected blocks and writes the stats. ``decode_step`` is both: a tensor program with no
+host sync, fixed shapes and in-place updates. ``HiraLayer`` runs it through ``run_decode_step``:
 
-``decode_step`` is the tensor program (no host sync, fixed shapes, in-place updates): ``HiraLayer`` calls it.
+- inside a model compiled as a whole (transformers' generate auto-compile, or ``torch.compile(model)``), as one
+  opaque operator, ``hira::decode_step``, whose implementation is the whole step compiled on its own, once per shape
+  and threshold, and shared by every layer (regional compilation): the model's graph stays as small as a dense
+  model's and compiles in seconds rather than minutes, while its CUDA graph still captures every kernel of the step;
+- in an eager model, the same compiled code called directly: one call instead of ~150 small eager ops per layer.
 
-Inside a model compiled as a whole (transformers' generate auto-compile, or ``torch.compile(model)``) the step
-enters the model's graph as one opaque operator, ``hira::decode_step``, whose implementation is the step compiled
-on its own, once per shape and threshold, and shared by every layer (regional compilation): the model's graph
-stays as small as a dense model's, so it compiles in seconds rather than minutes, and a CUDA graph of the whole
-model still captures every kernel of every step. Outside a compiled model the step runs as it is (the eager path).
+On CUDA the compiled code is the whole step in one graph; on the CPU it is ``plan`` compiled and ``run`` as it is
+(its flex_attention is compiled on its own), because compiled flex_attention in one graph with the BlockMask's
+construction returns wrong values there (``_step``).
 
 Shapes: B batch, Hq query heads, H KV heads, G = Hq / H, D head dim.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from hira.api import AttentionStats, attend_selection
 from hira.flex.attention import fold_gqa
 from hira.index.bounds import NodeBounds
-from hira.index.index import HiraIndex, append
+from hira.index.index import HiraIndex, append, check_room
 from hira.index.sketch import KeySketch
-from hira.search.search import search
+from hira.search.search import Selection, search
 from hira.search.threshold import Threshold
+
+
+def plan(
+    index: HiraIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: Threshold, scale: float,
+    min_context: int,
+) -> Selection:
+    """Append the new token to ``index`` (in place) and select the blocks the query reads.
+
+    Args:
+        q: [B, Hq, 1, D] post-RoPE query; k, v: [B, H, 1, D] the new token's key and value.
+        min_context: below this many tokens in every row every block is read.
+    """
+    append(index, k, v)
+    rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G, D]
+    dense = index.n_valid.amax() < min_context
+    return search(index, rows, threshold, dense=dense)
+
+
+def run(q: torch.Tensor, index: HiraIndex, selection: Selection, scale: float, stats: AttentionStats) -> torch.Tensor:
+    """Attend over the selected blocks and overwrite ``stats`` in place; returns [B, Hq, 1, D] in q's dtype."""
+    out, new = attend_selection(q, index, selection, scale)
+    for dst, src in zip(stats.tensors(), new.tensors()):
+        dst.copy_(src)
+    return out
 
 
 def decode_step(
@@ -45,14 +75,7 @@ def decode_step(
     Returns:
         [B, Hq, 1, D] attention output in q's dtype.
     """
-    append(index, k, v)
-    rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G, D]
-    dense = index.n_valid.amax() < min_context
-    sel = search(index, rows, threshold, dense=dense)
-    out, new = attend_selection(q, index, sel, scale)
-    for dst, src in zip(stats.tensors(), new.tensors()):
-        dst.copy_(src)
-    return out
+    return run(q, index, plan(index, q, k, v, threshold, scale, min_context), scale, stats)
 
 
 def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, branching: int, sink_tokens: int,
@@ -73,8 +96,28 @@ def _flat_step(tensors, q, k, v, stats, mode, value, scale, min_context, n_level
     return decode_step(index, q, k, v, Threshold(mode, value), scale, min_context, AttentionStats(*stats))
 
 
-# Compiled once per shape and threshold, shared by every layer (its inputs are tensors and constants, no objects).
+def _flat_plan(tensors, q, k, v, mode, value, scale, min_context, n_levels, block_size, branching, sink_tokens,
+               window_tokens):
+    index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
+    selection = plan(index, q, k, v, Threshold(mode, value), scale, min_context)
+    return tuple(getattr(selection, f.name) for f in dataclasses.fields(selection))  # a dataclass is no output
+
+
+# Compiled once per shape and threshold, shared by every layer (their inputs are tensors and constants, no objects).
 _compiled_step = torch.compile(_flat_step, fullgraph=True, dynamic=False)
+_compiled_plan = torch.compile(_flat_plan, fullgraph=True, dynamic=False)
+
+
+def _step(tensors, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
+    """On CUDA the whole step compiled as one graph; elsewhere the compiled plan, then ``run`` as it is. On the CPU
+    (torch 2.13) flex_attention compiled in one graph with the BlockMask's construction returns wrong values
+    (benchmarks/NOTES.md §11), while the process-wide compiled flex_attention that ``run`` calls is exact."""
+    if q.is_cuda:
+        return _compiled_step(tensors, q, k, v, stats, *setting_and_layout)
+    n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[4:]
+    selection = Selection(*_compiled_plan(tensors, q, k, v, *setting_and_layout))
+    index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
+    return run(q, index, selection, setting_and_layout[2], AttentionStats(*stats))
 
 
 @torch.library.custom_op("hira::decode_step", mutates_args=("tensors", "stats"))
@@ -84,8 +127,8 @@ def _decode_step_op(
     sink_tokens: int, window_tokens: int,
 ) -> torch.Tensor:
     # (threshold_mode: "mode" is taken by the operator machinery's own keyword arguments)
-    return _compiled_step(tensors, q, k, v, stats, threshold_mode, value, scale, min_context, n_levels, block_size, branching,
-                          sink_tokens, window_tokens)
+    return _step(tensors, q, k, v, stats, threshold_mode, value, scale, min_context, n_levels, block_size, branching,
+                 sink_tokens, window_tokens)
 
 
 @_decode_step_op.register_fake
@@ -96,10 +139,11 @@ def _(tensors, q, k, v, stats, threshold_mode, value, scale, min_context, n_leve
 
 def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: float, min_context: int,
                     stats: AttentionStats) -> torch.Tensor:
-    """``decode_step``, entering a compiled model's graph as the ``hira::decode_step`` operator (module docstring)."""
-    if not torch.compiler.is_compiling():
-        return decode_step(index, q, k, v, threshold, scale, min_context, stats)
-    return _decode_step_op(
-        list(index.tensors()), q, k, v, list(stats.tensors()), threshold.mode, threshold.value, float(scale),
-        min_context, len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens,
-    )
+    """``decode_step`` as the module docstring says: inside a compiled model one operator, else the same compiled
+    code called directly."""
+    args = (list(index.tensors()), q, k, v, list(stats.tensors()), threshold.mode, threshold.value, float(scale),
+            min_context, len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
+    if torch.compiler.is_compiling():
+        return _decode_step_op(*args)
+    check_room(index, q.shape[2])  # the compiled step cannot raise: one host read before it
+    return _step(*args)

@@ -208,6 +208,16 @@ def _write_nodes(nodes: NodeBounds, idx: torch.Tensor, new: NodeBounds) -> None:
         dst.index_copy_(2, idx, src)
 
 
+def check_room(index: HiraIndex, n: int) -> None:
+    """Raise unless ``n`` more tokens fit the index (one host read: not for a compiled step)."""
+    used = int(index.next_slot)
+    if used + n > index.capacity:
+        raise ValueError(
+            f"the Hira index is full: capacity {index.capacity} slots, {used} used, {n} more asked; "
+            "build it with a larger capacity (HiraConfig.max_cache_len for a model)"
+        )
+
+
 def append(index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None) -> None:
     """Append S new tokens (the same S for every row) in position order, updating the bounds they touch.
 
@@ -219,11 +229,8 @@ def append(index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask:
     """
     B, H, S, D = keys.shape
     BS, C = index.block_size, index.capacity
-    if not torch.compiler.is_compiling() and int(index.next_slot) + S > C:
-        raise ValueError(
-            f"the Hira index is full: capacity {C} slots, {int(index.next_slot)} used, {S} more asked; "
-            "build it with a larger capacity (HiraConfig.max_cache_len for a model)"
-        )
+    if not torch.compiler.is_compiling():
+        check_room(index, S)
     dev = keys.device
     valid = torch.ones(B, S, dtype=torch.bool, device=dev) if key_mask is None else key_mask.to(torch.bool)
     slots = index.next_slot + torch.arange(S, device=dev)  # [S]

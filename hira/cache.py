@@ -11,7 +11,8 @@ With a ``SequenceShard`` (context parallel, ``hira.parallel``) the layers are ``
 indexes its slice of the prompt, the last rank stores the decoded tokens, and every decode step merges all ranks.
 
 The layers are only driven by ``HiraAttention`` (installed by ``hira.convert``); ``update`` raises, so a HiraCache
-given to an unconverted model fails loudly instead of attending over scrambled keys.
+given to an unconverted model fails loudly instead of attending over scrambled keys. A model's sliding-window layers
+(Gemma 3's, which ``convert`` leaves unconverted) hold transformers' own sliding-window layer instead.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
 
 from hira.api import AttentionStats, build_index_unchecked
 from hira.config import HiraConfig
@@ -240,10 +241,16 @@ class ShardedHiraLayer(HiraLayer):
 
 
 class HiraCache(Cache):
-    """The KV cache of a ``hira.convert``-ed model: one ``HiraLayer`` per decoder layer.
+    """The KV cache of a ``hira.convert``-ed model: one ``HiraLayer`` per full-attention decoder layer.
 
     A converted model creates one by itself when ``generate`` or ``forward`` gets no cache; pass one explicitly to
     keep it (and its stats) across calls.
+
+    A sliding-window layer (Gemma 3's, left unconverted by ``convert``) gets the transformers layer a
+    ``DynamicCache`` of the same config would give it (``DynamicSlidingWindowLayer``): exact attention over the
+    window. That class is not compileable, and a ``Cache`` is compileable only if all its layers are, so such a
+    model's HiraCache has ``is_compileable`` False: ``generate`` does not auto-compile its decode (it runs eagerly;
+    the Hira layers still attend through the compiled FlexAttention).
 
     Args:
         model_config: the transformers config of the model (layer count, ``max_position_embeddings``).
@@ -262,21 +269,35 @@ class HiraCache(Cache):
         capacity = self.hira_config.max_cache_len
         if capacity == -1:
             capacity = int(text.max_position_embeddings)
-        if shard is None:
-            layers = [HiraLayer(i, capacity, self.hira_config) for i in range(text.num_hidden_layers)]
-        else:
-            layers = [ShardedHiraLayer(i, capacity, self.hira_config, shard) for i in range(text.num_hidden_layers)]
+        # A DynamicCache of the config has one layer per decoder layer, sliding where transformers reads a window from
+        # the config (how it reads it differs between releases); those stay, every other becomes a Hira layer.
+        layers = DynamicCache(config=text).layers
+        for i, layer in enumerate(layers):
+            if not layer.is_sliding:
+                layers[i] = HiraLayer(i, capacity, self.hira_config) if shard is None else ShardedHiraLayer(
+                    i, capacity, self.hira_config, shard
+                )
         super().__init__(layers=layers)
+
+    def reset(self) -> None:
+        """Empty every layer for a new prompt. A Hira layer keeps its storage (refilled in place by the next prefill);
+        a sliding-window layer is made anew, because transformers 5.17's reset zeroes its keys but keeps them."""
+        for i, layer in enumerate(self.layers):
+            if isinstance(layer, HiraLayer):
+                layer.reset()
+            else:
+                self.layers[i] = type(layer)(sliding_window=layer.sliding_window)
 
     def stats(self) -> list[dict[str, float] | None]:
         """Per layer, what the last decode step read: ``read_fraction`` (real keys in the blocks read over all real
         keys), ``kept_fraction`` (blocks), and ``skip_bound`` (certified bound on the softmax mass not read, max over
-        batch, heads and rows). ``None`` for a layer that has not decoded yet. Reads tensors to the host (a sync):
-        call it between steps, not inside a compiled step.
+        batch, heads and rows). ``None`` for a layer that has not decoded yet, and for a sliding-window layer (it
+        reads its whole window). Reads tensors to the host (a sync): call it between steps, not inside a compiled
+        step.
         """
         out = []
         for layer in self.layers:
-            s = layer.last_stats
+            s = getattr(layer, "last_stats", None)
             if s is None or bool(s.read_fraction.isnan().all()):
                 out.append(None)
                 continue

@@ -1,7 +1,8 @@
-"""HiraAttention, the drop-in for Llama/Mistral/Qwen2 attention, and ``convert`` / ``revert``.
+"""HiraAttention, the drop-in for Llama/Mistral/Qwen2/Gemma 3 attention, and ``convert`` / ``revert``.
 
 ``convert`` swaps every supported attention module in place for a ``HiraAttention`` that reuses the module's own
-projection layers (no copy), and hooks the base model so that a ``HiraCache`` is created when no cache is given.
+projection (and q/k norm) layers (no copy), and hooks the base model so that a ``HiraCache`` is created when no cache
+is given.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from transformers.cache_utils import DynamicCache
+from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention
 from transformers.models.llama.modeling_llama import LlamaAttention, apply_rotary_pos_emb
 from transformers.models.mistral.modeling_mistral import MistralAttention
 from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
@@ -22,18 +24,28 @@ from hira.compat import CACHE_ARG, CACHE_ARGS
 from hira.config import HiraConfig
 from hira.parallel import SequenceShard
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_SUPPORTED_MODULES = (LlamaAttention, MistralAttention, Qwen2Attention)
+# model_type -> (its attention module, whether its sliding-window layers are left unconverted). Gemma 3 interleaves
+# windowed layers with full ones by design (five to one by default): the windowed layers keep transformers' exact
+# attention over their own cache layer (a window of a few hundred keys leaves nothing worth skipping) and Hira serves
+# the full ones. In Mistral and Qwen2 a window is a config switch, and HiraAttention still refuses it there.
+_FAMILIES = {
+    "llama": (LlamaAttention, False),
+    "mistral": (MistralAttention, False),
+    "qwen2": (Qwen2Attention, False),
+    "gemma3_text": (Gemma3Attention, True),
+}
+SUPPORTED_MODEL_TYPES = tuple(_FAMILIES)
 
 
 class HiraAttention(nn.Module):
-    """Attention that decodes through Hira's index. Replaces one LlamaAttention (or Mistral/Qwen2 twin).
+    """Attention that decodes through Hira's index. Replaces one LlamaAttention (or its Mistral/Qwen2 twin, or a
+    full-attention Gemma3Attention).
 
     Prefill is exact causal SDPA and indexes the prompt; decode steps search the index, build a BlockMask and run
     FlexAttention over the kept blocks. Needs a ``HiraCache`` (created automatically by the converted model).
 
     Args:
-        original: the module it replaces; its q/k/v/o projections are shared, not copied.
+        original: the module it replaces; its q/k/v/o projections (and Gemma 3's q/k norms) are shared, not copied.
         config: the ``HiraConfig``.
         shard: the ``SequenceShard`` the model's caches are sharded by (shown by ``print(model)``), or None.
     """
@@ -48,6 +60,19 @@ class HiraAttention(nn.Module):
                 f"layer {original.layer_idx} uses sliding-window attention (window {window}), which "
                 "Hira does not support; set config.sliding_window = None if your contexts stay below the window"
             )
+        # Prefill and the index are causal (EmbeddingGemma sets Gemma 3's use_bidirectional_attention).
+        if not getattr(original, "is_causal", True):
+            raise ValueError(
+                f"layer {original.layer_idx} attends bidirectionally (config.use_bidirectional_attention = "
+                f"{getattr(original.config, 'use_bidirectional_attention', None)}); Hira serves causal decoders only"
+            )
+        # The index's bounds, the search and FlexAttention all work on the raw scaled scores q·k·scale.
+        softcap = getattr(original.config, "attn_logit_softcapping", None)
+        if softcap is not None:
+            raise ValueError(
+                f"layer {original.layer_idx}: config.attn_logit_softcapping = {softcap}, which Hira does not support "
+                "(it attends over uncapped scores); only a model whose attn_logit_softcapping is None can be converted"
+            )
         self.config = original.config
         self.layer_idx = original.layer_idx
         self.head_dim = original.head_dim
@@ -57,6 +82,9 @@ class HiraAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
             original.q_proj, original.k_proj, original.v_proj, original.o_proj
         )
+        # Gemma 3 RMS-normalises every query and key head before RoPE; an identity elsewhere keeps one forward.
+        self.q_norm = getattr(original, "q_norm", nn.Identity())
+        self.k_norm = getattr(original, "k_norm", nn.Identity())
         self.hira_config = config
         self.hira_shard = shard
         # Kept for revert(), outside the module tree so that its weights are not counted twice.
@@ -88,8 +116,8 @@ class HiraAttention(nn.Module):
             raise ValueError("HiraAttention does not materialise attention weights: call with output_attentions=False")
         B, S, _ = hidden_states.shape
         shape = (B, S, -1, self.head_dim)
-        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)  # [B, Hq, S, D]
-        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)  # [B, Hkv, S, D]
+        q = self.q_norm(self.q_proj(hidden_states).view(shape)).transpose(1, 2)  # [B, Hq, S, D]
+        k = self.k_norm(self.k_proj(hidden_states).view(shape)).transpose(1, 2)  # [B, Hkv, S, D]
         v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -164,10 +192,14 @@ def _hira_prepare_cache(model: nn.Module, config: HiraConfig, shard: SequenceSha
 def convert(
     model: nn.Module, config: HiraConfig | None = None, filter_fn=None, *, shard: SequenceShard | None = None
 ) -> nn.Module:
-    """Swap, in place, every attention module of a Llama, Mistral or Qwen2 model for ``HiraAttention``.
+    """Swap, in place, every attention module of a Llama, Mistral, Qwen2 or Gemma 3 model for ``HiraAttention``.
+
+    Gemma 3's sliding-window layers are left as they are: they attend exactly over their window, through the
+    transformers cache layer a ``DynamicCache`` would give them, held in the same ``HiraCache``.
 
     Args:
-        model: a transformers ``*ForCausalLM`` or base model of a supported family.
+        model: a transformers ``*ForCausalLM`` or base model of a supported family (Gemma 3: ``Gemma3ForCausalLM``,
+            model type ``gemma3_text``).
         config: the ``HiraConfig`` (default ``HiraConfig()``).
         filter_fn: optional ``(module, fqn) -> bool``; only modules for which it returns True are converted.
         shard: a ``hira.SequenceShard`` for context parallelism: the caches the model creates shard the sequence
@@ -189,10 +221,13 @@ def convert(
     bad = [i for i in config.dense_layers if i >= n_layers]
     if bad:
         raise ValueError(f"HiraConfig.dense_layers {bad} are out of range for a model of {n_layers} layers")
+    attention, keeps_sliding = _FAMILIES[model_type]
     swaps = []
     for fqn, module in model.named_modules():
         original = module._hira_original if isinstance(module, HiraAttention) else module
-        if not isinstance(original, _SUPPORTED_MODULES) or (filter_fn is not None and not filter_fn(original, fqn)):
+        if not isinstance(original, attention) or (filter_fn is not None and not filter_fn(original, fqn)):
+            continue
+        if keeps_sliding and original.sliding_window is not None:
             continue
         swaps.append((fqn, HiraAttention(original, config, shard)))
     for fqn, new in swaps:

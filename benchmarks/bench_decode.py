@@ -32,14 +32,9 @@ logits fed back as the next input, positions advanced in place: no host sync. Th
 tokens/s = batch · steps / time. Compiles are counted with dynamo's counters: graphs made by the first call, and
 graphs made by any later call (per-step recompiles; the replays run no Python and cannot recompile).
 
-Why an explicit graph for Hira. ``HiraLayer.seen`` is a Python int that transformers reads to size its attention
-mask (``get_query_offset`` / ``get_mask_sizes``; decode ignores the mask), and a compiled model guards on its value.
-If the cache reaches the compiled function through a closure (as here) every step recompiles; passed as an argument,
-the second step turns it into a SymInt graph input, and ``mode="reduce-overhead"`` (cudagraph trees) records a new
-CUDA graph for every value of an int input, i.e. every step. Everything Hira's decode reads and writes (K/V, index,
-``next_slot``, ``n_valid``) lives in device tensors, so an explicit graph replays the decode exactly; the benchmark
-holds ``seen`` at the prompt length during warm-up and capture so that the step compiles once. The baselines use the
-same mechanism.
+Why an explicit graph. This benchmark predates the compileable HiraCache: it compiles and captures the decode step
+itself, the same way for every variant (the token count is held at the prompt length during warm-up and capture),
+and isolates attention from generate's own per-step work. ``bench_generate.py`` times the user's ``generate``.
 
 The model has L of 32 layers: tokens/s ratios hold per layer plus the embedding and lm_head. The table also gives an
 estimate for all 32 layers, head + 32 · (step − head) / L, where head = embedding + final norm + lm_head + argmax
@@ -76,27 +71,20 @@ import traceback
 import torch
 import torch.nn.functional as F
 import transformers
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM, StaticCache
+from transformers import DynamicCache, StaticCache
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import AttentionInterface
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hira  # noqa: E402
 from hira.api import build_index_unchecked  # noqa: E402
+from harness import DTYPE, FULL_LAYERS, LLAMA3_8B, SMOKE_MODEL, make_model  # noqa: E402
 
-# Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json), less the layer count.
-LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                 intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5)
-FULL_LAYERS = 32
-# --smoke: the same GQA ratio (4) at a size a CPU decodes in milliseconds.
-SMOKE_MODEL = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                   intermediate_size=512, vocab_size=1024, rope_theta=500000.0, rms_norm_eps=1e-5)
 VARIANTS = ("sdpa", "sdpa-gqa", "flex", "hira")
 ATTN_IMPL = {"sdpa": "sdpa", "sdpa-gqa": "sdpa_gqa", "flex": "flex_attention", "hira": "sdpa"}
-DTYPE = torch.bfloat16
 GRAPH_WARMUP = 2  # replays before the timed ones
 SLOT_ALIGN = 128  # decode slots are reserved in whole blocks of this many tokens
 
@@ -104,38 +92,6 @@ SLOT_ALIGN = 128  # decode slots are reserved in whole blocks of this many token
 # --------------------------------------------------------------------------------------------------------------
 # Model
 # --------------------------------------------------------------------------------------------------------------
-
-
-def make_model(shape: dict, layers: int, max_positions: int, device: torch.device, seed: int) -> LlamaForCausalLM:
-    """A Llama with the given shapes and random weights, built on the meta device and initialised in bf16 in place
-    (normal std 0.02; norms 1), so that no float32 copy of the weights is ever made."""
-    config = LlamaConfig(
-        vocab_size=shape["vocab_size"],
-        hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"],
-        num_hidden_layers=layers,
-        num_attention_heads=shape["num_attention_heads"],
-        num_key_value_heads=shape["num_key_value_heads"],
-        head_dim=shape["head_dim"],
-        max_position_embeddings=max_positions,
-        rms_norm_eps=shape["rms_norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]},
-        tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to(DTYPE).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-            else:
-                p.normal_(0.0, 0.02, generator=gen)
-    # The rotary frequencies are buffers computed at construction: recompute them, in float32.
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=config).to(device)
-    return model.eval()
 
 
 def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -265,9 +221,10 @@ def hira_cache(model, keys, values, B: int, N: int, config: hira.HiraConfig, clo
     build_ms = []
     for layer, k, v in zip(cache.layers, keys, values):
         t0 = clock.mark()
-        layer.index = build_index_unchecked(k[:B], v[:B], None, config, layer.capacity)
+        index = build_index_unchecked(k[:B], v[:B], None, config, layer.capacity)
         build_ms.append(clock.ms(t0, clock.mark()))
-        layer.seen = N
+        layer._install(index, B, model.config.num_attention_heads)
+        layer.length.fill_(N)
     return cache, build_ms
 
 
@@ -280,7 +237,7 @@ def hira_cache(model, keys, values, B: int, N: int, config: hira.HiraConfig, clo
 def time_decode(args, model, cache, B: int, N: int, hold, clock: Clock, device: torch.device) -> dict:
     """Compile the decode step, warm it up, capture it in a CUDA graph and time ``args.steps`` replays.
 
-    hold: called before every Python call of the compiled step (Hira: keeps ``HiraLayer.seen`` at N).
+    hold: called before every Python call of the compiled step (Hira: keeps ``HiraLayer.length`` at N).
     """
     gen = torch.Generator().manual_seed(args.seed + 1)
     ids = torch.randint(model.config.vocab_size, (B, 1), generator=gen).to(device)
@@ -413,7 +370,7 @@ def run_variant(args, model, name, keys, values, B, N, capacity, clock, device, 
 
             def hold():
                 for layer in cache.layers:
-                    layer.seen = N
+                    layer.length.fill_(N)
         else:
             model.set_attn_implementation(ATTN_IMPL[variant])
             cache = static_cache(model, keys, values, B, N, capacity)

@@ -45,44 +45,16 @@ import traceback
 import torch
 import torch._dynamo.utils as dynamo_utils
 import transformers
-from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.generation import CompileConfig
 from transformers.generation.streamers import BaseStreamer
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hira  # noqa: E402
+from harness import LLAMA3_8B, SMOKE_MODEL, make_model  # noqa: E402
 
-LLAMA3_8B = dict(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-                 intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, rms_norm_eps=1e-5)
-SMOKE_MODEL = dict(hidden_size=256, num_attention_heads=8, num_key_value_heads=2, head_dim=32,
-                   intermediate_size=512, vocab_size=1024, rope_theta=500000.0, rms_norm_eps=1e-5)
 VARIANTS = ("dense-dynamic", "dense-static", "hira", "hira-topk1", "hira-topk5")
-DTYPE = torch.bfloat16
-
-
-def make_model(shape: dict, layers: int, max_positions: int, device: torch.device, seed: int) -> LlamaForCausalLM:
-    """A Llama of the given shapes with random bf16 weights (normal, std 0.02; norms 1), built on the meta device
-    and initialised in place, so no float32 copy of the weights is ever made."""
-    config = LlamaConfig(
-        vocab_size=shape["vocab_size"], hidden_size=shape["hidden_size"],
-        intermediate_size=shape["intermediate_size"], num_hidden_layers=layers,
-        num_attention_heads=shape["num_attention_heads"], num_key_value_heads=shape["num_key_value_heads"],
-        head_dim=shape["head_dim"], max_position_embeddings=max_positions, rms_norm_eps=shape["rms_norm_eps"],
-        rope_parameters={"rope_type": "default", "rope_theta": shape["rope_theta"]}, tie_word_embeddings=False,
-        attn_implementation="sdpa",
-    )
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    model = model.to(DTYPE).to_empty(device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02, generator=gen)
-        rotary = type(model.model.rotary_emb)(config=config).to(device)
-    model.model.rotary_emb = rotary  # its frequencies are buffers computed at construction, in float32
-    model.generation_config.pad_token_id = 0
-    return model.eval()
 
 
 class StepClock(BaseStreamer):
@@ -253,6 +225,7 @@ def main(argv=None):
     shape = SMOKE_MODEL if args.smoke else LLAMA3_8B
     max_new = args.warmup_steps + args.steps + 1
     model = make_model(shape, args.layers, max(args.contexts) + max_new + args.block_size, device, seed=0)
+    model.generation_config.pad_token_id = 0
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_per_token = 2 * args.layers * shape["num_key_value_heads"] * shape["head_dim"] * 2
     bandwidth = copy_bandwidth(device)

@@ -159,6 +159,14 @@ def _convert_gguf_to_cache(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _load_cached(cache: Path, dtype: torch.dtype, device, attn_implementation: str):
+    """(model in eval mode on ``device``, tokenizer) from a converted cache directory."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(cache, dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(cache)
+
+
 def load_smollm2(
     dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
@@ -185,8 +193,6 @@ def load_smollm2(
             installed and no cache exists yet.
     """
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cache = _cache_dir()
     if not (cache / "config.json").is_file():
         gguf = _gguf_path()
@@ -197,11 +203,7 @@ def load_smollm2(
             )
         _convert_gguf_to_cache(gguf, cache)
 
-    model = AutoModelForCausalLM.from_pretrained(
-        cache, dtype=dtype, attn_implementation=attn_implementation
-    )
-    tokenizer = AutoTokenizer.from_pretrained(cache)
-    return model.to(device).eval(), tokenizer
+    return _load_cached(cache, dtype, device, attn_implementation)
 
 
 def load_gemma3_270m(
@@ -236,8 +238,6 @@ def load_gemma3_270m(
             wrongly (5.17 does: create the cache with 5.24).
     """
     os.environ["HF_HUB_OFFLINE"] = "1"
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     cache = _cache_dir("HIRA_GEMMA3_CACHE_DIR", "gemma-3-270m")
     if not (cache / "config.json").is_file():
         parts = _gemma3_parts()
@@ -252,8 +252,4 @@ def load_gemma3_270m(
             _assemble(parts, gguf, GEMMA3_SHA256)
             _convert_gguf_to_cache(gguf, cache, _GEMMA3_PROBE)
 
-    model = AutoModelForCausalLM.from_pretrained(
-        cache, dtype=dtype, attn_implementation=attn_implementation
-    )
-    tokenizer = AutoTokenizer.from_pretrained(cache)
-    return model.to(device).eval(), tokenizer
+    return _load_cached(cache, dtype, device, attn_implementation)

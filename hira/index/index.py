@@ -228,7 +228,7 @@ def append(index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask:
         key_mask: [B, S] bool, None: all real.
     """
     B, H, S, D = keys.shape
-    BS, C = index.block_size, index.capacity
+    BS = index.block_size
     if not torch.compiler.is_compiling():
         check_room(index, S)
     dev = keys.device

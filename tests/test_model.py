@@ -284,3 +284,24 @@ def test_compiled_model_matches_eager_past_512_keys():
         logits = compiled(ids[:, t : t + 1], **{hira.CACHE_ARG: cache}, position_ids=pos).logits
         torch.testing.assert_close(logits, eager, atol=1e-4, rtol=0)
     assert 0.0 < cache.stats()[0]["read_fraction"] < 1.0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="transformers auto-compiles generate on CUDA")
+@torch.no_grad()
+def test_generate_on_cuda_is_compiled_and_decodes_as_eager():
+    """On CUDA a plain generate compiles and graph-replays the decode by itself (no compile_config), past 512
+    slots, with the tokens of the eager path and no recompile in a second call on the reset cache."""
+    config = hira.HiraConfig(block_size=64, threshold=hira.Threshold.topk(3), min_context=0, window_tokens=64,
+                             max_cache_len=768)
+    model = hira.convert(_tiny("llama").cuda(), config)
+    ids = torch.randint(3, 96, (2, 700), generator=torch.Generator().manual_seed(3)).cuda()
+    eager = _greedy(model, ids, steps=24, disable_compile=True)
+    cache = hira.HiraCache(model.config, config)
+    dynamo_utils.counters.clear()
+    assert torch.equal(_greedy(model, ids, steps=24, **{hira.CACHE_ARG: cache}), eager)
+    graphs = dynamo_utils.counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 6, graphs
+    cache.reset()
+    assert torch.equal(_greedy(model, ids, steps=24, **{hira.CACHE_ARG: cache}), eager)
+    assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
+    assert dynamo_utils.counters["inductor"]["cudagraph_skips"] == 0

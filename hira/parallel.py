@@ -33,15 +33,7 @@ from hira.api import AttentionStats, attend_rows, build_index_unchecked
 from hira.config import HiraConfig
 from hira.flex.attention import fold_gqa, merge_partials, unfold_gqa
 from hira.index.index import HiraIndex, append
-from hira.search.search import (
-    LeafBounds,
-    Selection,
-    exact_leaf_score,
-    fold_exact_score,
-    leaf_bounds,
-    select_leaves,
-    selection_from_keep,
-)
+from hira.search.search import LeafBounds, Selection, fold_exact_score, local_select, search, select_leaves
 from hira.search.threshold import Threshold
 
 
@@ -247,19 +239,14 @@ def sharded_search(
         A ``Selection`` over the local index; ``log_skip_ub`` and ``log_kept_lb`` cover the local leaves
         (``sharded_attend`` sums them over the ranks).
     """
-    index = local.index
-    live = index.levels[0].count > 0  # [B, H, NB]
-    forced = index.forced_leaves()
-    bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
-    top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the local leaf with the largest bound
-    m = exact_leaf_score(index, q, top_leaf[..., 0])[..., None]  # [B, H, R, 1]
-    folded = fold_exact_score(bounds, top_leaf, m)
-    if threshold.mode in ("dense", "fixed"):  # a rule per leaf: nothing to agree on
-        keep, tau = select_leaves(folded, top_leaf, forced, live, threshold, dense)
-    else:
+
+    def agree(bounds, top_leaf, m, forced, live, threshold, dense):
+        if threshold.mode in ("dense", "fixed"):  # a rule per leaf: nothing to agree on
+            return local_select(bounds, top_leaf, m, forced, live, threshold, dense)
         m_plane = torch.full_like(bounds.ub, -math.inf).scatter(-1, top_leaf, m)
-        keep, tau = _global_keep(local, bounds, m_plane, threshold, forced, live, dense)
-    return selection_from_keep(keep, live, folded, tau)
+        return _global_keep(local, bounds, m_plane, threshold, forced, live, dense)
+
+    return search(local.index, q, threshold, dense, select=agree)
 
 
 def sharded_attend(

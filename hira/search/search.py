@@ -229,7 +229,23 @@ def selection_from_keep(keep: torch.Tensor, live: torch.Tensor, bounds: LeafBoun
     )
 
 
-def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch.Tensor | None = None) -> Selection:
+def local_select(
+    bounds: LeafBounds, top_leaf: torch.Tensor, m: torch.Tensor, forced: torch.Tensor, live: torch.Tensor,
+    threshold: Threshold, dense: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``search``'s default choice of leaves: ``select_leaves`` over this index's own leaves, the exact score m
+    [B, H, R, 1] of a key of ``top_leaf`` folded into its bounds. The sharded search (``hira.parallel``) passes a
+    choice that agrees across ranks instead."""
+    return select_leaves(fold_exact_score(bounds, top_leaf, m), top_leaf, forced, live, threshold, dense)
+
+
+def search(
+    index: HiraIndex,
+    q: torch.Tensor,
+    threshold: Threshold,
+    dense: torch.Tensor | None = None,
+    select=local_select,
+) -> Selection:
     """Select the leaves to read for the given query rows.
 
     Tensor program (no validation, no host sync): compile-able with ``fullgraph=True``.
@@ -239,11 +255,12 @@ def search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, dense: torch
         q: [B, H, R, D] float32 query rows, already multiplied by the softmax scale.
         threshold: the mode.
         dense: optional [] bool tensor; where True every non-empty leaf is kept (e.g. below ``min_context``).
+        select: ``(bounds, top_leaf, m, forced, live, threshold, dense) -> (keep, tau)``, the choice of leaves
+            from their bounds (before the exact score m is folded in); default ``local_select``.
     """
     live = index.levels[0].count > 0  # [B, H, NB]
     bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
     top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the leaf with the largest bound per row
     m = exact_leaf_score(index, q, top_leaf[..., 0])[..., None]  # [B, H, R, 1] exact score of one of its keys
-    bounds = fold_exact_score(bounds, top_leaf, m)
-    keep, tau = select_leaves(bounds, top_leaf, index.forced_leaves(), live, threshold, dense)
-    return selection_from_keep(keep, live, bounds, tau)
+    keep, tau = select(bounds, top_leaf, m, index.forced_leaves(), live, threshold, dense)
+    return selection_from_keep(keep, live, fold_exact_score(bounds, top_leaf, m), tau)

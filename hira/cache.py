@@ -21,7 +21,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, StaticSlidingWindowLayer
 
 from hira.api import AttentionStats, build_index_unchecked
 from hira.config import HiraConfig
@@ -246,11 +246,9 @@ class HiraCache(Cache):
     A converted model creates one by itself when ``generate`` or ``forward`` gets no cache; pass one explicitly to
     keep it (and its stats) across calls.
 
-    A sliding-window layer (Gemma 3's, left unconverted by ``convert``) gets the transformers layer a
-    ``DynamicCache`` of the same config would give it (``DynamicSlidingWindowLayer``): exact attention over the
-    window. That class is not compileable, and a ``Cache`` is compileable only if all its layers are, so such a
-    model's HiraCache has ``is_compileable`` False: ``generate`` does not auto-compile its decode (it runs eagerly;
-    the Hira layers still attend through the compiled FlexAttention).
+    A sliding-window layer (Gemma 3's, left unconverted by ``convert``) gets transformers' own
+    ``StaticSlidingWindowLayer``: exact attention over the window, in preallocated storage updated in place, so the
+    cache stays compileable (``generate`` auto-compiles a Gemma 3 decode on CUDA as it does a Llama one).
 
     Args:
         model_config: the transformers config of the model (layer count, ``max_position_embeddings``).
@@ -270,23 +268,17 @@ class HiraCache(Cache):
         if capacity == -1:
             capacity = int(text.max_position_embeddings)
         # A DynamicCache of the config has one layer per decoder layer, sliding where transformers reads a window from
-        # the config (how it reads it differs between releases); those stay, every other becomes a Hira layer.
+        # the config (how it reads it differs between releases): those get the static sliding layer, every other
+        # becomes a Hira layer.
         layers = DynamicCache(config=text).layers
         for i, layer in enumerate(layers):
-            if not layer.is_sliding:
+            if layer.is_sliding:
+                layers[i] = StaticSlidingWindowLayer(max_cache_len=capacity, sliding_window=layer.sliding_window)
+            else:
                 layers[i] = HiraLayer(i, capacity, self.hira_config) if shard is None else ShardedHiraLayer(
                     i, capacity, self.hira_config, shard
                 )
         super().__init__(layers=layers)
-
-    def reset(self) -> None:
-        """Empty every layer for a new prompt. A Hira layer keeps its storage (refilled in place by the next prefill);
-        a sliding-window layer is made anew, because transformers 5.17's reset zeroes its keys but keeps them."""
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, HiraLayer):
-                layer.reset()
-            else:
-                self.layers[i] = type(layer)(sliding_window=layer.sliding_window)
 
     def stats(self) -> list[dict[str, float] | None]:
         """Per layer, what the last decode step read: ``read_fraction`` (real keys in the blocks read over all real

@@ -7,8 +7,9 @@ import math
 
 import pytest
 import torch
+import torch._dynamo.utils
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-from transformers.cache_utils import DynamicSlidingWindowLayer
+from transformers.cache_utils import StaticSlidingWindowLayer
 from transformers.models.gemma3.modeling_gemma3 import Gemma3Attention
 
 import hira
@@ -62,8 +63,8 @@ def test_dense_config_matches_unconverted():
     hira.convert(model, DENSE)
     assert [type(layer.self_attn) for layer in model.model.layers] == [Gemma3Attention, hira.HiraAttention] * 2
     cache = hira.HiraCache(model.config, DENSE)
-    assert [type(layer) for layer in cache.layers] == [DynamicSlidingWindowLayer, hira.cache.HiraLayer] * 2
-    assert not cache.is_compileable  # transformers' sliding-window layer is not
+    assert [type(layer) for layer in cache.layers] == [StaticSlidingWindowLayer, hira.cache.HiraLayer] * 2
+    assert cache.is_compileable  # so generate auto-compiles its decode on CUDA
     out = _greedy(model, ids, attention_mask=mask, output_logits=True, return_dict_in_generate=True,
                   **{hira.CACHE_ARG: cache})
     assert torch.equal(out.sequences, ref.sequences)
@@ -85,7 +86,7 @@ def test_sparse_config_reads_less_on_the_full_layers():
     out = _greedy(model, ids, steps=4, attention_mask=mask, return_dict_in_generate=True)
     cache = getattr(out, hira.CACHE_ARG)
     assert isinstance(cache, hira.HiraCache)
-    assert [type(layer) for layer in cache.layers] == [DynamicSlidingWindowLayer, hira.cache.HiraLayer] * 2
+    assert [type(layer) for layer in cache.layers] == [StaticSlidingWindowLayer, hira.cache.HiraLayer] * 2
     stats = cache.stats()
     assert stats[0] is None and stats[2] is None
     for i in FULL:
@@ -122,3 +123,26 @@ def test_unsupported_gemma3_settings_raise():
         hira.convert(_tiny(attn_logit_softcapping=50.0))
     with pytest.raises(ValueError, match="use_bidirectional_attention = True"):
         hira.convert(_tiny(use_bidirectional_attention=True))
+
+
+@torch.no_grad()
+def test_generate_compiles_the_decode_as_eager():
+    """transformers' auto-compile (forced on the CPU) takes a Gemma 3 HiraCache, sliding layers included, and
+    decodes the eager tokens; a second call on the reset cache compiles nothing more."""
+    from transformers.generation import CompileConfig
+
+    model = hira.convert(_tiny(), SPARSE)
+    ids, mask = _padded_batch()
+    eager = _greedy(model, ids, attention_mask=mask, disable_compile=True)
+    config = CompileConfig()
+    config._compile_all_devices = True  # transformers auto-compiles on accelerators only
+    cache = hira.HiraCache(model.config, SPARSE)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    assert torch.equal(_greedy(model, ids, attention_mask=mask, compile_config=config, **{hira.CACHE_ARG: cache}), eager)
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 <= graphs <= 6 and not counters["graph_break"], (graphs, dict(counters["graph_break"]))
+    cache.reset()
+    assert torch.equal(_greedy(model, ids, attention_mask=mask, compile_config=config, **{hira.CACHE_ARG: cache}), eager)
+    assert counters["stats"]["unique_graphs"] == graphs

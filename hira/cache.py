@@ -61,6 +61,7 @@ class HiraLayer(CacheLayerMixin):
         self.capacity = capacity
         self.config = config
         self.index: HiraIndex | None = None
+        self.emptied = False  # reset since the last prefill: the next call prefills into the kept storage
         self.length = torch.zeros((), dtype=torch.int64)  # tokens seen, a 0-d tensor advanced in place
         self.last_stats: AttentionStats | None = None  # buffers the decode step overwrites
         self.threshold = Threshold.dense() if layer_idx in config.dense_layers else config.threshold
@@ -78,7 +79,7 @@ class HiraLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         # A decode step never reads the model's mask (padding lives in the index): one column, the same shape at
         # every step, is all a compiled decode needs. Prefill gets the full causal width (a host read: eager only).
-        if self.index is None:
+        if self.index is None or self.emptied:
             return query_length, 0
         if query_length == 1:
             return 1, 0
@@ -94,6 +95,7 @@ class HiraLayer(CacheLayerMixin):
         # Storage stays allocated, so the next prefill refills it in place (the recorded decode graph stays valid).
         self.length.zero_()
         self._clear_stats()
+        self.emptied = True
 
     def reorder_cache(self, beam_idx) -> None:
         raise NotImplementedError("HiraCache does not support beam search yet: use greedy or sampling decoding")
@@ -109,7 +111,7 @@ class HiraLayer(CacheLayerMixin):
             [B, Hq, S, D] attention output.
         """
         S = q.shape[2]
-        if self.index is None or (S > 1 and not bool(self.length)):
+        if self.index is None or self.emptied:
             out = self._prefill(q, k, v, attention_mask, scale)
         elif S > 1:
             out = self._continue_prefill(q, k, v, scale)
@@ -161,6 +163,7 @@ class HiraLayer(CacheLayerMixin):
             enable_gqa=True,
         )
         self._install(self._build(k, v, key_mask_from_attention_mask(attention_mask, B, N, k.device)), B, q.shape[1])
+        self.emptied = False
         return out
 
     def _continue_prefill(self, q, k, v, scale):

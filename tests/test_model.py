@@ -305,3 +305,17 @@ def test_generate_on_cuda_is_compiled_and_decodes_as_eager():
     assert torch.equal(_greedy(model, ids, steps=24, **{hira.CACHE_ARG: cache}), eager)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs
     assert dynamo_utils.counters["inductor"]["cudagraph_skips"] == 0
+
+
+@torch.no_grad()
+def test_reset_cache_takes_any_new_prompt():
+    """After reset a cache prefills whatever comes next, a one-token prompt included, as a fresh cache does."""
+    model = hira.convert(_tiny("llama"), SPARSE)
+    cache = hira.HiraCache(model.config, SPARSE)
+    _greedy(model, _ids(), steps=4, **{hira.CACHE_ARG: cache})
+    for prompt in (_ids(length=90, seed=5), _ids(length=1, seed=6)):
+        cache.reset()
+        fresh = hira.HiraCache(model.config, SPARSE)
+        got = _greedy(model, prompt, steps=6, **{hira.CACHE_ARG: cache})
+        assert torch.equal(got, _greedy(model, prompt, steps=6, **{hira.CACHE_ARG: fresh}))
+        assert cache.get_seq_length() == prompt.shape[1] + 5

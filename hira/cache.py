@@ -139,7 +139,8 @@ class HiraLayer(CacheLayerMixin):
         dev = index.keys.device
         self.length = self.length.to(dev)
         H = index.keys.shape[1]
-        self.last_stats = AttentionStats(*(torch.empty(shape, device=dev) for shape in ((B, H), (B, H), (B, Hq, 1), (B, Hq, 1))))
+        shapes = ((B, H), (B, H), (B, Hq, 1), (B, Hq, 1))  # kept / read fraction, posterior / prior skip bound
+        self.last_stats = AttentionStats(*(torch.empty(shape, device=dev) for shape in shapes))
         self._clear_stats()
         if not torch.compiler.is_compiling():  # (not traceable; a compiled prefill leaves it to the next call)
             for t in (*index.tensors(), self.length, *self.last_stats.tensors()):

@@ -64,7 +64,7 @@ class HiraLayer(CacheLayerMixin):
         self.emptied = False  # reset since the last prefill: the next call prefills into the kept storage
         self.length = torch.zeros((), dtype=torch.int64)  # tokens seen, a 0-d tensor advanced in place
         self.last_stats: AttentionStats | None = None  # buffers the decode step overwrites
-        self.threshold = Threshold.dense() if layer_idx in config.dense_layers else config.threshold
+        self.threshold = config.threshold  # the decode steps' mode, chosen at each prefill (``_choose_threshold``)
 
     # --- transformers' CacheLayerMixin contract -------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -113,12 +113,23 @@ class HiraLayer(CacheLayerMixin):
         S = q.shape[2]
         if self.index is None or self.emptied:
             out = self._prefill(q, k, v, attention_mask, scale)
+            self.threshold = self._choose_threshold(S)
         elif S > 1:
             out = self._continue_prefill(q, k, v, scale)
+            self.threshold = self._choose_threshold(int(self.length) + S)
         else:
             out = self._decode(q, k, v, scale)
         self.length.add_(S)
         return out
+
+    def _choose_threshold(self, tokens: int) -> Threshold:
+        """The decode steps' mode after a prefill to ``tokens`` tokens: ``dense`` (every block read, no search) for
+        a layer in ``dense_layers`` or shorter than ``min_context``, else the configured one. Chosen once per
+        prefill, on the host, so a decode step holds no branch: a sequence that grows past ``min_context`` while
+        decoding keeps decoding densely until its next prefill."""
+        if self.layer_idx in self.config.dense_layers or tokens < self.config.min_context:
+            return Threshold.dense()
+        return self.config.threshold
 
     def _build(self, k, v, key_mask) -> HiraIndex:
         # One spare block: the prompt fills its last block before decode tokens are appended, so a prompt of N
@@ -198,7 +209,7 @@ class HiraLayer(CacheLayerMixin):
         return self._build(k, v, key_mask)
 
     def _decode(self, q, k, v, scale):
-        return run_decode_step(self.index, q, k, v, self.threshold, scale, self.config.min_context, self.last_stats)
+        return run_decode_step(self.index, q, k, v, self.threshold, scale, self.last_stats)
 
 
 class ShardedHiraLayer(HiraLayer):
@@ -238,8 +249,7 @@ class ShardedHiraLayer(HiraLayer):
         local = self.local
         shard_append(local, k, v)
         rows = fold_gqa(q.float(), local.index.keys.shape[1]) * scale  # [B, H, G, D]
-        dense = local.total_valid.amax() < self.config.min_context
-        sel = sharded_search(local, rows, self.threshold, dense=dense)
+        sel = sharded_search(local, rows, self.threshold)
         out, self.last_stats = sharded_attend(q, local, sel, scale)
         return out
 

@@ -27,7 +27,9 @@ class HiraConfig:
         threshold: the search's threshold mode (see ``hira.Threshold``).
         sink_tokens: the first tokens of every sequence, always attended (attention sinks).
         window_tokens: the most recent tokens, always attended.
-        min_context: a layer holding fewer tokens than this decodes densely (every block read).
+        min_context: a layer prefilled to fewer tokens than this decodes densely (every block read, no search) until
+            its next prefill. Below the context where the search pays for itself (benchmarks/RESULTS.md) the
+            sparse step is slower than reading everything.
         max_cache_len: capacity of a model's ``HiraCache`` in tokens; -1 takes ``max_position_embeddings``.
         recluster_on_prefill: on every prefill call (query length > 1) rebuild the index over all cached tokens.
             Decode tokens are always appended as new blocks in position order, with exact bounds, at no extra cost.

@@ -205,7 +205,7 @@ def _gather_leaves(
     return all_planes, all_flags, local.shard.rank * nb_max
 
 
-def _global_keep(local: ShardIndex, bounds: LeafBounds, m_plane, threshold: Threshold, forced, live, dense):
+def _global_keep(local: ShardIndex, bounds: LeafBounds, m_plane, threshold: Threshold, forced, live):
     """Single-process ``search``'s choice over every rank's leaves, made identically on every rank.
 
     For ``certified``, ``topk`` and ``topp``. bounds: this rank's ``LeafBounds`` before the exact score is folded
@@ -218,13 +218,11 @@ def _global_keep(local: ShardIndex, bounds: LeafBounds, m_plane, threshold: Thre
     ub, mass_ub, mass_lb, est, m_all = planes
     top = ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the global top-bound leaf, some rank's local top leaf
     every = fold_exact_score(LeafBounds(ub, mass_ub, mass_lb, est), top, m_all.gather(-1, top))
-    keep, tau = select_leaves(every, top, forced_all, live_all, threshold, dense)
+    keep, tau = select_leaves(every, top, forced_all, live_all, threshold)
     return keep[:, :, offset : offset + live.shape[-1]], tau
 
 
-def sharded_search(
-    local: ShardIndex, q: torch.Tensor, threshold: Threshold, dense: torch.Tensor | None = None
-) -> Selection:
+def sharded_search(local: ShardIndex, q: torch.Tensor, threshold: Threshold) -> Selection:
     """The local leaves of the global selection: what single-process ``search`` keeps over all ranks' leaves.
 
     A collective in the ``certified``, ``topk`` and ``topp`` modes (one all-gather of per-leaf bounds and
@@ -234,19 +232,18 @@ def sharded_search(
         local: this rank's ``ShardIndex``.
         q: [B, H, R, D] float32 query rows, already multiplied by the softmax scale (the same on every rank).
         threshold: the mode.
-        dense: optional [] bool tensor, the same on every rank; where True every non-empty leaf is kept.
     Returns:
         A ``Selection`` over the local index; ``log_skip_ub`` and ``log_kept_lb`` cover the local leaves
         (``sharded_attend`` sums them over the ranks).
     """
 
-    def agree(bounds, top_leaf, m, forced, live, threshold, dense):
-        if threshold.mode in ("dense", "fixed"):  # a rule per leaf: nothing to agree on
-            return local_select(bounds, top_leaf, m, forced, live, threshold, dense)
+    def agree(bounds, top_leaf, m, forced, live, threshold):
+        if threshold.mode == "fixed":  # a rule per leaf: nothing to agree on (``dense`` never gets here)
+            return local_select(bounds, top_leaf, m, forced, live, threshold)
         m_plane = torch.full_like(bounds.ub, -math.inf).scatter(-1, top_leaf, m)
-        return _global_keep(local, bounds, m_plane, threshold, forced, live, dense)
+        return _global_keep(local, bounds, m_plane, threshold, forced, live)
 
-    return search(local.index, q, threshold, dense, select=agree)
+    return search(local.index, q, threshold, select=agree)
 
 
 def sharded_attend(
@@ -296,8 +293,7 @@ def sharded_attend(
 
 
 def sharded_decode_attention(
-    q: torch.Tensor, local: ShardIndex, threshold: Threshold, scale: float | None = None,
-    dense: torch.Tensor | None = None,
+    q: torch.Tensor, local: ShardIndex, threshold: Threshold, scale: float | None = None
 ) -> tuple[torch.Tensor, AttentionStats]:
     """One sharded decode step over the cached tokens: ``sharded_search`` then ``sharded_attend``.
 
@@ -309,7 +305,6 @@ def sharded_decode_attention(
         local: this rank's ``ShardIndex`` (from ``build_shard_index``).
         threshold: the search mode.
         scale: softmax scale; default 1/sqrt(D).
-        dense: optional [] bool tensor; where True every block is read.
     Returns:
         out [B, Hq, S, D] in q's dtype, the same on every rank, and ``AttentionStats`` over the whole sequence.
     """
@@ -321,5 +316,5 @@ def sharded_decode_attention(
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows = fold_gqa(q.float(), H) * scale  # [B, H, G*S, D]
-    sel = sharded_search(local, rows, threshold, dense=dense)
+    sel = sharded_search(local, rows, threshold)
     return sharded_attend(q, local, sel, scale)

@@ -31,19 +31,17 @@ from hira.search.threshold import Threshold
 
 
 def plan(
-    index: HiraIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: Threshold, scale: float,
-    min_context: int,
+    index: HiraIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: Threshold, scale: float
 ) -> Selection:
-    """Append the new token to ``index`` (in place) and select the blocks the query reads.
+    """Append the new token to ``index`` (in place) and select the blocks the query reads (``dense``: every
+    non-empty block, with no search).
 
     Args:
         q: [B, Hq, 1, D] post-RoPE query; k, v: [B, H, 1, D] the new token's key and value.
-        min_context: below this many tokens in every row every block is read.
     """
     append(index, k, v)
     rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G, D]
-    dense = index.n_valid.amax() < min_context
-    return search(index, rows, threshold, dense=dense)
+    return search(index, rows, threshold)
 
 
 def run(q: torch.Tensor, index: HiraIndex, selection: Selection, scale: float, stats: AttentionStats) -> torch.Tensor:
@@ -61,7 +59,6 @@ def decode_step(
     v: torch.Tensor,
     threshold: Threshold,
     scale: float,
-    min_context: int,
     stats: AttentionStats,
 ) -> torch.Tensor:
     """One decode step of one layer.
@@ -70,12 +67,11 @@ def decode_step(
         index: the layer's index; the new token is appended in place.
         q: [B, Hq, 1, D] post-RoPE query; k, v: [B, H, 1, D] the new token's key and value.
         threshold: the search mode; scale: the softmax scale.
-        min_context: below this many tokens in every row the step reads every block.
         stats: buffers overwritten in place with this step's ``AttentionStats``.
     Returns:
         [B, Hq, 1, D] attention output in q's dtype.
     """
-    return run(q, index, plan(index, q, k, v, threshold, scale, min_context), scale, stats)
+    return run(q, index, plan(index, q, k, v, threshold, scale), scale, stats)
 
 
 def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, branching: int, sink_tokens: int,
@@ -90,16 +86,15 @@ def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, bran
                      branching, sink_tokens, window_tokens, sketch)
 
 
-def _flat_step(tensors, q, k, v, stats, mode, value, scale, min_context, n_levels, block_size, branching, sink_tokens,
+def _flat_step(tensors, q, k, v, stats, mode, value, scale, n_levels, block_size, branching, sink_tokens,
                window_tokens):
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    return decode_step(index, q, k, v, Threshold(mode, value), scale, min_context, AttentionStats(*stats))
+    return decode_step(index, q, k, v, Threshold(mode, value), scale, AttentionStats(*stats))
 
 
-def _flat_plan(tensors, q, k, v, mode, value, scale, min_context, n_levels, block_size, branching, sink_tokens,
-               window_tokens):
+def _flat_plan(tensors, q, k, v, mode, value, scale, n_levels, block_size, branching, sink_tokens, window_tokens):
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    selection = plan(index, q, k, v, Threshold(mode, value), scale, min_context)
+    selection = plan(index, q, k, v, Threshold(mode, value), scale)
     return tuple(getattr(selection, f.name) for f in dataclasses.fields(selection))  # a dataclass is no output
 
 
@@ -114,7 +109,7 @@ def _step(tensors, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
     (benchmarks/NOTES.md §11), while the process-wide compiled flex_attention that ``run`` calls is exact."""
     if q.is_cuda:
         return _compiled_step(tensors, q, k, v, stats, *setting_and_layout)
-    n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[4:]
+    n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[3:]
     selection = Selection(*_compiled_plan(tensors, q, k, v, *setting_and_layout))
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
     return run(q, index, selection, setting_and_layout[2], AttentionStats(*stats))
@@ -123,26 +118,26 @@ def _step(tensors, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
 @torch.library.custom_op("hira::decode_step", mutates_args=("tensors", "stats"))
 def _decode_step_op(
     tensors: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: list[torch.Tensor],
-    threshold_mode: str, value: float, scale: float, min_context: int, n_levels: int, block_size: int, branching: int,
-    sink_tokens: int, window_tokens: int,
+    threshold_mode: str, value: float, scale: float, n_levels: int, block_size: int, branching: int, sink_tokens: int,
+    window_tokens: int,
 ) -> torch.Tensor:
     # (threshold_mode: "mode" is taken by the operator machinery's own keyword arguments)
-    return _step(tensors, q, k, v, stats, threshold_mode, value, scale, min_context, n_levels, block_size, branching,
-                 sink_tokens, window_tokens)
+    return _step(tensors, q, k, v, stats, threshold_mode, value, scale, n_levels, block_size, branching, sink_tokens,
+                 window_tokens)
 
 
 @_decode_step_op.register_fake
-def _(tensors, q, k, v, stats, threshold_mode, value, scale, min_context, n_levels, block_size, branching, sink_tokens,
+def _(tensors, q, k, v, stats, threshold_mode, value, scale, n_levels, block_size, branching, sink_tokens,
       window_tokens):
     return torch.empty_like(q)
 
 
-def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: float, min_context: int,
+def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: float,
                     stats: AttentionStats) -> torch.Tensor:
     """``decode_step`` as the module docstring says: inside a compiled model one operator, else the same compiled
     code called directly."""
     args = (list(index.tensors()), q, k, v, list(stats.tensors()), threshold.mode, threshold.value, float(scale),
-            min_context, len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
+            len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
     if torch.compiler.is_compiling():
         return _decode_step_op(*args)
     check_room(index, q.shape[2])  # the compiled step cannot raise: one host read before it

@@ -67,6 +67,21 @@ def test_dense_config_matches_unconverted(family):
 
 
 @torch.no_grad()
+def test_min_context_is_chosen_at_prefill():
+    """A layer prefilled to fewer than min_context tokens decodes densely (every block, nothing skipped) until its
+    next prefill, even past min_context; a prompt of at least min_context tokens decodes with the configured mode."""
+    model = hira.convert(_tiny("llama"), SPARSE)
+    for min_context, sparse in ((PROMPT + 1, False), (PROMPT, True)):
+        config = hira.HiraConfig(block_size=16, threshold=hira.Threshold.topk(2), min_context=min_context,
+                                 window_tokens=16)
+        cache = hira.HiraCache(model.config, config)
+        _greedy(model, _ids(), steps=4, **{hira.CACHE_ARG: cache})  # decodes past min_context
+        assert all(layer.threshold == (config.threshold if sparse else hira.Threshold.dense()) for layer in cache.layers)
+        read = cache.summary()["read_fraction"]
+        assert read < 0.5 if sparse else read == 1.0
+
+
+@torch.no_grad()
 def test_decode_logits_match_step_by_step():
     model = _tiny("llama")
     ids = _ids(length=PROMPT + 8)

@@ -168,7 +168,6 @@ def select_leaves(
     forced: torch.Tensor,
     live: torch.Tensor,
     threshold: Threshold,
-    dense: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The threshold's choice of leaves from their bounds: (keep [B, H, NB] bool, tau [B, H, R]).
 
@@ -176,13 +175,11 @@ def select_leaves(
         bounds: [B, H, R, NB] per leaf, the exact score of ``top_leaf`` folded in (``fold_exact_score``).
         top_leaf: [B, H, R, 1] each row's leaf of largest bound (listed first by ``certified``).
         forced: [B, H, NB] leaves always kept (sinks, window); live: [B, H, NB] non-empty leaves.
-        threshold: the mode; dense: optional [] bool, where True every live leaf is kept.
+        threshold: the mode.
     """
     mode, value = threshold.mode, threshold.value
     tau = torch.full_like(bounds.ub[..., 0], -math.inf)
-    if mode == "dense":
-        keep = live
-    elif mode == "fixed":
+    if mode == "fixed":
         tau = torch.full_like(tau, value)
         keep = (bounds.ub >= tau[..., None]).any(dim=2) & live
     elif mode == "certified":
@@ -197,12 +194,23 @@ def select_leaves(
     else:  # topp
         keep = _topp_keep(bounds.est, forced, value) & live
     keep = keep | forced
-    if dense is not None:
-        keep = torch.where(dense, live, keep)
     if mode == "certified":  # every real key above the largest bound of a skipped leaf was kept
         top_skipped = bounds.ub.masked_fill(~(live & ~keep)[:, :, None, :], -math.inf).amax(-1)
         tau = torch.where(top_skipped > -math.inf, torch.nextafter(top_skipped, torch.full_like(tau, math.inf)), tau)
     return keep, tau
+
+
+def block_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention's block lists of a keep table [B, H, NB]: (kv_num_blocks [B, H, 1] int32, kv_indices
+    [B, H, 1, NB] int32 kept leaves first in ascending order, then the others), by a stable compaction through
+    prefix sums (no sort)."""
+    kv_num = keep.sum(-1, dtype=torch.int32)  # [B, H]
+    kept_pos = keep.cumsum(-1) - 1
+    rest_pos = kv_num[..., None] + (~keep).cumsum(-1) - 1
+    slot = torch.where(keep, kept_pos, rest_pos)  # [B, H, NB] destination of each leaf
+    leaf_ids = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32).expand_as(slot)
+    order = torch.empty_like(leaf_ids).scatter_(-1, slot, leaf_ids)
+    return kv_num[..., None], order[:, :, None, :]
 
 
 def selection_from_keep(keep: torch.Tensor, live: torch.Tensor, bounds: LeafBounds, tau: torch.Tensor) -> Selection:
@@ -211,39 +219,42 @@ def selection_from_keep(keep: torch.Tensor, live: torch.Tensor, bounds: LeafBoun
     skipped = (live & ~keep)[:, :, None, :]  # [B, H, 1, NB]
     log_skip_ub = bounds.log_mass_ub.masked_fill(~skipped, -math.inf).logsumexp(-1)  # [B, H, R]
     log_kept_lb = bounds.log_mass_lb.masked_fill(~keep[:, :, None, :], -math.inf).logsumexp(-1)
-    kv_num = keep.sum(-1, dtype=torch.int32)  # [B, H]
-    # Kept leaves first in ascending order, then the others: a stable compaction by prefix sums (no sort).
-    kept_pos = keep.cumsum(-1) - 1
-    rest_pos = kv_num[..., None] + (~keep).cumsum(-1) - 1
-    slot = torch.where(keep, kept_pos, rest_pos)  # [B, H, NB] destination of each leaf
-    leaf_ids = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32).expand_as(slot)
-    order = torch.empty_like(leaf_ids).scatter_(-1, slot, leaf_ids)
+    kv_num_blocks, kv_indices = block_lists(keep)
     return Selection(
         keep=keep,
-        kv_num_blocks=kv_num[..., None],
-        kv_indices=order[:, :, None, :],
+        kv_num_blocks=kv_num_blocks,
+        kv_indices=kv_indices,
         tau=tau,
         log_skip_ub=log_skip_ub,
         log_kept_lb=log_kept_lb,
-        kept_fraction=kv_num.float() / live.sum(-1).clamp_min(1).float(),
+        kept_fraction=kv_num_blocks[..., 0].float() / live.sum(-1).clamp_min(1).float(),
     )
+
+
+def every_leaf(index: HiraIndex, q: torch.Tensor) -> Selection:
+    """The ``dense`` mode's selection for query rows q [B, H, R, D]: every non-empty leaf, with no bound computed
+    (nothing is skipped, so the skip bounds are 0 and no τ is needed)."""
+    live = index.levels[0].count > 0  # [B, H, NB]
+    none = torch.full(q.shape[:3], -math.inf, device=q.device)  # [B, H, R]
+    kv_num_blocks, kv_indices = block_lists(live)
+    kept_fraction = (kv_num_blocks[..., 0] > 0).float()
+    return Selection(live, kv_num_blocks, kv_indices, none, none, none, kept_fraction)
 
 
 def local_select(
     bounds: LeafBounds, top_leaf: torch.Tensor, m: torch.Tensor, forced: torch.Tensor, live: torch.Tensor,
-    threshold: Threshold, dense: torch.Tensor | None,
+    threshold: Threshold,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``search``'s default choice of leaves: ``select_leaves`` over this index's own leaves, the exact score m
     [B, H, R, 1] of a key of ``top_leaf`` folded into its bounds. The sharded search (``hira.parallel``) passes a
     choice that agrees across ranks instead."""
-    return select_leaves(fold_exact_score(bounds, top_leaf, m), top_leaf, forced, live, threshold, dense)
+    return select_leaves(fold_exact_score(bounds, top_leaf, m), top_leaf, forced, live, threshold)
 
 
 def search(
     index: HiraIndex,
     q: torch.Tensor,
     threshold: Threshold,
-    dense: torch.Tensor | None = None,
     select=local_select,
 ) -> Selection:
     """Select the leaves to read for the given query rows.
@@ -254,13 +265,14 @@ def search(
         index: the layer's index.
         q: [B, H, R, D] float32 query rows, already multiplied by the softmax scale.
         threshold: the mode.
-        dense: optional [] bool tensor; where True every non-empty leaf is kept (e.g. below ``min_context``).
-        select: ``(bounds, top_leaf, m, forced, live, threshold, dense) -> (keep, tau)``, the choice of leaves
+        select: ``(bounds, top_leaf, m, forced, live, threshold) -> (keep, tau)``, the choice of leaves
             from their bounds (before the exact score m is folded in); default ``local_select``.
     """
+    if threshold.mode == "dense":
+        return every_leaf(index, q)
     live = index.levels[0].count > 0  # [B, H, NB]
     bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
     top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the leaf with the largest bound per row
     m = exact_leaf_score(index, q, top_leaf[..., 0])[..., None]  # [B, H, R, 1] exact score of one of its keys
-    keep, tau = select(bounds, top_leaf, m, index.forced_leaves(), live, threshold, dense)
+    keep, tau = select(bounds, top_leaf, m, index.forced_leaves(), live, threshold)
     return selection_from_keep(keep, live, fold_exact_score(bounds, top_leaf, m), tau)

@@ -28,13 +28,23 @@ import torch
 _NAME = "hira_capture"
 
 
-def capture_qkv(model, input_ids: torch.Tensor, q_last: int | None = None, dtype: torch.dtype = torch.float32) -> dict:
+def capture_qkv(
+    model, input_ids: torch.Tensor, q_last: int | None = None, dtype: torch.dtype = torch.float32,
+    layers: list[int] | None = None, chunk: int = 0,
+) -> dict:
     """One forward pass over ``input_ids`` [1, N]; returns the post-RoPE Q of the last ``q_last`` positions, all K, V.
+
+    ``layers``: capture these layers only (default all; a sliding-window layer's K and V cover its window only when
+    ``chunk`` is set, so capture full-attention layers then). ``chunk``: run the first N − q_last tokens in calls of
+    at most ``chunk`` tokens through a ``DynamicCache`` and capture the last call (the q_last positions against the
+    cached and new keys): the same attention without an N × N mask, which makes a 32K-token pass of a model with
+    sliding-window layers affordable on a CPU.
 
     Returns a dict with
         Q: [L, T, Hq, D] (T = q_last or N) queries of positions N-T..N-1 (each attends keys 0..its position),
         K, V: [L, Hkv, N, D] post-RoPE keys and values,
-        scaling: the softmax scale the model uses, q_pos: [T] int64 positions of the captured queries.
+        scaling: the softmax scale the model uses, q_pos: [T] int64 positions of the captured queries,
+        layers: the captured layers' indices (L of them, in order).
     """
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
@@ -47,17 +57,21 @@ def capture_qkv(model, input_ids: torch.Tensor, q_last: int | None = None, dtype
     inner = ALL_ATTENTION_FUNCTIONS[base]
     store: dict[int, tuple] = {}
     T = q_last or input_ids.shape[1]
+    n_layers = model.config.num_hidden_layers
+    wanted = set(range(n_layers) if layers is None else layers)
+    recording = [not chunk]
 
     def attn_fn(module, query, key, value, attention_mask, **kwargs):
         layer = getattr(module, "layer_idx", None)
         if layer is None:
             raise RuntimeError(f"{type(module).__name__} has no layer_idx: cannot attribute the capture")
-        store[int(layer)] = (
-            query[0, :, -T:].transpose(0, 1).detach().to(dtype).clone(),  # [T, Hq, D]
-            key[0].detach().to(dtype).clone(),  # [Hkv, N, D]
-            value[0].detach().to(dtype).clone(),
-            kwargs.get("scaling", getattr(module, "scaling", None)),
-        )
+        if recording[0] and int(layer) in wanted:
+            store[int(layer)] = (
+                query[0, :, -T:].transpose(0, 1).detach().to(dtype).clone(),  # [T, Hq, D]
+                key[0].detach().to(dtype).clone(),  # [Hkv, N, D]
+                value[0].detach().to(dtype).clone(),
+                kwargs.get("scaling", getattr(module, "scaling", None)),
+            )
         return inner(module, query, key, value, attention_mask, **kwargs)
 
     AttentionInterface.register(_NAME, attn_fn)
@@ -65,14 +79,26 @@ def capture_qkv(model, input_ids: torch.Tensor, q_last: int | None = None, dtype
     try:
         model.set_attn_implementation(_NAME)
         with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
+            if chunk:
+                from transformers import DynamicCache
+
+                from hira.compat import CACHE_ARG  # the cache argument's name in the installed transformers
+
+                cache = {CACHE_ARG: DynamicCache(config=model.config)}
+                N = input_ids.shape[1]
+                for start in range(0, N - T, chunk):
+                    model(input_ids=input_ids[:, start : min(start + chunk, N - T)], **cache, logits_to_keep=1)
+                recording[0] = True
+                model(input_ids=input_ids[:, N - T :], **cache, logits_to_keep=1)
+            else:
+                model(input_ids=input_ids, use_cache=False)
     finally:
         model.set_attn_implementation(prev)
-    n_layers = model.config.num_hidden_layers
-    missing = [i for i in range(n_layers) if i not in store]
+    order = sorted(wanted)
+    missing = [i for i in order if i not in store]
     if missing:
         raise RuntimeError(f"no attention call was captured for layers {missing}")
-    Q, K, V, sc = zip(*(store[i] for i in range(n_layers)))
+    Q, K, V, sc = zip(*(store[i] for i in order))
     N = input_ids.shape[1]
     return {
         "Q": torch.stack(Q),
@@ -80,6 +106,7 @@ def capture_qkv(model, input_ids: torch.Tensor, q_last: int | None = None, dtype
         "V": torch.stack(V),
         "scaling": float(sc[0]) if sc[0] is not None else Q[0].shape[-1] ** -0.5,
         "q_pos": torch.arange(N - T, N),
+        "layers": order,
     }
 
 

@@ -539,25 +539,29 @@ def forced_decode_modes(model, ids: torch.Tensor, prefill: int, config: hira.Hir
     Args:
         ids: [1, n] int64 on the model's device.
         config: the HiraConfig of the prefill (its threshold unused; the index gets a key sketch if any mode has one).
-        modes: {label: (hira.Threshold, key_sketch)}.
+        modes: {label: (hira.Threshold, key_sketch)}; the first is the reference of ``kl``.
     Returns:
         {label: result}; result: logprob [n - prefill - 1] float64 of the tokens ``ids[0, prefill + 1:]`` and pred
         [n - prefill - 1] int64 (greedy predictions of those positions), both from decode steps; per step, the Hira
-        layers' mean ``read`` and ``kept`` fractions and the max ``skip_bound``; ``layer_read``: {layer: mean read
-        fraction over the steps}.
+        layers' mean ``read`` and ``kept`` fractions, the max ``skip_bound`` and ``kl``, KL(first mode ‖ this
+        mode) of the next-token distributions; ``layer_read``: {layer: mean read fraction over the steps}.
     """
     n = ids.shape[1]
     config = dataclasses.replace(config, key_sketch=any(sk for _, sk in modes.values()))
-    out = {}
+    out, ref = {}, []
     with converted(model, config):
         base = hira.HiraCache(model.config, config)
         prefill_cache(model, ids[:, :prefill], base, chunk)
         for label, (threshold, sketch) in modes.items():
             cache = mode_cache(base, threshold, sketch)
-            logprob, pred, read, kept, skip, per_layer = [], [], [], [], [], {}
-            for t in tqdm(range(prefill, n - 1), desc=f"{desc} {label}".strip(), leave=False):
+            logprob, pred, read, kept, skip, kl, per_layer = [], [], [], [], [], [], {}
+            for i, t in enumerate(tqdm(range(prefill, n - 1), desc=f"{desc} {label}".strip(), leave=False)):
                 logits = model(ids[:, t : t + 1], **{hira.CACHE_ARG: cache}).logits[0, -1].double()
-                logprob.append(logits.log_softmax(-1)[ids[0, t + 1]])
+                logp = logits.log_softmax(-1)
+                if len(ref) <= i:
+                    ref.append(logp.float())
+                kl.append(float((ref[i].double().exp() * (ref[i].double() - logp)).sum()))
+                logprob.append(logp[ids[0, t + 1]])
                 pred.append(logits.argmax())
                 stats = layer_stats(cache)
                 read.append(sum(s["read_fraction"] for s in stats.values()) / len(stats))
@@ -566,7 +570,7 @@ def forced_decode_modes(model, ids: torch.Tensor, prefill: int, config: hira.Hir
                 for i, s in stats.items():
                     per_layer.setdefault(i, []).append(s["read_fraction"])
             out[label] = {"logprob": torch.stack(logprob).cpu(), "pred": torch.stack(pred).cpu(), "read": read,
-                          "kept": kept, "skip_bound": skip,
+                          "kept": kept, "skip_bound": skip, "kl": kl,
                           "layer_read": {i: sum(v) / len(v) for i, v in per_layer.items()}}
             del cache
     return out
@@ -625,6 +629,7 @@ def run_perplexity(args, model, tok, ids: torch.Tensor) -> dict:
                                    "kept_fraction": sum(r["kept"]) / len(r["kept"]),
                                    "skip_bound_max": max(r["skip_bound"]),
                                    "agreement": float((r["pred"] == res[specs[0].label]["pred"]).double().mean()),
+                                   "kl": sum(r["kl"]) / len(r["kl"]),
                                    "layer_read": r["layer_read"]})
         dense_ppl = math.exp(-float(torch.cat(totals["dense"]).mean())) if windows else float("nan")
         meta.append({"window": W, "windows": windows, "prefill": prefill, "decode": W - 1 - prefill,
@@ -639,6 +644,7 @@ def run_perplexity(args, model, tok, ids: torch.Tensor) -> dict:
                             "kept_fraction": sum(r["kept_fraction"] for r in rows) / len(rows),
                             "skip_bound_max": max(r["skip_bound_max"] for r in rows),
                             "agreement": sum(r["agreement"] for r in rows) / len(rows),
+                            "kl": sum(r["kl"] for r in rows) / len(rows),
                             "layer_read": {i: sum(r["layer_read"][i] for r in rows) / len(rows) for i in layers}})
     return {"windows": meta, "block_size": args.block_size, "agreement_with": specs[0].label, "overall": overall,
             "per_window": per_window}
@@ -652,7 +658,8 @@ def perplexity_markdown(data: dict, meta: dict) -> str:
         f"perplexity over those positions. Dense: the unconverted model. `dense` below is Hira's sparse path keeping "
         f"every block (the anchor). Keys read / blocks kept: mean over steps and Hira layers; skip bound: the "
         f"largest posterior bound of any step, layer and head; top-1 agreement: the greedy prediction equals "
-        f"`{data['agreement_with']}`'s.\n",
+        f"`{data['agreement_with']}`'s; KL: mean over positions of KL(`{data['agreement_with']}` ‖ mode) of the "
+        f"next-token distributions, in nats.\n",
     ]
     for m in data["windows"]:
         W = m["window"]
@@ -661,10 +668,10 @@ def perplexity_markdown(data: dict, meta: dict) -> str:
         res = [r for r in data["overall"] if r["window"] == W]
         layers = list(res[0]["layer_read"]) if res else []
         rows = [[r["label"], f"{r['ppl']:.4f}", f"{100 * r['delta']:+.3f}%", pct(r["read_fraction"]),
-                 pct(r["kept_fraction"]), f"{r['skip_bound_max']:.2e}", f"{r['agreement']:.4f}"]
+                 pct(r["kept_fraction"]), f"{r['skip_bound_max']:.2e}", f"{r['agreement']:.4f}", f"{r['kl']:.2e}"]
                 + [pct(r["layer_read"][i]) for i in layers] for r in res]
         S.append(md_table(["mode", "perplexity", "Δ vs dense", "keys read", "blocks kept", "skip bound max",
-                           "top-1 agreement"] + [f"read L{i}" for i in layers], rows) + "\n")
+                           "top-1 agreement", "KL"] + [f"read L{i}" for i in layers], rows) + "\n")
     if any(m["windows"] > 1 for m in data["windows"]):
         rows = [[r["window_tokens"], r["window"], r["label"], f"{r['ppl']:.4f}",
                  pct(r["read_fraction"]) if "read_fraction" in r else "—"] for r in data["per_window"]]
@@ -991,7 +998,8 @@ def plot(out: Path) -> list[Path]:
     model = model or ppl_model
     paths = []
     if fid or ppl:
-        panels = [x for x in (fid, ppl) if x]
+        kl = [r for r in ppl if "kl" in r]
+        panels = [x for x in (fid, ppl, kl) if x]
         fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 5), squeeze=False)
         col = 0
         if fid:
@@ -1018,24 +1026,31 @@ def plot(out: Path) -> list[Path]:
             ax.set_title(f"Attention fidelity, {model}, {ctx} tokens (real KV caches)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7, ncol=2)
-        if ppl:
+        for rows, key, ylabel, title in ((ppl, "delta", "perplexity Δ vs dense (%)", "Perplexity"),
+                                         (kl, "kl", "KL(dense ‖ mode) per token, nats (mean)", "KL to dense")):
+            if not rows:
+                continue
             ax = axes[0, col]
-            windows = sorted({r.get("window", 0) for r in ppl})
+            col += 1
+            windows = sorted({r.get("window", 0) for r in rows})
             markers = "osD^v"
             for name, color in PLOT_COLORS.items():
                 for j, W in enumerate(windows):
-                    pts = sorted((r["read_fraction"], 100 * r["delta"], r["label"]) for r in ppl
-                                 if curve(r) == name and r.get("window", 0) == W)
+                    pts = sorted((r["read_fraction"], r[key] * (100 if key == "delta" else 1)) for r in rows
+                                 if curve(r) == name and r.get("window", 0) == W and (key == "delta" or r[key] > 0))
                     if not pts:
                         continue
-                    x, y, _ = zip(*pts)
+                    x, y = zip(*pts)
                     ax.plot(x, y, color=color, marker=markers[j % len(markers)], alpha=0.8,
                             label=f"{name}, {W // 1024}K" if W else name)
-            ax.axhline(0, color="gray", lw=0.8)
+            if key == "delta":
+                ax.axhline(0, color="gray", lw=0.8)
+            else:
+                ax.set_yscale("log")
             ax.set_xlabel("fraction of KV read (Hira layers)")
-            ax.set_ylabel("perplexity Δ vs dense (%)")
-            ax.set_title(f"Perplexity, teacher-forced decode, {model}")
-            ax.grid(True, alpha=0.3)
+            ax.set_ylabel(ylabel)
+            ax.set_title(f"{title}, teacher-forced decode, {model}")
+            ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=6, ncol=2)
         fig.tight_layout()
         paths.append(out / "quality_pareto.png")

@@ -4,8 +4,10 @@ A layer's life:
 - first call (prefill): exact causal attention over the prompt (SDPA), then the prompt's keys are indexed;
 - decode (query length 1): the new token is appended to the index (as a new block in position order), the range
   search selects blocks, FlexAttention reads them; fixed shapes, no host sync;
-- a later prefill chunk (query length > 1): appended, attended exactly, and (``recluster_on_prefill``) the whole
-  layer is re-clustered.
+- a later prefill chunk (query length > 1): appended in position order and attended exactly over the permuted
+  storage (FlexAttention, causal by each slot's position rank, block lists from the leaves' rank ranges: no
+  [S, N] mask); then (``recluster_on_prefill``) the whole layer is re-clustered, at once, or, inside
+  ``HiraCache.deferred_recluster()`` (generate's chunked prefill), once after the last chunk.
 
 With a ``SequenceShard`` (context parallel, ``hira.parallel``) the layers are ``ShardedHiraLayer``: each rank
 indexes its slice of the prompt, the last rank stores the decoded tokens, and every decode step merges all ranks.
@@ -17,6 +19,7 @@ given to an unconverted model fails loudly instead of attending over scrambled k
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -25,7 +28,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Stati
 
 from hira.api import AttentionStats, build_index_unchecked
 from hira.config import HiraConfig
-from hira.flex.attention import fold_gqa
+from hira.flex.attention import chunk_attention, fold_gqa
 from hira.index.index import HiraIndex, append
 from hira.parallel import SequenceShard, ShardIndex, build_shard_index, shard_append, sharded_attend, sharded_search
 from hira.search.threshold import Threshold
@@ -62,6 +65,8 @@ class HiraLayer(CacheLayerMixin):
         self.config = config
         self.index: HiraIndex | None = None
         self.emptied = False  # reset since the last prefill: the next call prefills into the kept storage
+        self.defer_recluster = False  # set by HiraCache.deferred_recluster()
+        self.recluster_pending = False  # chunks were appended and not re-clustered yet
         self.length = torch.zeros((), dtype=torch.int64)  # tokens seen, a 0-d tensor advanced in place
         self.last_stats: AttentionStats | None = None  # buffers the decode step overwrites
         self.threshold = config.threshold  # the decode steps' mode, chosen at each prefill (``_choose_threshold``)
@@ -181,19 +186,22 @@ class HiraLayer(CacheLayerMixin):
     def _continue_prefill(self, q, k, v, scale):
         index = self.index
         append(index, k, v)
-        B, Hq, S, _ = q.shape
-        H = index.keys.shape[1]
-        # The storage is permuted: causality comes from each key's rank among its row's real tokens.
-        q_rank = index.n_valid[:, None] - S + torch.arange(S, device=q.device)  # [B, S]
-        rank = index.rank  # [B, H, C]
-        mask = (rank[:, :, None, :] <= q_rank[:, None, :, None]) & (rank[:, :, None, :] >= 0)  # [B, H, S, C]
-        out = F.scaled_dot_product_attention(
-            q, index.keys, index.values, attn_mask=mask.repeat_interleave(Hq // H, dim=1), scale=scale,
-            enable_gqa=True,
-        )
+        B, Hq = q.shape[:2]
+        rank_range = (index.rank, index.leaf_first, index.leaf_last, index.levels[0].count)
+        out = chunk_attention(q, index.keys, index.values, index.n_valid, rank_range, scale)
         if self.config.recluster_on_prefill:
-            self._install(self._rebuild(), B, Hq)
+            if self.defer_recluster:
+                self.recluster_pending = True
+            else:
+                self._install(self._rebuild(), B, Hq)
         return out
+
+    def recluster(self) -> None:
+        """Re-cluster the layer now if chunks were appended under ``HiraCache.deferred_recluster``."""
+        if self.recluster_pending:
+            self.recluster_pending = False
+            B, Hq = self.index.keys.shape[0], self.last_stats.skip_bound.shape[1]
+            self._install(self._rebuild(), B, Hq)
 
     def _rebuild(self) -> HiraIndex:
         """Re-cluster every real token of the layer (host sync: prefill only)."""
@@ -293,6 +301,22 @@ class HiraCache(Cache):
                     i, capacity, self.hira_config, shard
                 )
         super().__init__(layers=layers)
+
+    @contextlib.contextmanager
+    def deferred_recluster(self):
+        """Within this context a prefill chunk appends its tokens without re-clustering its layer; on exit each
+        layer that took chunks is re-clustered once. ``generate``'s chunked prefill runs inside it, so a prompt
+        prefilled in n chunks is clustered once, not n times."""
+        layers = [layer for layer in self.layers if isinstance(layer, HiraLayer)]
+        for layer in layers:
+            layer.defer_recluster = True
+        try:
+            yield self
+        finally:
+            for layer in layers:
+                layer.defer_recluster = False
+            for layer in layers:
+                layer.recluster()
 
     def stats(self) -> list[dict[str, float] | None]:
         """Per layer, what the last decode step read: ``read_fraction`` (real keys in the blocks read over all real

@@ -7,6 +7,7 @@ is given.
 
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Callable
 
@@ -175,9 +176,18 @@ def _inject_cache(config: HiraConfig, shard: SequenceShard | None) -> Callable:
     return hook
 
 
-def _hira_prepare_cache(model: nn.Module, config: HiraConfig, shard: SequenceShard | None) -> Callable:
-    """``generate`` makes a DynamicCache when given none: make it a HiraCache instead (user caches stay)."""
-    prepare = type(model)._prepare_cache_for_generation
+def _hook_generate(model: nn.Module, config: HiraConfig, shard: SequenceShard | None) -> None:
+    """Three instance-level overrides of ``generate``'s internals, each calling the class's own method:
+
+    - ``_prepare_cache_for_generation``: the DynamicCache generate makes when given no cache becomes a HiraCache
+      (user caches stay);
+    - ``_prefill``: a chunked prefill (``prefill_chunk_size``) runs inside ``HiraCache.deferred_recluster`` (one
+      re-clustering after the last chunk) and eagerly: transformers would run the chunks through the compiled
+      decode forward, but Hira's prefill builds the index with host reads;
+    - ``_valid_auto_compile_criteria``: False during that prefill, as transformers' own answer otherwise.
+    """
+    cls = type(model)
+    prepare, prefill, criteria = cls._prepare_cache_for_generation, cls._prefill, cls._valid_auto_compile_criteria
 
     def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
         result = prepare(self, generation_config, model_kwargs, *args, **kwargs)
@@ -186,7 +196,25 @@ def _hira_prepare_cache(model: nn.Module, config: HiraConfig, shard: SequenceSha
             model_kwargs[CACHE_ARG] = HiraCache(self.config, config, shard)
         return result
 
-    return types.MethodType(prepare_cache, model)
+    def hira_prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
+        cache = model_kwargs.get(CACHE_ARG)
+        deferred = cache.deferred_recluster() if isinstance(cache, HiraCache) else contextlib.nullcontext()
+        self._hira_prefilling = True
+        try:
+            with deferred:
+                return prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs)
+        finally:
+            self._hira_prefilling = False
+
+    def valid_auto_compile_criteria(self, *args, **kwargs):
+        return not getattr(self, "_hira_prefilling", False) and criteria(self, *args, **kwargs)
+
+    model._prepare_cache_for_generation = types.MethodType(prepare_cache, model)
+    model._prefill = types.MethodType(hira_prefill, model)
+    model._valid_auto_compile_criteria = types.MethodType(valid_auto_compile_criteria, model)
+
+
+_GENERATE_HOOKS = ("_prepare_cache_for_generation", "_prefill", "_valid_auto_compile_criteria", "_hira_prefilling")
 
 
 def convert(
@@ -238,8 +266,8 @@ def convert(
     if old is not None:
         old.remove()
     base._hira_hook = base.register_forward_pre_hook(_inject_cache(config, shard), with_kwargs=True)
-    if hasattr(type(model), "_prepare_cache_for_generation"):
-        model._prepare_cache_for_generation = _hira_prepare_cache(model, config, shard)
+    if hasattr(type(model), "_prefill"):
+        _hook_generate(model, config, shard)
     model.hira_config = config
     model.hira_shard = shard
     return model
@@ -256,7 +284,8 @@ def revert(model: nn.Module) -> nn.Module:
     if hook is not None:
         hook.remove()
         del base._hira_hook
-    model.__dict__.pop("_prepare_cache_for_generation", None)
+    for name in _GENERATE_HOOKS:
+        model.__dict__.pop(name, None)
     model.__dict__.pop("hira_config", None)
     model.__dict__.pop("hira_shard", None)
     return model

@@ -3,11 +3,14 @@ convert/revert, torch.compile without recompiles, and clear errors on misuse."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
 import torch
 import torch._dynamo.utils as dynamo_utils
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from transformers import (
     DynamicCache,
     GPT2Config,
@@ -94,18 +97,37 @@ def test_decode_logits_match_step_by_step():
     torch.testing.assert_close(torch.cat(out, 1), ref, atol=1e-4, rtol=0)
 
 
+@settings(max_examples=12, deadline=None)
+@given(
+    cuts=st.lists(st.integers(1, 60), min_size=1, max_size=4),
+    pad=st.sampled_from([0, 5, 37]),
+    recluster=st.booleans(),
+    deferred=st.booleans(),
+)
 @torch.no_grad()
-def test_chunked_prefill_matches_unconverted():
+def test_chunked_prefill_matches_unconverted(cuts, pad, recluster, deferred):
+    """A prompt fed in chunks of any lengths (a chunk of one token is a decode step), a left-padded row in the
+    batch, with or without re-clustering after each chunk or once after all: every real position's logits equal
+    the unconverted model's over the whole sequence."""
     model = _tiny("llama")
-    ids = _ids(length=PROMPT + 40)
-    ref = model(ids).logits
-    hira.convert(model, DENSE)
-    cache = hira.HiraCache(model.config, DENSE)
-    first = model(ids[:, :PROMPT], **{hira.CACHE_ARG: cache}).logits
-    second = model(ids[:, PROMPT:], **{hira.CACHE_ARG: cache}).logits  # query length 40 over a permuted cache
-    torch.testing.assert_close(torch.cat([first, second], 1), ref, atol=1e-4, rtol=0)
-    step = model(ids[:, -1:], **{hira.CACHE_ARG: cache}).logits  # decode after re-clustering
-    assert torch.isfinite(step).all()
+    first = 40
+    ids = _ids(batch=2, length=first + sum(cuts))
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    ref = model(ids, attention_mask=mask).logits
+    config = hira.HiraConfig(block_size=16, threshold=hira.Threshold.fixed(-math.inf), min_context=0,
+                             window_tokens=16, recluster_on_prefill=recluster)
+    hira.convert(model, config)
+    cache = hira.HiraCache(model.config, config)
+    bounds = [0, first] + [first + sum(cuts[: i + 1]) for i in range(len(cuts))]
+    out = []
+    with cache.deferred_recluster() if deferred else contextlib.nullcontext():
+        for a, b in zip(bounds, bounds[1:]):
+            out.append(model(ids[:, a:b], attention_mask=mask[:, :b], **{hira.CACHE_ARG: cache}).logits)
+    logits = torch.cat(out, 1)
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], ref[real], atol=1e-4, rtol=0)
+    assert not any(getattr(layer, "recluster_pending", False) for layer in cache.layers)
 
 
 @torch.no_grad()
@@ -279,6 +301,30 @@ def test_generate_compiles_the_decode_once_and_replays_it():
     second = _greedy(model, ids, steps=16, compile_config=config, **{hira.CACHE_ARG: cache})
     assert torch.equal(second, eager)
     assert dynamo_utils.counters["stats"]["unique_graphs"] == graphs  # nothing recompiled
+
+
+def test_generate_prefills_in_chunks_eagerly_and_clusters_once(monkeypatch):
+    """generate(prefill_chunk_size=...) with the decode compiled (forced on the CPU): the chunks run eagerly
+    (transformers would compile them), each layer is clustered once after the last chunk, and the tokens are those
+    of the prompt prefilled in one call."""
+    from transformers.generation import CompileConfig
+
+    model = hira.convert(_tiny("llama"), SPARSE)
+    ids = _ids()
+    one_call = _greedy(model, ids, steps=8, disable_compile=True)
+    builds = []
+    build = hira.cache.HiraLayer._build
+    monkeypatch.setattr(hira.cache.HiraLayer, "_build", lambda self, *a: builds.append(self.layer_idx) or build(self, *a))
+    config = CompileConfig()
+    config._compile_all_devices = True
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    cache = hira.HiraCache(model.config, SPARSE)
+    chunked = _greedy(model, ids, steps=8, prefill_chunk_size=48, compile_config=config, **{hira.CACHE_ARG: cache})
+    assert torch.equal(chunked, one_call)
+    assert sorted(builds) == [0, 0, 1, 1]  # the first chunk's index, then one re-clustering per layer
+    assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
+    assert not model._hira_prefilling
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""The compiled flex_attention call over the index storage, GQA folding, and the exact log-sum-exp merge.
+"""The compiled flex_attention calls over the index storage (decode and prefill chunks), GQA folding, and the exact
+log-sum-exp merge.
 
 flex_attention is compiled once per process and shared (compile at the boundary): eager flex_attention would
 materialise every score and is 17–23× slower than SDPA at decode on an H100 (DESIGN.md §2).
@@ -11,11 +12,17 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
+
+from hira.flex.mask import chunk_block_mask
 
 # Created at import (compiling happens at the first call): a global first assigned inside a compiled decode step
 # would fail dynamo's guard on it at the next step and cost one recompile.
 _COMPILED_FLEX = torch.compile(flex_attention, fullgraph=True, dynamic=False)
+# Prefill chunks: a separate instance, its query length padded to a power of two (``chunk_attention``) so that a
+# few static shapes serve every chunk (dynamic shapes fail to build on the CPU backend, torch 2.13).
+_COMPILED_FLEX_CHUNKS = torch.compile(flex_attention, fullgraph=True, dynamic=False)
 
 
 def compiled_flex_attention():
@@ -83,6 +90,32 @@ def block_attention(
     if not return_lse:
         return out, None
     return out, _masked_lse(q_rows, keys, block_mask, valid, scale)
+
+
+def chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_valid: torch.Tensor, rank_range,
+                    scale: float) -> torch.Tensor:
+    """Causal attention of a prefill chunk over the permuted storage, which already holds it.
+
+    The chunk's S queries are padded to a power of two (padding rows read nothing), so that one compiled shape
+    serves every chunk length up to it.
+
+    Args:
+        q: [B, Hq, S, D] the chunk's queries; keys, values: [B, H, C, D] the storage.
+        n_valid: [B] real tokens stored, the chunk's included (all its tokens are real).
+        rank_range: (rank [B, H, C], leaf_first, leaf_last, count [B, H, NB]) for ``chunk_block_mask``.
+    Returns:
+        [B, Hq, S, D] in q's dtype.
+    """
+    B, Hq, S, D = q.shape
+    H = keys.shape[1]
+    padded = 1 << (S - 1).bit_length()
+    rows = fold_gqa(F.pad(q.to(keys.dtype), (0, 0, 0, padded - S)), H)  # [B, H, G·padded, D]
+    pos = torch.arange(padded, device=q.device)
+    s_rank = torch.where(pos < S, n_valid[:, None] - S + pos, -1)  # [B, padded] (row g·padded + s is token s)
+    rank, leaf_first, leaf_last, count = rank_range
+    mask = chunk_block_mask(rank, leaf_first, leaf_last, count, s_rank.repeat(1, Hq // H), keys.shape[2] // count.shape[-1])
+    out = _COMPILED_FLEX_CHUNKS(rows, keys, values, block_mask=mask, scale=scale)
+    return unfold_gqa(out, Hq)[:, :, :S].to(q.dtype)
 
 
 def dense_attention_lse(

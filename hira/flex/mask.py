@@ -1,4 +1,4 @@
-"""From a search result to a FlexAttention BlockMask over the index storage.
+"""From a search result (or a prefill chunk's causality) to a FlexAttention BlockMask over the index storage.
 
 The G query heads of a KV group are folded into the query axis (q as [B, Hkv, G·S, D]) and the mask has one head
 per KV head: FlexAttention's decode kernel needs that layout to split the KV axis (DESIGN.md §1). Selected blocks
@@ -15,6 +15,18 @@ from torch.nn.attention.flex_attention import BlockMask
 
 # FlexAttention's GPU kernels need a query block of 128 with GQA folded into the query axis (DESIGN.md §3).
 Q_BLOCK_SIZE = 128
+
+
+def block_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlexAttention's block lists of a keep table [..., NB] bool: (count [...] int32, indices [..., NB] int32:
+    the kept blocks first in ascending order, then the others), by a stable compaction through prefix sums (no
+    sort)."""
+    num = keep.sum(-1, dtype=torch.int32)
+    kept_pos = keep.cumsum(-1) - 1
+    rest_pos = num[..., None] + (~keep).cumsum(-1) - 1
+    slot = torch.where(keep, kept_pos, rest_pos)  # destination of each block
+    ids = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32).expand_as(slot)
+    return num, torch.empty_like(ids).scatter_(-1, slot, ids)
 
 
 def selected_slots_mask(valid: torch.Tensor, keep: torch.Tensor, block_size: int):
@@ -67,4 +79,55 @@ def selection_block_mask(
         mask_mod=selected_slots_mask(valid, keep, block_size),
         seq_lengths=(num_rows, valid.shape[-1]),
         compute_q_blocks=False,
+    )
+
+
+def chunk_causal_mask(rank: torch.Tensor, q_rank: torch.Tensor):
+    """mask_mod of query rows over the permuted storage, causal by position rank: a row reads the real slots whose
+    token is not after its own.
+
+    rank: [B, H, C] int32 each slot's position rank among its row's real tokens (-1: empty slot);
+    q_rank: [B, R] int64 the rank of each query row's token.
+    """
+
+    def hira_chunk_causal(b, h, q_idx, kv_idx):
+        r = rank[b, h, kv_idx]
+        return (r >= 0) & (r <= q_rank[b, q_idx])
+
+    return hira_chunk_causal
+
+
+def chunk_block_mask(
+    rank: torch.Tensor, leaf_first: torch.Tensor, leaf_last: torch.Tensor, count: torch.Tensor, q_rank: torch.Tensor,
+    block_size: int,
+) -> BlockMask:
+    """BlockMask for a prefill chunk's query rows over the index storage, from block-level rank ranges: no
+    [R, C] mask is materialised, only [B, H, R/128, NB] block lists.
+
+    A leaf is full for a query block when all its slots hold tokens no later than the block's earliest row, partial
+    (read through ``chunk_causal_mask``) when its earliest token is no later than the block's latest row.
+
+    Args:
+        rank: [B, H, C] int32 slot ranks (-1: empty); leaf_first, leaf_last: [B, H, NB] int32 min and max rank of
+            each leaf (-1 for empty leaves); count: [B, H, NB] real tokens per leaf.
+        q_rank: [B, R] int64 query rows' ranks (R = G·S folded rows).
+        block_size: KV block size BS (C = NB·BS).
+    """
+    B, R = q_rank.shape
+    q_blocks = -(-R // Q_BLOCK_SIZE)
+    pad = q_blocks * Q_BLOCK_SIZE - R
+    by_block = torch.nn.functional.pad(q_rank, (0, pad), value=-1).view(B, q_blocks, Q_BLOCK_SIZE)
+    q_max = by_block.amax(-1)  # [B, QB]
+    q_min = torch.nn.functional.pad(q_rank, (0, pad), value=torch.iinfo(torch.int64).max).view(B, q_blocks, -1).amin(-1)
+    first, last = leaf_first[:, :, None, :], leaf_last[:, :, None, :]  # [B, H, 1, NB]
+    live = last >= 0
+    full = live & (count[:, :, None, :] == block_size) & (last <= q_min[:, None, :, None])  # [B, H, QB, NB]
+    partial = live & (first <= q_max[:, None, :, None]) & ~full
+    num, idx = block_lists(partial)
+    full_num, full_idx = block_lists(full)
+    return BlockMask.from_kv_blocks(
+        num, idx, full_num, full_idx,
+        BLOCK_SIZE=(Q_BLOCK_SIZE, block_size),
+        mask_mod=chunk_causal_mask(rank, q_rank),
+        seq_lengths=(R, rank.shape[-1]),
     )

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from hira.flex.mask import block_lists
 from hira.index.bounds import bound_and_estimate, upper_bound
 from hira.index.index import HiraIndex
 from hira.index.sketch import block_score_stats
@@ -200,34 +201,21 @@ def select_leaves(
     return keep, tau
 
 
-def block_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlexAttention's block lists of a keep table [B, H, NB]: (kv_num_blocks [B, H, 1] int32, kv_indices
-    [B, H, 1, NB] int32 kept leaves first in ascending order, then the others), by a stable compaction through
-    prefix sums (no sort)."""
-    kv_num = keep.sum(-1, dtype=torch.int32)  # [B, H]
-    kept_pos = keep.cumsum(-1) - 1
-    rest_pos = kv_num[..., None] + (~keep).cumsum(-1) - 1
-    slot = torch.where(keep, kept_pos, rest_pos)  # [B, H, NB] destination of each leaf
-    leaf_ids = torch.arange(keep.shape[-1], device=keep.device, dtype=torch.int32).expand_as(slot)
-    order = torch.empty_like(leaf_ids).scatter_(-1, slot, leaf_ids)
-    return kv_num[..., None], order[:, :, None, :]
-
-
 def selection_from_keep(keep: torch.Tensor, live: torch.Tensor, bounds: LeafBounds, tau: torch.Tensor) -> Selection:
     """The ``Selection`` of a keep table [B, H, NB]: block lists, and the skipped and kept mass bounds from
     ``bounds`` (the exact score folded in)."""
     skipped = (live & ~keep)[:, :, None, :]  # [B, H, 1, NB]
     log_skip_ub = bounds.log_mass_ub.masked_fill(~skipped, -math.inf).logsumexp(-1)  # [B, H, R]
     log_kept_lb = bounds.log_mass_lb.masked_fill(~keep[:, :, None, :], -math.inf).logsumexp(-1)
-    kv_num_blocks, kv_indices = block_lists(keep)
+    kv_num, kv_indices = block_lists(keep)  # [B, H], [B, H, NB]
     return Selection(
         keep=keep,
-        kv_num_blocks=kv_num_blocks,
-        kv_indices=kv_indices,
+        kv_num_blocks=kv_num[..., None],
+        kv_indices=kv_indices[:, :, None, :],
         tau=tau,
         log_skip_ub=log_skip_ub,
         log_kept_lb=log_kept_lb,
-        kept_fraction=kv_num_blocks[..., 0].float() / live.sum(-1).clamp_min(1).float(),
+        kept_fraction=kv_num.float() / live.sum(-1).clamp_min(1).float(),
     )
 
 
@@ -236,9 +224,9 @@ def every_leaf(index: HiraIndex, q: torch.Tensor) -> Selection:
     (nothing is skipped, so the skip bounds are 0 and no τ is needed)."""
     live = index.levels[0].count > 0  # [B, H, NB]
     none = torch.full(q.shape[:3], -math.inf, device=q.device)  # [B, H, R]
-    kv_num_blocks, kv_indices = block_lists(live)
-    kept_fraction = (kv_num_blocks[..., 0] > 0).float()
-    return Selection(live, kv_num_blocks, kv_indices, none, none, none, kept_fraction)
+    kv_num, kv_indices = block_lists(live)  # [B, H], [B, H, NB]
+    kept_fraction = (kv_num > 0).float()
+    return Selection(live, kv_num[..., None], kv_indices[:, :, None, :], none, none, none, kept_fraction)
 
 
 def local_select(

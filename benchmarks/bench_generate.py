@@ -10,8 +10,15 @@ user runs it, with nothing captured or compiled by this script:
   - ``hira``, ``hira-topk1``, ``hira-topk5``: ``hira.convert(model, config)`` with the default threshold, or top-k
     at 1% / 5% of the prompt's blocks. The HiraCache generate creates is compileable, so transformers compiles and
     graph-replays the decode the same way as for dense-static.
+  - ``hira-dense``: the dense mode, what a layer below ``HiraConfig.min_context`` decodes with (every block, no
+    search): against ``hira`` it gives the crossover, the context from which the search pays for itself.
 
-A streamer timestamps every token (after a device sync): prefill = prompt to first token; the first W decode steps
+``--prefill-chunk C`` passes ``prefill_chunk_size=C`` to generate (a prompt too long for one forward at that batch).
+``--isolate`` runs every (context, batch, variant) in a fresh process (a compiled variant run after others in the
+same process was measured 3.3× slower: benchmarks/NOTES.md §11).
+
+A streamer timestamps every token (after a device sync) and reads the allocated device memory: prefill = prompt to
+first token; ``mem growth`` = allocated memory after the last step less after the warm-up (must be 0); the first W decode steps
 are warm-up (compile, CUDA-graph recording) and the next T are timed: ms/token and tokens/s = B / (ms/token).
 ``warm-up`` is the time from the call to the end of the W-th step (prefill and compile included); ``first call``
 the whole call. Dynamo's graph count is read before and after the timed steps (``recompiles`` in them must be 0).
@@ -54,21 +61,26 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hira  # noqa: E402
 from harness import LLAMA3_8B, SMOKE_MODEL, make_model  # noqa: E402
 
-VARIANTS = ("dense-dynamic", "dense-static", "hira", "hira-topk1", "hira-topk5")
+VARIANTS = ("dense-dynamic", "dense-static", "hira", "hira-dense", "hira-topk1", "hira-topk5")
 
 
 class StepClock(BaseStreamer):
     """Timestamps every ``put`` of generate (the prompt, then one per new token) after a device sync, with dynamo's
-    graph count at that moment."""
+    graph count at that moment; with a ``profiler``, profiles the decode steps from put ``first`` to put ``last``."""
 
-    def __init__(self, device: torch.device):
-        self.device, self.times, self.graphs = device, [], []
+    def __init__(self, device: torch.device, profiler=None, first: int = 0, last: int = 0):
+        self.device, self.times, self.graphs, self.memory = device, [], [], []
+        self.profiler, self.first, self.last = profiler, first, last
 
     def put(self, value):
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             torch.cuda.synchronize(self.device)
         self.times.append(time.perf_counter())
         self.graphs.append(unique_graphs())
+        self.memory.append(torch.cuda.memory_allocated(self.device) if cuda else 0)
+        if self.profiler is not None and len(self.times) - 1 in (self.first, self.last):
+            (self.profiler.start if len(self.times) - 1 == self.first else self.profiler.stop)()
 
     def end(self):
         pass
@@ -99,6 +111,8 @@ def hira_config(variant: str, N: int, new_tokens: int, block_size: int) -> hira.
     capacity = N + new_tokens + 1
     if variant == "hira":
         return hira.HiraConfig(max_cache_len=capacity)
+    if variant == "hira-dense":
+        return hira.HiraConfig(max_cache_len=capacity, threshold=hira.Threshold.dense())
     fraction = {"hira-topk1": 0.01, "hira-topk5": 0.05}[variant]
     k = max(1, round(fraction * N / block_size))
     return hira.HiraConfig(max_cache_len=capacity, threshold=hira.Threshold.topk(k))
@@ -114,11 +128,18 @@ def run_variant(args, model, variant: str, ids: torch.Tensor, device: torch.devi
         kw["compile_config"] = cc
     if variant == "dense-static":
         kw["cache_implementation"] = "static"
+    if args.prefill_chunk:
+        kw["prefill_chunk_size"] = args.prefill_chunk
     config = None
     if variant.startswith("hira"):
         config = hira_config(variant, N, new, args.block_size)
         hira.convert(model, config)
-    clock = StepClock(device)
+    profiler = None
+    if args.profile:
+        activities = [torch.profiler.ProfilerActivity.CPU] + (
+            [torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        profiler = torch.profiler.profile(activities=activities)
+    clock = StepClock(device, profiler, args.warmup_steps + 1, args.warmup_steps + 1 + args.profile)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     if device.type == "cuda":
@@ -140,13 +161,30 @@ def run_variant(args, model, variant: str, ids: torch.Tensor, device: torch.devi
         tok_s=1e3 * B / ms, graphs=graphs[-1], recompiles=graphs[-1] - graphs[W + 1],
         peak_gb=torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan"),
         cudagraph_skips=int(dynamo_utils.counters["inductor"]["cudagraph_skips"]),
+        mem_growth_mb=(clock.memory[-1] - clock.memory[W + 1]) / 2**20,
     )
+    if profiler is not None:
+        row["profile"] = profile_table(profiler, args.profile, device)
     cache = getattr(out, hira.CACHE_ARG, None)
     if isinstance(cache, hira.HiraCache):
         summary = cache.summary()
         row.update(read_fraction=summary.get("read_fraction"), skip_bound=summary.get("skip_bound"))
     del out, cache
     return row
+
+
+def profile_table(profiler, steps: int, device: torch.device) -> str:
+    """The profiled steps' kernels (CPU ops on the CPU) by total device time, per decode step, as text."""
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in profiler.key_averages() if getattr(e, attr) > 0]
+    events.sort(key=lambda e: -getattr(e, attr))
+    total = sum(getattr(e, attr) for e in events)
+    lines = [f"{steps} decode steps; device time per step {total / steps / 1e3:.3f} ms",
+             f"{'us/step':>9} {'share':>6} {'calls/step':>10}  name"]
+    for e in events[:40]:
+        t = getattr(e, attr)
+        lines.append(f"{t / steps:9.1f} {t / total:6.1%} {e.count / steps:10.1f}  {e.key[:110]}")
+    return "\n".join(lines)
 
 
 def _f(x, nd=2) -> str:
@@ -160,11 +198,11 @@ def markdown(rows: list, meta: dict) -> str:
              f"{meta['warmup_steps']} warm-up + {meta['steps']} timed decode steps per call; copy bandwidth "
              f"{_f(meta['bandwidth_tbs'])} TB/s.", "",
              "| context | batch | variant | tok/s | ms/token | vs best dense | floor ms (dense) | read | prefill s "
-             "| warm-up s | first call s | graphs | recompiles | cudagraph skips | peak GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| warm-up s | first call s | graphs | recompiles | cudagraph skips | peak GB | mem growth MB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['context']} | {r['batch']} | {r['variant']} | error: {r['error']} |" + " |" * 11)
+            lines.append(f"| {r['context']} | {r['batch']} | {r['variant']} | error: {r['error']} |" + " |" * 12)
             continue
         best = max((x["tok_s"] for x in rows if "error" not in x and x["context"] == r["context"]
                     and x["batch"] == r["batch"] and x["variant"].startswith("dense")), default=None)
@@ -172,7 +210,7 @@ def markdown(rows: list, meta: dict) -> str:
             f"| {r['context']} | {r['batch']} | {r['variant']} | {_f(r['tok_s'], 1)} | {_f(r['ms_per_token'])} | "
             f"{_f(r['tok_s'] / best if best else None)}× | {_f(r['floor_ms'])} | {_f(r.get('read_fraction'))} | "
             f"{_f(r['prefill_s'])} | {_f(r['warmup_s'], 1)} | {_f(r['first_call_s'], 1)} | {r['graphs']} | "
-            f"{r['recompiles']} | {r['cudagraph_skips']} | {_f(r['peak_gb'], 1)} |")
+            f"{r['recompiles']} | {r['cudagraph_skips']} | {_f(r['peak_gb'], 1)} | {_f(r.get('mem_growth_mb'), 1)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -201,6 +239,40 @@ def plot(json_path: str) -> str:
     return out
 
 
+def isolated(args, argv: list) -> None:
+    """Every (context, batch, variant) of ``args`` in its own process, each writing a JSON; one table of all rows."""
+    import subprocess
+
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    base = [a for a in argv if a != "--isolate"]
+    stem = os.path.splitext(args.out)[0]
+    rows, meta = [], None
+    runs = [(N, B, v) for N in args.contexts for B in args.batches for v in args.variants]
+    for N, B, variant in tqdm(runs, desc="generate (isolated)", file=sys.stdout):
+        part = f"{stem}_{N}_{B}_{variant}.md"
+        left = args.time_budget - (time.perf_counter() - start)
+        row = dict(variant=variant, context=N, batch=B, error="skipped: time budget")
+        if left > 30:
+            cmd = [sys.executable, os.path.abspath(__file__), *base, "--contexts", str(N), "--batches", str(B),
+                   "--variants", variant, "--out", part, "--time-budget", str(left)]
+            try:
+                subprocess.run(cmd, check=True, timeout=left)
+                data = json.load(open(os.path.splitext(part)[0] + ".json"))
+                meta, row = data["meta"], data["rows"][0]
+            except (subprocess.SubprocessError, OSError, ValueError) as e:
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:140]}"
+        rows.append(row)
+        if meta is not None:
+            meta = dict(meta, command="python3 " + " ".join(sys.argv))
+            with open(args.out, "w") as f:
+                f.write(markdown(rows, meta))
+            with open(stem + ".json", "w") as f:
+                json.dump(dict(meta=meta, rows=rows), f, indent=1)
+    print(markdown(rows, meta) if meta else rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
@@ -210,6 +282,10 @@ def main(argv=None):
     p.add_argument("--block-size", type=int, default=128)
     p.add_argument("--warmup-steps", type=int, default=8)
     p.add_argument("--steps", type=int, default=64)
+    p.add_argument("--prefill-chunk", type=int, default=0, help="generate's prefill_chunk_size (0: one call)")
+    p.add_argument("--isolate", action="store_true", help="each run in a fresh process")
+    p.add_argument("--profile", type=int, default=0, metavar="N",
+                   help="profile N decode steps after the warm-up (kernel table in the JSON row and after the table)")
     p.add_argument("--time-budget", type=float, default=540.0, help="seconds; later runs are skipped")
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU")
     p.add_argument("--out", default="generate.md")
@@ -220,6 +296,9 @@ def main(argv=None):
         return
     from tqdm import tqdm
 
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    if args.isolate:
+        return isolated(args, argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     shape = SMOKE_MODEL if args.smoke else LLAMA3_8B
@@ -258,6 +337,9 @@ def main(argv=None):
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
     print(markdown(rows, meta))
+    for r in rows:
+        if "profile" in r:
+            print(f"\nprofile: {r['context']} tokens, batch {r['batch']}, {r['variant']}\n{r['profile']}")
 
 
 if __name__ == "__main__":

@@ -15,18 +15,25 @@ attention (float64):
   - ``ball`` (the default without a sketch): log n + q·c + ½‖q‖²·var (``hira.index.bounds.bound_and_estimate``);
   - ``ball, var×a``: the spread term scaled by a, i.e. the variance along q taken a times the mean variance per
     dimension (keys are not isotropic);
+  - ``gauss``: log n + q·c + ½ Σ q_i²·var_i with each block's spread per dimension (D more numbers per block than
+    the index keeps: the Gaussian log-MGF without the isotropy assumption);
   - ``sketch``: log Σ exp(q·k̃) over the int4 sketch keys (``key_sketch=True``);
 - ``calibrated``: the ball estimate with a per-layer p, the smallest p of a grid whose mean recall over the first
   ``--calib`` steps reaches 0.99 (a calibration on known queries), scored on the remaining steps only.
 
     python3 benchmarks/bench_estimate.py --captures /tmp/cap/capture_gemma3-270m_16384.pt \\
         /tmp/cap/capture_gemma3-270m_32768.pt --out benchmarks/quality_gemma3/estimate
+
+``--passkey LENGTH,DEPTH KEY`` captures its own case first instead (Gemma 3 270M): the passkey prompt of
+``bench_quality.py`` (LENGTH tokens, the key at DEPTH) followed by the answer " KEY. Remember", the answer's tokens
+being the replayed decode steps (the queries that must find the key).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -62,7 +69,7 @@ def replay(cap: dict, block_size: int) -> dict:
     index = hira.build_index(K[:, :, :P], V[:, :, :P], hira.HiraConfig(block_size=block_size, key_sketch=True),
                              capacity=n_blocks * block_size + T)
     K64 = K.double()
-    ests = ["ball"] + [f"ball, var×{a:g}" for a in VAR_SCALES] + ["sketch"]
+    ests = ["ball"] + [f"ball, var×{a:g}" for a in VAR_SCALES] + ["gauss: per-dimension spread", "sketch"]
     ps = {e: (P_GRID if e == "ball" else (0.99,)) for e in ests}
     out = {e: {p: {"recall": [], "kept": [], "skip_ratio": []} for p in ps[e]} for e in ests}
     out["oracle99"], out["live"] = [], []
@@ -92,6 +99,16 @@ def replay(cap: dict, block_size: int) -> dict:
         estimates = {"ball": est}
         for a in VAR_SCALES:
             estimates[f"ball, var×{a:g}"] = est + (a - 1) * spread
+
+        # Per-dimension spread of each block (D numbers per block, not kept by the index): ½ Σ q_i² var_i.
+        keys = index.keys.float().view(L, H, NB, block_size, D)
+        w = index.valid.view(L, 1, NB, block_size, 1).float()
+        dev = (keys - leaves.center[:, :, :, None, :]) * w
+        var_d = (dev * dev).sum(-2) / leaves.count.clamp_min(1)[..., None].float()  # [L, H, NB, D]
+        log_n = leaves.count.clamp_min(1).float().log()[:, :, None, :]
+        qc = rows @ leaves.center.transpose(-1, -2)
+        gauss = log_n + qc + 0.5 * (rows * rows) @ var_d.transpose(-1, -2)
+        estimates["gauss: per-dimension spread"] = gauss.masked_fill(~live[:, :, None, :], -math.inf)
         estimates["sketch"] = block_score_stats(rows, index.sketch, index.valid)[1]
         for name, e in estimates.items():
             share = e.softmax(-1).nan_to_num(nan=0.0).double()
@@ -169,9 +186,28 @@ def md_table(headers: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def passkey_capture(length: int, depth: float, key: str, chunk: int = 2048) -> dict:
+    """Capture (``capture.capture_qkv``) of Gemma 3 270M's Hira layers on a passkey prompt of ``bench_quality`` and
+    its answer; the answer's positions are the captured queries."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from bench_quality import passkey_prompt
+    from capture import capture_qkv
+
+    from hira.models import load_gemma3_270m
+
+    model, tok = load_gemma3_270m(dtype=torch.float32)
+    text = model.config.get_text_config(decoder=True)
+    layers = [i for i, t in enumerate(text.layer_types) if t == "full_attention"]
+    answer = tok(f" {key}. Remember", add_special_tokens=False, return_tensors="pt").input_ids
+    ids = torch.cat([passkey_prompt(tok, length - answer.shape[1], depth, key, chat=False), answer], dim=1)
+    return capture_qkv(model, ids, q_last=answer.shape[1] + 1, layers=layers, chunk=chunk)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--captures", type=Path, nargs="+", required=True)
+    ap.add_argument("--captures", type=Path, nargs="+", default=[])
+    ap.add_argument("--passkey", nargs=2, metavar=("LENGTH,DEPTH", "KEY"), default=None,
+                    help="capture a passkey case of Gemma 3 270M instead (see above)")
     ap.add_argument("--block-size", type=int, default=hira.HiraConfig().block_size)
     ap.add_argument("--calib", type=int, default=8, help="steps that calibrate the per-layer p")
     ap.add_argument("--threads", type=int, default=0)
@@ -179,14 +215,19 @@ def main():
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.passkey:
+        length, depth = args.passkey[0].split(",")
+        caps = [(f"passkey {length} tokens, depth {depth}", passkey_capture(int(length), float(depth),
+                                                                         args.passkey[1]))]
+    else:
+        caps = [(path.name, torch.load(path)) for path in args.captures]
     summaries = {}
-    for path in args.captures:
-        cap = torch.load(path)
+    for name, cap in caps:
         N = cap["K"].shape[2]
         s = summarize(replay(cap, args.block_size), cap["layers"], args.calib)
         s["calib"] = args.calib
         summaries[N] = s
-        print(f"{path.name}: {N} tokens done")
+        print(f"{name}: {N} tokens done")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps({"block_size": args.block_size, "command": " ".join(sys.argv),
                                                          "results": summaries}, indent=1))

@@ -987,7 +987,8 @@ def plot(out: Path) -> list[Path]:
     """From the JSON files in ``out``: ``quality_pareto.png``, the error against the fraction of keys read (fidelity:
     relative output error per mode at the longest context, with the oracle at the same budget; perplexity: Δ
     against dense per window length), and ``quality_read_vs_context.png``, the fraction read against context per
-    mode (perplexity runs, else fidelity), the default's layers dotted."""
+    mode (perplexity runs, else fidelity), the default's layers dotted, and the oracle of ``estimate.json``
+    (``bench_estimate.py``) where the folder has one."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -1065,13 +1066,20 @@ def plot(out: Path) -> list[Path]:
             pts = sorted((c, r["read_fraction"]) for c, r in src if r["label"] == label)
             x, y = zip(*pts)
             ax.plot(x, y, marker="o", color=f"C{i % 10}", label=label)
-            layer_pts = [(c, r["layer_read"]) for c, r in src if r["label"] == label and "layer_read" in r]
+            layer_pts = sorted(((c, r["layer_read"]) for c, r in src if r["label"] == label and "layer_read" in r),
+                               key=lambda x: x[0])
             if label == "topp 0.99" and layer_pts:
                 for layer in layer_pts[0][1]:
                     xs = [c for c, lr in layer_pts]
                     ax.plot(xs, [lr[layer] for c, lr in layer_pts], color=f"C{i % 10}", linestyle=":", lw=1)
                     ax.annotate(f"L{layer}", (xs[-1], layer_pts[-1][1][layer]), fontsize=7, xytext=(3, 0),
                                 textcoords="offset points")
+        est = out / "estimate.json"
+        if est.is_file():  # bench_estimate.py's oracle: the fewest blocks holding 99% of the mass, mean over layers
+            oracle = sorted((int(c), sum(r["oracle99"]) / len(r["oracle99"]))
+                            for c, r in json.loads(est.read_text())["results"].items())
+            ax.plot(*zip(*oracle), color="k", linestyle="--", marker="x",
+                    label="oracle: fewest blocks for 99% of the mass")
         ax.set_xscale("log", base=2)
         ax.set_xticks(contexts, [f"{c // 1024}K" for c in contexts])
         ax.set_xlabel("context (tokens)")

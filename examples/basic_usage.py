@@ -31,7 +31,9 @@ def main():
 
     torch.manual_seed(0)
     model, tokenizer = load_smollm2()
-    config = hira.HiraConfig()
+    # SmolLM2's 8K context lies below the default min_context (16K, where Hira's search starts to pay on an H200;
+    # shorter layers decode densely): lowered here so that the search runs.
+    config = hira.HiraConfig(min_context=1024)
     if not args.dense:
         hira.convert(model, config)
     messages = [{"role": "user", "content": PASSAGE.read_text() + "\n\n" + args.question}]

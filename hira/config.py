@@ -28,9 +28,12 @@ class HiraConfig:
         sink_tokens: the first tokens of every sequence, always attended (attention sinks).
         window_tokens: the most recent tokens, always attended.
         min_context: a layer prefilled to fewer tokens than this decodes densely (every block read, no search) until
-            its next prefill. Below the context where the search pays for itself (benchmarks/RESULTS.md) the
-            sparse step is slower than reading everything.
-        max_cache_len: capacity of a model's ``HiraCache`` in tokens; -1 takes ``max_position_embeddings``.
+            its next prefill. The default, 16384, is the crossover measured through ``generate`` on an H200
+            (benchmarks/RESULTS.md, run 7): below it the search costs more than the reads it saves. Lower it to see
+            the search on a short model (e.g. 1024).
+        max_cache_len: capacity of a model's ``HiraCache`` in tokens; -1: ``generate`` sizes the cache it creates to
+            the prompt plus the new tokens (as transformers sizes a static cache), any other cache takes the model's
+            ``max_position_embeddings``.
         recluster_on_prefill: on every prefill call (query length > 1) rebuild the index over all cached tokens.
             Decode tokens are always appended as new blocks in position order, with exact bounds, at no extra cost.
         dense_layers: layer indices that always decode densely (layers whose attention is not sparse).
@@ -44,7 +47,7 @@ class HiraConfig:
     threshold: Threshold = field(default_factory=lambda: Threshold.topp(0.99))
     sink_tokens: int = 4
     window_tokens: int = 256
-    min_context: int = 1024
+    min_context: int = 16384
     max_cache_len: int = -1
     recluster_on_prefill: bool = True
     dense_layers: tuple[int, ...] = ()

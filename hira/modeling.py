@@ -8,6 +8,7 @@ is given.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import types
 from typing import Callable
 
@@ -180,7 +181,9 @@ def _hook_generate(model: nn.Module, config: HiraConfig, shard: SequenceShard | 
     """Three instance-level overrides of ``generate``'s internals, each calling the class's own method:
 
     - ``_prepare_cache_for_generation``: the DynamicCache generate makes when given no cache becomes a HiraCache
-      (user caches stay);
+      (user caches stay), sized, unless ``HiraConfig.max_cache_len`` says otherwise, as transformers sizes its static
+      cache: to the call's prompt plus new tokens, never below an earlier call's size (so that a later, shorter call
+      reuses the compiled shapes instead of recompiling);
     - ``_prefill``: a chunked prefill (``prefill_chunk_size``) runs inside ``HiraCache.deferred_recluster`` (one
       re-clustering after the last chunk) and eagerly: transformers would run the chunks through the compiled
       decode forward, but Hira's prefill builds the index with host reads;
@@ -189,11 +192,15 @@ def _hook_generate(model: nn.Module, config: HiraConfig, shard: SequenceShard | 
     cls = type(model)
     prepare, prefill, criteria = cls._prepare_cache_for_generation, cls._prefill, cls._valid_auto_compile_criteria
 
-    def prepare_cache(self, generation_config, model_kwargs, *args, **kwargs):
-        result = prepare(self, generation_config, model_kwargs, *args, **kwargs)
+    def prepare_cache(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length):
+        result = prepare(self, generation_config, model_kwargs, generation_mode, batch_size, max_cache_length)
         cache = model_kwargs.get(CACHE_ARG)
         if isinstance(cache, DynamicCache) and not getattr(cache, "_is_user_defined", False):
-            model_kwargs[CACHE_ARG] = HiraCache(self.config, config, shard)
+            sized = config
+            if config.max_cache_len == -1:
+                self._hira_capacity = max(getattr(self, "_hira_capacity", 0), int(max_cache_length))
+                sized = dataclasses.replace(config, max_cache_len=self._hira_capacity)
+            model_kwargs[CACHE_ARG] = HiraCache(self.config, sized, shard)
         return result
 
     def hira_prefill(self, input_ids, generation_config, model_kwargs, *args, **kwargs):
@@ -214,7 +221,9 @@ def _hook_generate(model: nn.Module, config: HiraConfig, shard: SequenceShard | 
     model._valid_auto_compile_criteria = types.MethodType(valid_auto_compile_criteria, model)
 
 
-_GENERATE_HOOKS = ("_prepare_cache_for_generation", "_prefill", "_valid_auto_compile_criteria", "_hira_prefilling")
+_GENERATE_HOOKS = (
+    "_prepare_cache_for_generation", "_prefill", "_valid_auto_compile_criteria", "_hira_prefilling", "_hira_capacity"
+)
 
 
 def convert(

@@ -46,9 +46,16 @@ WINDOW, POSITIONS = 2048, 128
 PPL_TOLERANCE = 0.02
 
 
+# These prompts lie below the default min_context (where a layer decodes densely): the tests lower it to this, so
+# that the default threshold's search runs.
+MIN_CONTEXT = 1024
+
+
 def default_config(prompt_tokens: int, new_tokens: int) -> hira.HiraConfig:
-    """``HiraConfig()`` with a capacity sized to the run (a small decode shape keeps CPU steps cheap)."""
-    return hira.HiraConfig(max_cache_len=cache_capacity(prompt_tokens, new_tokens, hira.HiraConfig().block_size))
+    """``HiraConfig()`` with a capacity sized to the run (a small decode shape keeps CPU steps cheap) and
+    ``MIN_CONTEXT``."""
+    capacity = cache_capacity(prompt_tokens, new_tokens, hira.HiraConfig().block_size)
+    return hira.HiraConfig(max_cache_len=capacity, min_context=MIN_CONTEXT)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +67,7 @@ def smollm2():
 def test_passkey_hira_answers_as_dense(smollm2):
     model, tok = smollm2
     ids = passkey_prompt(tok, PASSKEY_TOKENS, PASSKEY_DEPTH, PASSKEY)
-    assert hira.HiraConfig().min_context < ids.shape[1] <= PASSKEY_TOKENS
+    assert MIN_CONTEXT < ids.shape[1] <= PASSKEY_TOKENS
     greedy = dict(max_new_tokens=ANSWER_TOKENS, do_sample=False, pad_token_id=model.config.eos_token_id)
     dense = tok.decode(model.generate(ids, **greedy)[0, ids.shape[1] :])
     config = default_config(ids.shape[1], ANSWER_TOKENS)

@@ -29,7 +29,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Stati
 from hira.api import AttentionStats, build_index_unchecked
 from hira.config import HiraConfig
 from hira.flex.attention import chunk_attention, fold_gqa
-from hira.index.index import HiraIndex, append
+from hira.index.index import HiraIndex, append, refresh_bounds
 from hira.parallel import SequenceShard, ShardIndex, build_shard_index, shard_append, sharded_attend, sharded_search
 from hira.search.threshold import Threshold
 from hira.step import run_decode_step
@@ -185,6 +185,8 @@ class HiraLayer(CacheLayerMixin):
 
     def _continue_prefill(self, q, k, v, scale):
         index = self.index
+        if self.threshold.mode == "dense" and not self.config.recluster_on_prefill:
+            refresh_bounds(index)  # the dense decode steps since the last prefill left the bounds stale
         append(index, k, v)
         B, Hq = q.shape[:2]
         rank_range = (index.rank, index.leaf_first, index.leaf_last, index.levels[0].count)
@@ -217,7 +219,9 @@ class HiraLayer(CacheLayerMixin):
         return self._build(k, v, key_mask)
 
     def _decode(self, q, k, v, scale):
-        return run_decode_step(self.index, q, k, v, self.threshold, scale, self.last_stats)
+        # The dense mode reads no bound: its appends leave them stale, refreshed at the next prefill.
+        dense = self.threshold.mode == "dense"
+        return run_decode_step(self.index, q, k, v, self.threshold, scale, self.last_stats, bounds=not dense)
 
 
 class ShardedHiraLayer(HiraLayer):

@@ -31,15 +31,18 @@ from hira.search.threshold import Threshold
 
 
 def plan(
-    index: HiraIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: Threshold, scale: float
+    index: HiraIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: Threshold, scale: float,
+    bounds: bool = True,
 ) -> Selection:
     """Append the new token to ``index`` (in place) and select the blocks the query reads (``dense``: every
     non-empty block, with no search).
 
     Args:
         q: [B, Hq, 1, D] post-RoPE query; k, v: [B, H, 1, D] the new token's key and value.
+        bounds: keep the index's bounds exact (``append``); False only with the ``dense`` mode, which reads none,
+            until ``hira.index.index.refresh_bounds``.
     """
-    append(index, k, v)
+    append(index, k, v, bounds=bounds)
     rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G, D]
     return search(index, rows, threshold)
 
@@ -60,6 +63,7 @@ def decode_step(
     threshold: Threshold,
     scale: float,
     stats: AttentionStats,
+    bounds: bool = True,
 ) -> torch.Tensor:
     """One decode step of one layer.
 
@@ -68,10 +72,11 @@ def decode_step(
         q: [B, Hq, 1, D] post-RoPE query; k, v: [B, H, 1, D] the new token's key and value.
         threshold: the search mode; scale: the softmax scale.
         stats: buffers overwritten in place with this step's ``AttentionStats``.
+        bounds: as ``plan``.
     Returns:
         [B, Hq, 1, D] attention output in q's dtype.
     """
-    return run(q, index, plan(index, q, k, v, threshold, scale), scale, stats)
+    return run(q, index, plan(index, q, k, v, threshold, scale, bounds), scale, stats)
 
 
 def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, branching: int, sink_tokens: int,
@@ -86,15 +91,16 @@ def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, bran
                      branching, sink_tokens, window_tokens, sketch)
 
 
-def _flat_step(tensors, q, k, v, stats, mode, value, scale, n_levels, block_size, branching, sink_tokens,
+def _flat_step(tensors, q, k, v, stats, mode, value, scale, bounds, n_levels, block_size, branching, sink_tokens,
                window_tokens):
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    return decode_step(index, q, k, v, Threshold(mode, value), scale, AttentionStats(*stats))
+    return decode_step(index, q, k, v, Threshold(mode, value), scale, AttentionStats(*stats), bounds)
 
 
-def _flat_plan(tensors, q, k, v, mode, value, scale, n_levels, block_size, branching, sink_tokens, window_tokens):
+def _flat_plan(tensors, q, k, v, mode, value, scale, bounds, n_levels, block_size, branching, sink_tokens,
+               window_tokens):
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    selection = plan(index, q, k, v, Threshold(mode, value), scale)
+    selection = plan(index, q, k, v, Threshold(mode, value), scale, bounds)
     return tuple(getattr(selection, f.name) for f in dataclasses.fields(selection))  # a dataclass is no output
 
 
@@ -109,7 +115,7 @@ def _step(tensors, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
     (benchmarks/NOTES.md §11), while the process-wide compiled flex_attention that ``run`` calls is exact."""
     if q.is_cuda:
         return _compiled_step(tensors, q, k, v, stats, *setting_and_layout)
-    n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[3:]
+    n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[4:]
     selection = Selection(*_compiled_plan(tensors, q, k, v, *setting_and_layout))
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
     return run(q, index, selection, setting_and_layout[2], AttentionStats(*stats))
@@ -118,26 +124,26 @@ def _step(tensors, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
 @torch.library.custom_op("hira::decode_step", mutates_args=("tensors", "stats"))
 def _decode_step_op(
     tensors: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: list[torch.Tensor],
-    threshold_mode: str, value: float, scale: float, n_levels: int, block_size: int, branching: int, sink_tokens: int,
-    window_tokens: int,
+    threshold_mode: str, value: float, scale: float, bounds: bool, n_levels: int, block_size: int, branching: int,
+    sink_tokens: int, window_tokens: int,
 ) -> torch.Tensor:
     # (threshold_mode: "mode" is taken by the operator machinery's own keyword arguments)
-    return _step(tensors, q, k, v, stats, threshold_mode, value, scale, n_levels, block_size, branching, sink_tokens,
-                 window_tokens)
+    return _step(tensors, q, k, v, stats, threshold_mode, value, scale, bounds, n_levels, block_size, branching,
+                 sink_tokens, window_tokens)
 
 
 @_decode_step_op.register_fake
-def _(tensors, q, k, v, stats, threshold_mode, value, scale, n_levels, block_size, branching, sink_tokens,
+def _(tensors, q, k, v, stats, threshold_mode, value, scale, bounds, n_levels, block_size, branching, sink_tokens,
       window_tokens):
     return torch.empty_like(q)
 
 
-def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: float,
-                    stats: AttentionStats) -> torch.Tensor:
+def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: float, stats: AttentionStats,
+                    bounds: bool = True) -> torch.Tensor:
     """``decode_step`` as the module docstring says: inside a compiled model one operator, else the same compiled
     code called directly."""
     args = (list(index.tensors()), q, k, v, list(stats.tensors()), threshold.mode, threshold.value, float(scale),
-            len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
+            bounds, len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
     if torch.compiler.is_compiling():
         return _decode_step_op(*args)
     check_room(index, q.shape[2])  # the compiled step cannot raise: one host read before it

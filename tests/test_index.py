@@ -24,7 +24,7 @@ from reference import (
 import hira
 from hira.index.bounds import upper_bound
 from hira.index.cluster import kmeans_rank, pca_tree_rank, position_rank
-from hira.index.index import append
+from hira.index.index import append, refresh_bounds
 from hira.search.search import effective_bounds
 
 
@@ -123,12 +123,16 @@ def test_bounds_hold_for_every_node(case, q_kind, R, seed, device):
     case=index_cases(max_n=200),
     steps=st.lists(st.tuples(st.integers(1, 70), st.sampled_from(["none", "right", "holes"])), min_size=1, max_size=4),
     q_kind=st.sampled_from(Q_KINDS),
+    bounds=st.booleans(),
 )
-def test_append_keeps_storage_and_bounds_exact(case, steps, q_kind, device):
+def test_append_keeps_storage_and_bounds_exact(case, steps, q_kind, bounds, device):
+    """Appends keep the storage and every bound exact; with bounds=False (the dense mode's append) the leaves'
+    counts and rank ranges stay exact, and refresh_bounds restores the very bounds exact appends keep."""
     keys, values, key_mask = case.tensors(device)
     total = sum(s for s, _ in steps)
     built = -(-case.N // case.block_size) * case.block_size  # appends start at the next whole block
     index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=built + total)
+    twin = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=built + total)
     gen = torch.Generator().manual_seed(case.seed + 1)
     all_k, all_v, all_m = [keys], [values], [real_mask(key_mask, case.B, case.N, device)]
     for S, mask_kind in steps:
@@ -136,7 +140,9 @@ def test_append_keeps_storage_and_bounds_exact(case, steps, q_kind, device):
         v = torch.randn(case.B, case.H, S, case.D, generator=gen).to(device)
         lengths = torch.randint(0, S + 1, (case.B,), generator=gen).tolist()  # a row may append only padding
         m = make_key_mask(mask_kind, lengths, S, gen)
-        append(index, k, v, None if m is None else m.to(device))
+        append(index, k, v, None if m is None else m.to(device), bounds=bounds)
+        if not bounds:
+            append(twin, k, v, None if m is None else m.to(device))
         all_k.append(k)
         all_v.append(v)
         all_m.append(real_mask(m, case.B, S, device))
@@ -144,6 +150,10 @@ def test_append_keeps_storage_and_bounds_exact(case, steps, q_kind, device):
     assert int(index.next_slot) == built + total
     assert_storage_matches(index, torch.cat(all_k, 2), torch.cat(all_v, 2), torch.cat(all_m, 1))
     assert_leaf_metadata(index)
+    if not bounds:
+        refresh_bounds(index)
+        for got, want in zip(index.tensors(), twin.tensors()):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     q_rows = make_queries(q_kind, index.keys, case.H, 2, gen)
     assert_bounds_hold(index, q_rows)
 

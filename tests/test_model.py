@@ -25,6 +25,7 @@ from transformers import (
 from transformers.models.llama.modeling_llama import LlamaAttention
 
 import hira
+from hira.index.index import refresh_bounds
 
 PROMPT = 150  # tokens: several 16-token blocks, so decode goes through the index
 DENSE = hira.HiraConfig(block_size=16, threshold=hira.Threshold.fixed(-math.inf), min_context=0, window_tokens=16)
@@ -82,6 +83,29 @@ def test_min_context_is_chosen_at_prefill():
         assert all(layer.threshold == (config.threshold if sparse else hira.Threshold.dense()) for layer in cache.layers)
         read = cache.summary()["read_fraction"]
         assert read < 0.5 if sparse else read == 1.0
+
+
+@torch.no_grad()
+def test_bounds_are_exact_again_after_dense_steps_and_a_longer_prefill():
+    """Decode steps in the dense mode (a prompt below min_context) append without bounds; a later prefill chunk that
+    lifts the layer past min_context, with re-clustering off, refreshes every bound before the search runs."""
+    config = hira.HiraConfig(block_size=16, threshold=hira.Threshold.topk(2), min_context=PROMPT + 30,
+                             window_tokens=16, recluster_on_prefill=False)
+    model = hira.convert(_tiny("llama"), config)
+    steps = 20  # more than a block: the chunk's own append does not recompute every leaf the steps filled
+    ids = _ids(length=PROMPT + steps + 40)
+    cache = hira.HiraCache(model.config, config)
+    model(ids[:, :PROMPT], **{hira.CACHE_ARG: cache})
+    for t in range(PROMPT, PROMPT + steps):
+        model(ids[:, t : t + 1], **{hira.CACHE_ARG: cache})
+    assert all(layer.threshold == hira.Threshold.dense() for layer in cache.layers)
+    model(ids[:, PROMPT + steps :], **{hira.CACHE_ARG: cache})
+    for layer in cache.layers:
+        assert layer.threshold == config.threshold
+        before = [t.clone() for t in layer.index.tensors()]
+        refresh_bounds(layer.index)
+        for got, want in zip(layer.index.tensors(), before):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @torch.no_grad()

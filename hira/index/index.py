@@ -218,7 +218,10 @@ def check_room(index: HiraIndex, n: int) -> None:
         )
 
 
-def append(index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None) -> None:
+def append(
+    index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None,
+    bounds: bool = True,
+) -> None:
     """Append S new tokens (the same S for every row) in position order, updating the bounds they touch.
 
     In place, fixed shapes, no host sync under torch.compile. Outside compile it checks the capacity (one host read).
@@ -226,6 +229,9 @@ def append(index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask:
     Args:
         keys, values: [B, H, S, D].
         key_mask: [B, S] bool, None: all real.
+        bounds: update the bounds (and the sketch) of the leaves touched and of their ancestors. False, for a dense
+            read that uses no bound, updates only the leaves' counts and rank ranges (fewer kernels per step): the
+            other bounds of those leaves and their ancestors are stale until ``refresh_bounds``.
     """
     B, H, S, D = keys.shape
     BS = index.block_size
@@ -245,14 +251,19 @@ def append(index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask:
     NB = index.num_leaves
     n_touched = (S + BS - 1) // BS + 1
     leaves = (index.next_slot // BS + torch.arange(n_touched, device=dev)).clamp_max(NB - 1)  # [n]
-    members = index.keys.view(B, H, NB, BS, D).index_select(2, leaves)  # [B, H, n, BS, D]
     member_valid = index.valid.view(B, 1, NB, BS).index_select(2, leaves)
-    _write_nodes(index.levels[0], leaves, members_bounds(members, member_valid))
-    if index.sketch is not None:
-        write_blocks(index.sketch, leaves, quantize_blocks(members, member_valid), BS)
     first, last = _leaf_rank_range(index.rank.view(B, H, NB, BS).index_select(2, leaves).flatten(2), BS)
     index.leaf_first.index_copy_(2, leaves, first)
     index.leaf_last.index_copy_(2, leaves, last)
+    if not bounds:
+        count = member_valid.sum(-1, dtype=torch.int32).expand(B, H, n_touched)
+        index.levels[0].count.index_copy_(2, leaves, count)
+        index.next_slot.add_(S)
+        return
+    members = index.keys.view(B, H, NB, BS, D).index_select(2, leaves)  # [B, H, n, BS, D]
+    _write_nodes(index.levels[0], leaves, members_bounds(members, member_valid))
+    if index.sketch is not None:
+        write_blocks(index.sketch, leaves, quantize_blocks(members, member_valid), BS)
     b = index.branching
     nodes = leaves
     for lvl in range(1, len(index.levels)):
@@ -262,3 +273,16 @@ def append(index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask:
         _write_nodes(index.levels[lvl], nodes, fresh)
     index.next_slot.add_(S)
 
+
+def refresh_bounds(index: HiraIndex) -> None:
+    """Recompute every level's bounds, and the sketch, from the storage, in place (after appends with
+    ``bounds=False``)."""
+    B, H, C, D = index.keys.shape
+    BS = index.block_size
+    leaves = members_bounds(index.keys.view(B, H, C // BS, BS, D), index.valid.view(B, 1, C // BS, BS))
+    for level, fresh in zip(index.levels, _build_levels(leaves, index.branching)):
+        for dst, src in zip(level.tensors(), fresh.tensors()):
+            dst.copy_(src)
+    if index.sketch is not None:
+        for dst, src in zip(index.sketch.tensors(), build_sketch(index.keys, index.valid, BS).tensors()):
+            dst.copy_(src)

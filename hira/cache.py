@@ -9,8 +9,8 @@ A layer's life:
   [S, N] mask); then (``recluster_on_prefill``) the whole layer is re-clustered, at once, or, inside
   ``HiraCache.deferred_recluster()`` (generate's chunked prefill), once after the last chunk.
 
-With a ``SequenceShard`` (context parallel, ``hira.parallel``) the layers are ``ShardedHiraLayer``: each rank
-indexes its slice of the prompt, the last rank stores the decoded tokens, and every decode step merges all ranks.
+With a ``SequenceShard`` (context parallel) the layers are the shard's own (``hira.parallel.ShardedHiraLayer``, a
+``HiraLayer`` holding one rank's slice): this module does not depend on the parallel code.
 
 The layers are only driven by ``HiraAttention`` (installed by ``hira.convert``); ``update`` raises, so a HiraCache
 given to an unconverted model fails loudly instead of attending over scrambled keys. A model's sliding-window layers
@@ -28,9 +28,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Stati
 
 from hira.api import AttentionStats, build_index_unchecked
 from hira.config import HiraConfig
-from hira.flex.attention import chunk_attention, fold_gqa
+from hira.flex.attention import chunk_attention
 from hira.index.index import HiraIndex, append, refresh_bounds
-from hira.parallel import SequenceShard, ShardIndex, build_shard_index, shard_append, sharded_attend, sharded_search
 from hira.search.threshold import Threshold
 from hira.step import run_decode_step
 
@@ -224,48 +223,6 @@ class HiraLayer(CacheLayerMixin):
         return run_decode_step(self.index, q, k, v, self.threshold, scale, self.last_stats, bounds=not dense)
 
 
-class ShardedHiraLayer(HiraLayer):
-    """A ``HiraLayer`` holding one rank's slice of the sequence (``hira.parallel``): prefill is exact on every rank
-    and indexes the rank's slice; decode tokens are stored on the last rank; every decode step searches and attends
-    on every rank and merges exactly, so every rank returns the same output.
-
-    Args:
-        layer_idx, capacity, config: as ``HiraLayer`` (capacity counts the tokens of the whole sequence).
-        shard: the ``SequenceShard`` plan of this rank.
-    """
-
-    # Its decode step runs collectives and is not made for generate's CUDA-graph replay.
-    is_compileable = False
-
-    def __init__(self, layer_idx: int, capacity: int, config: HiraConfig, shard: SequenceShard):
-        super().__init__(layer_idx, capacity, config)
-        self.shard = shard
-        self.local: ShardIndex | None = None
-
-    def _install(self, index: HiraIndex, B: int, Hq: int) -> None:
-        self.index = index
-        self.length = self.length.to(index.keys.device)
-        self.last_stats = None
-
-    def _build(self, k, v, key_mask) -> HiraIndex:
-        self.local = build_shard_index(k, v, key_mask, self.config, self.shard, self.capacity)
-        return self.local.index
-
-    def _continue_prefill(self, q, k, v, scale):
-        raise ValueError(
-            "a sequence-sharded HiraCache takes the whole prompt in one call (query length > 1 after the first "
-            "call is not supported): prefill the prompt at once, then decode one token per call"
-        )
-
-    def _decode(self, q, k, v, scale):
-        local = self.local
-        shard_append(local, k, v)
-        rows = fold_gqa(q.float(), local.index.keys.shape[1]) * scale  # [B, H, G, D]
-        sel = sharded_search(local, rows, self.threshold)
-        out, self.last_stats = sharded_attend(q, local, sel, scale)
-        return out
-
-
 class HiraCache(Cache):
     """The KV cache of a ``hira.convert``-ed model: one ``HiraLayer`` per full-attention decoder layer.
 
@@ -284,8 +241,8 @@ class HiraCache(Cache):
             parallel: each rank stores its slice; see ``hira.parallel``), or None for a single-process cache.
     """
 
-    def __init__(self, model_config, config: HiraConfig | None = None, shard: SequenceShard | None = None):
-        if shard is not None and not isinstance(shard, SequenceShard):
+    def __init__(self, model_config, config: HiraConfig | None = None, shard=None):
+        if shard is not None and not callable(getattr(shard, "cache_layer", None)):
             raise ValueError(f"shard must be a hira.SequenceShard or None, got {type(shard).__name__}")
         self.hira_config = config or HiraConfig()
         self.shard = shard
@@ -301,8 +258,8 @@ class HiraCache(Cache):
             if layer.is_sliding:
                 layers[i] = StaticSlidingWindowLayer(max_cache_len=capacity, sliding_window=layer.sliding_window)
             else:
-                layers[i] = HiraLayer(i, capacity, self.hira_config) if shard is None else ShardedHiraLayer(
-                    i, capacity, self.hira_config, shard
+                layers[i] = HiraLayer(i, capacity, self.hira_config) if shard is None else shard.cache_layer(
+                    i, capacity, self.hira_config
                 )
         super().__init__(layers=layers)
 

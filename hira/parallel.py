@@ -4,7 +4,8 @@ Each rank indexes one contiguous slice of the prompt: the attention sinks live o
 window and every decoded token on the last rank, so the union of the local indexes is the single-process index
 (with ``clustering="none"`` and block-aligned slices, block for block). A decode step then runs, on every rank:
 
-1. the search: ``dense`` and ``fixed`` decide leaf by leaf, so each rank searches alone; ``certified``, ``topk``
+1. the search: ``dense`` (no search: every local block) and ``fixed`` decide leaf by leaf, so each rank searches
+   alone; ``certified``, ``topk``
    and ``topp`` rank leaves against each other, so the ranks first all-gather their per-leaf bounds (certified:
    score bound, mass bounds and the exact score of the top-bound leaf) or mass estimates (topk, topp), every rank
    makes single-process ``search``'s choice over all leaves, identically, and keeps its own;
@@ -15,6 +16,9 @@ window and every decoded token on the last rank, so the union of the local index
 Communication goes through ``torch.distributed`` (NCCL on GPUs, gloo on CPU). Per decode step and layer: the
 search's agreement (certified: [B, H, 4R + 2, NB] floats; topk/topp: [B, H, R + 2, NB]; none for dense and
 fixed) and the merge ([B, H, R, D + 7] floats).
+
+``ShardedHiraLayer`` is the ``HiraCache`` layer that runs this step (``SequenceShard.cache_layer`` makes it: the
+single-process cache does not depend on this module).
 
 Shapes: B batch, Hq query heads, H KV heads, R = G·S query rows, N tokens, NB local leaves, D head dim,
 W world size.
@@ -30,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from hira.api import AttentionStats, attend_rows, build_index_unchecked
+from hira.cache import HiraLayer
 from hira.config import HiraConfig
 from hira.flex.attention import fold_gqa, merge_partials, unfold_gqa
 from hira.index.index import HiraIndex, append
@@ -69,6 +74,10 @@ class SequenceShard:
     @property
     def is_first(self) -> bool:
         return self.rank == 0
+
+    def cache_layer(self, layer_idx: int, capacity: int, config: HiraConfig) -> "ShardedHiraLayer":
+        """The ``HiraCache`` layer of this rank's slice (``HiraCache`` calls it for a sharded cache)."""
+        return ShardedHiraLayer(layer_idx, capacity, config, self)
 
     @property
     def is_last(self) -> bool:
@@ -318,3 +327,45 @@ def sharded_decode_attention(
     rows = fold_gqa(q.float(), H) * scale  # [B, H, G*S, D]
     sel = sharded_search(local, rows, threshold)
     return sharded_attend(q, local, sel, scale)
+
+
+class ShardedHiraLayer(HiraLayer):
+    """A ``HiraLayer`` holding one rank's slice of the sequence (``hira.parallel``): prefill is exact on every rank
+    and indexes the rank's slice; decode tokens are stored on the last rank; every decode step searches and attends
+    on every rank and merges exactly, so every rank returns the same output.
+
+    Args:
+        layer_idx, capacity, config: as ``HiraLayer`` (capacity counts the tokens of the whole sequence).
+        shard: the ``SequenceShard`` plan of this rank.
+    """
+
+    # Its decode step runs collectives and is not made for generate's CUDA-graph replay.
+    is_compileable = False
+
+    def __init__(self, layer_idx: int, capacity: int, config: HiraConfig, shard: SequenceShard):
+        super().__init__(layer_idx, capacity, config)
+        self.shard = shard
+        self.local: ShardIndex | None = None
+
+    def _install(self, index: HiraIndex, B: int, Hq: int) -> None:
+        self.index = index
+        self.length = self.length.to(index.keys.device)
+        self.last_stats = None
+
+    def _build(self, k, v, key_mask) -> HiraIndex:
+        self.local = build_shard_index(k, v, key_mask, self.config, self.shard, self.capacity)
+        return self.local.index
+
+    def _continue_prefill(self, q, k, v, scale):
+        raise ValueError(
+            "a sequence-sharded HiraCache takes the whole prompt in one call (query length > 1 after the first "
+            "call is not supported): prefill the prompt at once, then decode one token per call"
+        )
+
+    def _decode(self, q, k, v, scale):
+        local = self.local
+        shard_append(local, k, v)
+        rows = fold_gqa(q.float(), local.index.keys.shape[1]) * scale  # [B, H, G, D]
+        sel = sharded_search(local, rows, self.threshold)
+        out, self.last_stats = sharded_attend(q, local, sel, scale)
+        return out

@@ -6,8 +6,8 @@ Llama-3-8B attention shapes: 32 query heads, 8 KV heads, head dim 128, bf16, que
 For every (block size, context, batch) that fits in memory:
   - SDPA dense (enable_gqa=True) over the same K/V storage, eager and replayed from a CUDA graph;
   - flex_attention dense with an explicit all-blocks BlockMask (GQA folded into the query axis, as Hira does);
-  - the Hira step on a prebuilt index: the query-row fold and scale of hira/cache.py ``_decode``, then
-    ``hira.search.search.search`` and ``hira.api.attend_selection`` (mask, flex, stats), in two forms:
+  - the Hira step on a prebuilt index: ``hira.step.select`` (the query-row fold and scale, the search: the
+    decode step's plan without its append) and ``hira.api.attend_selection`` (mask, flex, stats), in two forms:
       * eager step: the Python step as written (flex_attention compiled on its own, everything else eager);
         timed per call ("no graph") and replayed from a CUDA graph captured after warm-up ("graph");
       * compiled step: the same step function wrapped in ``torch.compile(step, fullgraph=True, dynamic=False)``
@@ -65,7 +65,7 @@ from hira.flex.attention import block_attention, compiled_flex_attention, fold_g
 from hira.flex.mask import Q_BLOCK_SIZE, selection_block_mask  # noqa: E402
 from hira.index.bounds import NodeBounds, upper_bound  # noqa: E402
 from hira.index.index import HiraIndex, build_index  # noqa: E402
-from hira.search.search import search  # noqa: E402
+from hira.step import select  # noqa: E402
 from hira.search.threshold import Threshold  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -259,13 +259,12 @@ def compiled(fn):
 
 
 def hira_step(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale: float):
-    """Everything one decode step of one layer costs (hira/cache.py ``_decode`` minus the append): the fold and
-    scale of the query rows, search, BlockMask, flex attention with its LSE, and the stats."""
-    H = index.keys.shape[1]
+    """Everything one decode step of one layer costs but the append (``hira.step.plan`` without it is
+    ``hira.step.select``: fold and scale of the query rows, search), then BlockMask, flex attention with its LSE and
+    the stats (``attend_selection``, what ``hira.step.run`` calls). The index stays as built, so the step replays."""
 
     def step():
-        rows = fold_gqa(q.float(), H) * scale
-        sel = search(index, rows, thr)
+        sel = select(index, q, thr, scale)
         out, stats = attend_selection(q, index, sel, scale)
         # every stat HiraCache keeps (last_stats), so that a compiled step cannot drop any of them as dead code
         return out, stats.kept_fraction, stats.read_fraction, stats.skip_bound, sel.keep, stats.prior_skip_bound
@@ -276,13 +275,11 @@ def hira_step(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale: float):
 def hira_search_mask(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale: float):
     """Fold + scale, search and BlockMask: returns the mask's block lists and every Selection tensor (so that the
     compiled form computes all the search's outputs, as the step uses them)."""
-    H = index.keys.shape[1]
 
     def fn():
-        rows = fold_gqa(q.float(), H) * scale
-        sel = search(index, rows, thr)
+        sel = select(index, q, thr, scale)
         mask = selection_block_mask(
-            sel.kv_num_blocks, sel.kv_indices, sel.keep, index.valid, index.block_size, rows.shape[2]
+            sel.kv_num_blocks, sel.kv_indices, sel.keep, index.valid, index.block_size, sel.tau.shape[2]
         )
         return (mask.kv_num_blocks, mask.kv_indices, sel.keep, sel.tau, sel.log_skip_ub, sel.log_kept_lb,
                 sel.kept_fraction)
@@ -295,9 +292,8 @@ def hira_attention_only(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale
 
     block_attention calls hira's compiled flex_attention: this is the attention alone, already compiled."""
     H = index.keys.shape[1]
-    rows32 = fold_gqa(q.float(), H) * scale
-    sel = search(index, rows32, thr)
-    mask = selection_block_mask(sel.kv_num_blocks, sel.kv_indices, sel.keep, index.valid, index.block_size, rows32.shape[2])
+    sel = select(index, q, thr, scale)
+    mask = selection_block_mask(sel.kv_num_blocks, sel.kv_indices, sel.keep, index.valid, index.block_size, sel.tau.shape[2])
 
     def fn():
         rows = fold_gqa(q, H).to(index.keys.dtype)

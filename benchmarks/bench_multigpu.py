@@ -8,8 +8,8 @@ For every context N (the whole sequence) and mode (dense; topk keeping 1% and 5%
   - Hira on W ranks: ``hira.sharded_decode_attention`` (search with the ranks' agreement, block attention over
     the rank's slice, exact LSE merge through one all-gather) on each rank's ``build_shard_index`` of N / W
     tokens; the time is the slowest rank's median;
-  - Hira on one GPU (rank 0): ``hira.search.search.search`` + ``hira.api.attend_selection`` over an index of all
-    N tokens, the same step as ``HiraCache`` decode, and the largest difference of its output from the sharded one;
+  - Hira on one GPU (rank 0): ``hira.step.select`` + ``hira.api.attend_selection`` over an index of all N
+    tokens, the ``HiraCache`` decode step without its append, and the largest difference of its output from the sharded one;
   - SDPA dense (rank 0, ``enable_gqa=True``) over the N tokens.
 Each is timed eagerly (flex_attention compiled, the rest eager, host overhead included) and, where W = 1 (no
 collective to capture) or with ``--graph-collectives``, replayed from a CUDA graph. Timing: CUDA events around each
@@ -51,9 +51,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import capture  # noqa: E402
 from hira.api import attend_selection, build_index_unchecked  # noqa: E402
 from hira.config import HiraConfig  # noqa: E402
-from hira.flex.attention import fold_gqa  # noqa: E402
 from hira.parallel import SequenceShard, build_shard_index, sharded_decode_attention  # noqa: E402
-from hira.search.search import search  # noqa: E402
+from hira.step import select  # noqa: E402
 from hira.search.threshold import Threshold  # noqa: E402
 
 HQ, HKV, D = 32, 8, 128
@@ -149,8 +148,7 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
         if shard.is_first:
 
             def one_gpu():
-                rows_q = fold_gqa(q.float(), HKV) * scale  # as HiraCache decode
-                return attend_selection(q, single, search(single, rows_q, thr), scale)[0]
+                return attend_selection(q, single, select(single, q, thr, scale), scale)[0]
 
             def sdpa():
                 return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
@@ -160,8 +158,7 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
             row["single_graph"] = timed_ms(capture(one_gpu)[0].replay, device, args.reps) if device.type == "cuda" else None
             row["sdpa_graph"] = timed_ms(capture(sdpa)[0].replay, device, args.reps) if device.type == "cuda" else None
             row["diff"] = (out_sharded.float() - one_gpu().float()).abs().max().item()
-            rows_q = fold_gqa(q.float(), HKV) * scale
-            row["kept"] = float(search(single, rows_q, thr).kept_fraction.mean())
+            row["kept"] = float(select(single, q, thr, scale).kept_fraction.mean())
             rows.append(row)
             timings = ", ".join(f"{key}={val}" for key, val in row.items() if key not in ("context", "mode"))
             log(f"  {fmt_size(N)} {name}: {timings}")

@@ -43,7 +43,13 @@ def plan(
             until ``hira.index.index.refresh_bounds``.
     """
     append(index, k, v, bounds=bounds)
-    rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G, D]
+    return select(index, q, threshold, scale)
+
+
+def select(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: float) -> Selection:
+    """The blocks the queries read: q [B, Hq, S, D] folded into float32 rows per KV head, scaled, searched (``plan``
+    without the append; the benchmarks time it on a fixed index)."""
+    rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G·S, D]
     return search(index, rows, threshold)
 
 

@@ -269,14 +269,15 @@ def prefill_cache(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
 
 
 def mode_cache(base: hira.HiraCache, threshold: hira.Threshold, sketch: bool) -> hira.HiraCache:
-    """A copy of a prefilled cache that decodes with ``threshold`` (layers in ``dense_layers`` stay dense) and, when
-    ``sketch`` is False, without the key sketch. One prefill, indexed with the sketch, then serves every mode: the
-    sketch adds to the index and changes nothing else (the same storage order and leaf bounds)."""
+    """A copy of a prefilled cache that decodes with ``threshold`` and, when ``sketch`` is False, without the key
+    sketch. One prefill, indexed with the sketch, then serves every mode: the sketch adds to the index and changes
+    nothing else (the same storage order and leaf bounds). Each layer chooses its mode as its own prefill does
+    (``HiraLayer._choose_threshold``: dense in ``dense_layers`` or below ``min_context``, else ``threshold``)."""
     cache = copy.deepcopy(base)
     for layer in cache.layers:
         if isinstance(layer, HiraLayer):
-            if layer.layer_idx not in layer.config.dense_layers:
-                layer.threshold = threshold
+            layer.config = dataclasses.replace(layer.config, threshold=threshold)
+            layer.threshold = layer._choose_threshold(int(layer.length))
             if not sketch:
                 layer.index = dataclasses.replace(layer.index, sketch=None)
     return cache

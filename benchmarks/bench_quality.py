@@ -1073,13 +1073,13 @@ def plot(out: Path) -> list[Path]:
         for i, label in enumerate(labels):
             pts = sorted((c, r["read_fraction"]) for c, r in src if r["label"] == label)
             x, y = zip(*pts)
-            ax.plot(x, y, marker="o", color=f"C{i % 10}", label=label)
+            ax.plot(x, y, marker="o", color=plt.cm.tab20(i % 20), label=label)
             layer_pts = sorted(((c, r["layer_read"]) for c, r in src if r["label"] == label and "layer_read" in r),
                                key=lambda x: x[0])
             if label == "topp 0.99" and layer_pts:
                 for layer in layer_pts[0][1]:
                     xs = [c for c, lr in layer_pts]
-                    ax.plot(xs, [lr[layer] for c, lr in layer_pts], color=f"C{i % 10}", linestyle=":", lw=1)
+                    ax.plot(xs, [lr[layer] for c, lr in layer_pts], color=plt.cm.tab20(i % 20), linestyle=":", lw=1)
                     ax.annotate(f"L{layer}", (xs[-1], layer_pts[-1][1][layer]), fontsize=7, xytext=(3, 0),
                                 textcoords="offset points")
         est = out / "estimate.json"

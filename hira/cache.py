@@ -187,18 +187,17 @@ class HiraLayer(CacheLayerMixin):
         if self.threshold.mode == "dense" and not self.config.recluster_on_prefill:
             refresh_bounds(index)  # the dense decode steps since the last prefill left the bounds stale
         append(index, k, v)
-        B, Hq = q.shape[:2]
         rank_range = (index.rank, index.leaf_first, index.leaf_last, index.levels[0].count)
         out = chunk_attention(q, index.keys, index.values, index.n_valid, rank_range, scale)
         if self.config.recluster_on_prefill:
-            if self.defer_recluster:
-                self.recluster_pending = True
-            else:
-                self._install(self._rebuild(), B, Hq)
+            self.recluster_pending = True
+            if not self.defer_recluster:
+                self.recluster()
         return out
 
     def recluster(self) -> None:
-        """Re-cluster the layer now if chunks were appended under ``HiraCache.deferred_recluster``."""
+        """Re-cluster the layer now if chunks were appended since it last was (at once, or after the last chunk
+        under ``HiraCache.deferred_recluster``)."""
         if self.recluster_pending:
             self.recluster_pending = False
             B, Hq = self.index.keys.shape[0], self.last_stats.skip_bound.shape[1]

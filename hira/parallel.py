@@ -363,9 +363,6 @@ class ShardedHiraLayer(HiraLayer):
         )
 
     def _decode(self, q, k, v, scale):
-        local = self.local
-        shard_append(local, k, v)
-        rows = fold_gqa(q.float(), local.index.keys.shape[1]) * scale  # [B, H, G, D]
-        sel = sharded_search(local, rows, self.threshold)
-        out, self.last_stats = sharded_attend(q, local, sel, scale)
+        shard_append(self.local, k, v)
+        out, self.last_stats = sharded_decode_attention(q, self.local, self.threshold, scale)
         return out

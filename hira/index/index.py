@@ -100,6 +100,16 @@ def _cluster_rank(keys, eligible, block_size, clustering, kmeans_iters) -> torch
     return position_rank(eligible)
 
 
+def _storage_bounds(keys: torch.Tensor, valid: torch.Tensor, block_size: int, branching: int, key_sketch: bool):
+    """Every level's bounds (and the key sketch, or None) of a storage: keys [B, H, C, D] in block order, valid
+    [B, C] real slots."""
+    B, H, C, D = keys.shape
+    NB = C // block_size
+    leaves = members_bounds(keys.view(B, H, NB, block_size, D), valid.view(B, 1, NB, block_size))
+    sketch = build_sketch(keys, valid, block_size) if key_sketch else None
+    return _build_levels(leaves, branching), sketch
+
+
 def _build_levels(leaves: NodeBounds, branching: int) -> list[NodeBounds]:
     levels = [leaves]
     while levels[-1].count.shape[-1] > branching:
@@ -174,15 +184,14 @@ def build_index(
     slot_rank[:, :, :N] = torch.gather(rank[:, None, :].expand(B, H, N), 2, order).to(torch.int32)
     slot_rank = slot_rank.masked_fill(~slot_valid[:, None, :], -1)
 
-    NB = C // BS
-    leaves = members_bounds(k_store.view(B, H, NB, BS, D), slot_valid.view(B, 1, NB, BS))
+    levels, sketch = _storage_bounds(k_store, slot_valid, BS, branching, key_sketch)
     first, last = _leaf_rank_range(slot_rank, BS)
     return HiraIndex(
         keys=k_store,
         values=v_store,
         valid=slot_valid,
         rank=slot_rank,
-        levels=_build_levels(leaves, branching),
+        levels=levels,
         leaf_first=first,
         leaf_last=last,
         n_valid=n_valid,
@@ -191,7 +200,7 @@ def build_index(
         branching=branching,
         sink_tokens=sink_tokens,
         window_tokens=window_tokens,
-        sketch=build_sketch(k_store, slot_valid, BS) if key_sketch else None,
+        sketch=sketch,
     )
 
 
@@ -255,34 +264,32 @@ def append(
     first, last = _leaf_rank_range(index.rank.view(B, H, NB, BS).index_select(2, leaves).flatten(2), BS)
     index.leaf_first.index_copy_(2, leaves, first)
     index.leaf_last.index_copy_(2, leaves, last)
-    if not bounds:
+    if bounds:
+        members = index.keys.view(B, H, NB, BS, D).index_select(2, leaves)  # [B, H, n, BS, D]
+        _write_nodes(index.levels[0], leaves, members_bounds(members, member_valid))
+        if index.sketch is not None:
+            write_blocks(index.sketch, leaves, quantize_blocks(members, member_valid), BS)
+        b = index.branching
+        nodes = leaves
+        for lvl in range(1, len(index.levels)):
+            nodes = nodes // b
+            children = (nodes[:, None] * b + torch.arange(b, device=dev)).flatten()  # [n * b]
+            fresh = parent_bounds(_select_nodes(index.levels[lvl - 1], children), b)  # [B, H, n]
+            _write_nodes(index.levels[lvl], nodes, fresh)
+    else:
         count = member_valid.sum(-1, dtype=torch.int32).expand(B, H, n_touched)
         index.levels[0].count.index_copy_(2, leaves, count)
-        index.next_slot.add_(S)
-        return
-    members = index.keys.view(B, H, NB, BS, D).index_select(2, leaves)  # [B, H, n, BS, D]
-    _write_nodes(index.levels[0], leaves, members_bounds(members, member_valid))
-    if index.sketch is not None:
-        write_blocks(index.sketch, leaves, quantize_blocks(members, member_valid), BS)
-    b = index.branching
-    nodes = leaves
-    for lvl in range(1, len(index.levels)):
-        nodes = nodes // b
-        children = (nodes[:, None] * b + torch.arange(b, device=dev)).flatten()  # [n * b]
-        fresh = parent_bounds(_select_nodes(index.levels[lvl - 1], children), b)  # [B, H, n]
-        _write_nodes(index.levels[lvl], nodes, fresh)
     index.next_slot.add_(S)
 
 
 def refresh_bounds(index: HiraIndex) -> None:
     """Recompute every level's bounds, and the sketch, from the storage, in place (after appends with
     ``bounds=False``)."""
-    B, H, C, D = index.keys.shape
-    BS = index.block_size
-    leaves = members_bounds(index.keys.view(B, H, C // BS, BS, D), index.valid.view(B, 1, C // BS, BS))
-    for level, fresh in zip(index.levels, _build_levels(leaves, index.branching)):
+    levels, sketch = _storage_bounds(index.keys, index.valid, index.block_size, index.branching,
+                                     index.sketch is not None)
+    for level, fresh in zip(index.levels, levels):
         for dst, src in zip(level.tensors(), fresh.tensors()):
             dst.copy_(src)
-    if index.sketch is not None:
-        for dst, src in zip(index.sketch.tensors(), build_sketch(index.keys, index.valid, BS).tensors()):
+    if sketch is not None:
+        for dst, src in zip(index.sketch.tensors(), sketch.tensors()):
             dst.copy_(src)

@@ -12,6 +12,13 @@ user runs it, with nothing captured or compiled by this script:
     graph-replays the decode the same way as for dense-static.
   - ``hira-dense``: the dense mode, what a layer below ``HiraConfig.min_context`` decodes with (every block, no
     search): against ``hira`` it gives the crossover, the context from which the search pays for itself.
+  - ``dense-forward``, ``hira-forward``: the user compiles the model's forward themselves
+    (``model.forward = torch.compile(model.forward, mode="reduce-overhead")``, transformers' own recipe; dense with a
+    static cache) and calls ``generate(..., disable_compile=True)``: the prefill and the decode then both run
+    compiled. ``hira-forward`` uses the default threshold.
+
+``--check-eager`` also runs each Hira variant's call again with ``disable_compile=True`` (no compile of the model)
+and reports how many of the new tokens equal the compiled call's (the first difference, if any).
 
 ``--prefill-chunk C`` passes ``prefill_chunk_size=C`` to generate (a prompt too long for one forward at that batch).
 ``--isolate`` runs every (context, batch, variant) in a fresh process (a compiled variant run after others in the
@@ -61,7 +68,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import hira  # noqa: E402
 from harness import LLAMA3_8B, SMOKE_MODEL, make_model  # noqa: E402
 
-VARIANTS = ("dense-dynamic", "dense-static", "hira", "hira-dense", "hira-topk1", "hira-topk5")
+VARIANTS = ("dense-dynamic", "dense-static", "hira", "hira-dense", "hira-topk1", "hira-topk5", "dense-forward",
+            "hira-forward")
 
 
 class StepClock(BaseStreamer):
@@ -109,7 +117,7 @@ def copy_bandwidth(device: torch.device) -> float:
 
 def hira_config(variant: str, N: int, new_tokens: int, block_size: int) -> hira.HiraConfig:
     capacity = N + new_tokens + 1
-    if variant == "hira":
+    if variant in ("hira", "hira-forward"):
         return hira.HiraConfig(max_cache_len=capacity)
     if variant == "hira-dense":
         return hira.HiraConfig(max_cache_len=capacity, threshold=hira.Threshold.dense())
@@ -126,7 +134,7 @@ def run_variant(args, model, variant: str, ids: torch.Tensor, device: torch.devi
         cc = CompileConfig()
         cc._compile_all_devices = True
         kw["compile_config"] = cc
-    if variant == "dense-static":
+    if variant in ("dense-static", "dense-forward"):
         kw["cache_implementation"] = "static"
     if args.prefill_chunk:
         kw["prefill_chunk_size"] = args.prefill_chunk
@@ -144,12 +152,22 @@ def run_variant(args, model, variant: str, ids: torch.Tensor, device: torch.devi
     dynamo_utils.counters.clear()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    user_compiled = variant.endswith("-forward")
+    if user_compiled:  # transformers' recipe for a model the user compiles: generate then compiles nothing itself
+        model.forward = torch.compile(model.forward, mode="reduce-overhead")
+        kw["disable_compile"] = True
+    eager_tokens = None
     try:
         t0 = time.perf_counter()
         with torch.no_grad():
             out = model.generate(ids, streamer=clock, return_dict_in_generate=True, **kw)
         total = time.perf_counter() - t0
+        if args.check_eager and config is not None:
+            with torch.no_grad():
+                eager_tokens = model.generate(ids, **dict(kw, disable_compile=True))[:, N:]
     finally:
+        if user_compiled:
+            del model.forward  # the instance attribute: back to the class's forward
         if config is not None:
             hira.revert(model)
     t, graphs = clock.times, clock.graphs  # t[0]: prompt put (before prefill); t[i]: i-th new token
@@ -165,6 +183,10 @@ def run_variant(args, model, variant: str, ids: torch.Tensor, device: torch.devi
     )
     if profiler is not None:
         row["profile"] = profile_table(profiler, args.profile, device)
+    if eager_tokens is not None:
+        same = (out.sequences[:, N:] == eager_tokens).all(0)  # [new]
+        row["eager_equal"] = bool(same.all())
+        row["first_difference"] = None if bool(same.all()) else int((~same).int().argmax())
     cache = getattr(out, hira.CACHE_ARG, None)
     if isinstance(cache, hira.HiraCache):
         summary = cache.summary()
@@ -191,6 +213,13 @@ def _f(x, nd=2) -> str:
     return "—" if x is None or x != x else f"{x:.{nd}f}"
 
 
+def _eager(row: dict) -> str:
+    """The ``--check-eager`` column: all new tokens equal, or the first that differs."""
+    if "eager_equal" not in row:
+        return "—"
+    return "all" if row["eager_equal"] else f"differs at token {row['first_difference']}"
+
+
 def markdown(rows: list, meta: dict) -> str:
     lines = [f"# bench_generate: {meta['device']}, {meta['date']}", "",
              f"`{meta['command']}`", "",
@@ -198,11 +227,11 @@ def markdown(rows: list, meta: dict) -> str:
              f"{meta['warmup_steps']} warm-up + {meta['steps']} timed decode steps per call; copy bandwidth "
              f"{_f(meta['bandwidth_tbs'])} TB/s.", "",
              "| context | batch | variant | tok/s | ms/token | vs best dense | floor ms (dense) | read | prefill s "
-             "| warm-up s | first call s | graphs | recompiles | cudagraph skips | peak GB | mem growth MB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| warm-up s | first call s | graphs | recompiles | cudagraph skips | peak GB | mem growth MB | = eager |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['context']} | {r['batch']} | {r['variant']} | error: {r['error']} |" + " |" * 12)
+            lines.append(f"| {r['context']} | {r['batch']} | {r['variant']} | error: {r['error']} |" + " |" * 13)
             continue
         best = max((x["tok_s"] for x in rows if "error" not in x and x["context"] == r["context"]
                     and x["batch"] == r["batch"] and x["variant"].startswith("dense")), default=None)
@@ -210,7 +239,8 @@ def markdown(rows: list, meta: dict) -> str:
             f"| {r['context']} | {r['batch']} | {r['variant']} | {_f(r['tok_s'], 1)} | {_f(r['ms_per_token'])} | "
             f"{_f(r['tok_s'] / best if best else None)}× | {_f(r['floor_ms'])} | {_f(r.get('read_fraction'))} | "
             f"{_f(r['prefill_s'])} | {_f(r['warmup_s'], 1)} | {_f(r['first_call_s'], 1)} | {r['graphs']} | "
-            f"{r['recompiles']} | {r['cudagraph_skips']} | {_f(r['peak_gb'], 1)} | {_f(r.get('mem_growth_mb'), 1)} |")
+            f"{r['recompiles']} | {r['cudagraph_skips']} | {_f(r['peak_gb'], 1)} | {_f(r.get('mem_growth_mb'), 1)} | "
+            f"{_eager(r)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -287,6 +317,8 @@ def main(argv=None):
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile N decode steps after the warm-up (kernel table in the JSON row and after the table)")
     p.add_argument("--time-budget", type=float, default=540.0, help="seconds; later runs are skipped")
+    p.add_argument("--check-eager", action="store_true",
+                   help="Hira variants: run the call again with disable_compile=True and compare the tokens")
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU")
     p.add_argument("--out", default="generate.md")
     p.add_argument("--plot", metavar="JSON", help="only plot a results JSON and exit")

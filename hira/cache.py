@@ -117,10 +117,8 @@ class HiraLayer(CacheLayerMixin):
         S = q.shape[2]
         if self.index is None or self.emptied:
             out = self._prefill(q, k, v, attention_mask, scale)
-            self.threshold = self._choose_threshold(S)
         elif S > 1:
             out = self._continue_prefill(q, k, v, scale)
-            self.threshold = self._choose_threshold(int(self.length) + S)
         else:
             out = self._decode(q, k, v, scale)
         self.length.add_(S)
@@ -157,9 +155,8 @@ class HiraLayer(CacheLayerMixin):
         shapes = ((B, H), (B, H), (B, Hq, 1), (B, Hq, 1))  # kept / read fraction, posterior / prior skip bound
         self.last_stats = AttentionStats(*(torch.empty(shape, device=dev) for shape in shapes))
         self._clear_stats()
-        if not torch.compiler.is_compiling():  # (not traceable; a compiled prefill leaves it to the next call)
-            for t in (*index.tensors(), self.length, *self.last_stats.tensors()):
-                torch._dynamo.mark_static_address(t)
+        for t in (*index.tensors(), self.length, *self.last_stats.tensors()):
+            torch._dynamo.mark_static_address(t)
 
     def _clear_stats(self) -> None:
         """NaN stats: no decode step since the last prefill (a flag in a tensor, so the step never reads a Python
@@ -168,6 +165,10 @@ class HiraLayer(CacheLayerMixin):
             for t in self.last_stats.tensors():
                 t.fill_(math.nan)
 
+    # A prefill runs eagerly even inside a model compiled as a whole (``torch.compile(model)``, or a compiled
+    # forward): the index build has host syncs and data-dependent sizes, and compiled it took minutes per prompt
+    # length (a 600-token prompt of a tiny model: 211 s of CPU compile). The decode step is what compiling buys.
+    @torch.compiler.disable
     def _prefill(self, q, k, v, attention_mask, scale):
         B, _, N, _ = k.shape
         if N > self.capacity:
@@ -180,8 +181,10 @@ class HiraLayer(CacheLayerMixin):
         )
         self._install(self._build(k, v, key_mask_from_attention_mask(attention_mask, B, N, k.device)), B, q.shape[1])
         self.emptied = False
+        self.threshold = self._choose_threshold(N)
         return out
 
+    @torch.compiler.disable
     def _continue_prefill(self, q, k, v, scale):
         index = self.index
         if self.threshold.mode == "dense" and not self.config.recluster_on_prefill:
@@ -193,6 +196,7 @@ class HiraLayer(CacheLayerMixin):
             self.recluster_pending = True
             if not self.defer_recluster:
                 self.recluster()
+        self.threshold = self._choose_threshold(int(self.length) + q.shape[2])
         return out
 
     def recluster(self) -> None:

@@ -126,8 +126,8 @@ def test_bounds_hold_for_every_node(case, q_kind, R, seed, device):
     bounds=st.booleans(),
 )
 def test_append_keeps_storage_and_bounds_exact(case, steps, q_kind, bounds, device):
-    """Appends keep the storage and every bound exact; with bounds=False (the dense mode's append) the leaves'
-    counts and rank ranges stay exact, and refresh_bounds restores the very bounds exact appends keep."""
+    """Appends keep the storage and every bound exact; with bounds=False (the dense mode's append) the storage
+    stays exact, and refresh_bounds restores the very counts, rank ranges and bounds exact appends keep."""
     keys, values, key_mask = case.tensors(device)
     total = sum(s for s, _ in steps)
     built = -(-case.N // case.block_size) * case.block_size  # appends start at the next whole block
@@ -149,11 +149,11 @@ def test_append_keeps_storage_and_bounds_exact(case, steps, q_kind, bounds, devi
 
     assert int(index.next_slot) == built + total
     assert_storage_matches(index, torch.cat(all_k, 2), torch.cat(all_v, 2), torch.cat(all_m, 1))
-    assert_leaf_metadata(index)
     if not bounds:
         refresh_bounds(index)
         for got, want in zip(index.tensors(), twin.tensors()):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert_leaf_metadata(index)
     q_rows = make_queries(q_kind, index.keys, case.H, 2, gen)
     assert_bounds_hold(index, q_rows)
 

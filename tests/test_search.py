@@ -61,10 +61,18 @@ def folded_rows(q, H, scale):
     return q.float().reshape(q.shape[0], H, -1, q.shape[-1]) * scale
 
 
-def assert_selection_consistent(sel, index):
-    """keep, kv_num_blocks, kv_indices and kept_fraction say the same thing; empty leaves are never kept."""
+def leaves_in_use(index):
+    """[B, H, NB] bool: the leaves up to the first free slot, which the dense mode reads (empty ones included)."""
+    B, H, NB = index.levels[0].count.shape
+    used = -(-int(index.next_slot) // index.block_size)
+    return (torch.arange(NB, device=index.keys.device) < used).expand(B, H, NB)
+
+
+def assert_selection_consistent(sel, index, dense=False):
+    """keep, kv_num_blocks, kv_indices and kept_fraction say the same thing; empty leaves are never kept (the
+    dense mode keeps every leaf in use, its kept fraction 1)."""
     B, H, NB = sel.keep.shape
-    live = index.levels[0].count > 0
+    live = leaves_in_use(index) if dense else index.levels[0].count > 0
     assert not bool((sel.keep & ~live).any()), "an empty leaf was kept"
     assert bool((sel.keep >= index.forced_leaves()).all()), "a sink or window leaf was dropped"
     n = sel.keep.sum(-1)
@@ -143,12 +151,15 @@ def test_skip_bound_holds_in_every_mode(case, G, S, q_kind, seed, scale, thresho
     """Prior skip bound ≥ true skipped mass for every mode; the exact modes also miss no key above their τ."""
     d = searched(case, device, G, S, q_kind, seed, threshold, scale)
     sel = d.sel
-    assert_selection_consistent(sel, d.index)
+    assert_selection_consistent(sel, d.index, dense=threshold.mode == "dense")
     assert_skip_bounds_hold(d, eps=threshold.value if threshold.mode == "certified" else None)
     if threshold.exact:
         assert_no_false_negatives(d, unfold_gqa(sel.tau, G * case.H))
-    if threshold.mode == "dense" or threshold == Threshold.fixed(-math.inf):
+    if threshold.mode == "dense":
+        assert torch.equal(sel.keep, leaves_in_use(d.index))
+    if threshold == Threshold.fixed(-math.inf):
         assert torch.equal(sel.keep, d.index.levels[0].count > 0)
+    if threshold.mode == "dense" or threshold == Threshold.fixed(-math.inf):
         assert bool(torch.isneginf(sel.log_skip_ub).all())
         assert bool((sel.skip_bound == 0).all())
 
@@ -265,16 +276,17 @@ def test_forced_leaves_are_kept_and_dense_keeps_all(case, G, S, q_kind, seed, sc
     kept = kept_tokens(index, nothing.keep, d.real)
     assert bool((kept >= forced_tok[:, None, :]).all())
 
-    # dense: every non-empty leaf, listed first in ascending order, and nothing skipped.
+    # dense: every leaf in use (every non-empty one among them), listed first in ascending order, nothing skipped.
     dense = search_rows(index, folded_rows(q, case.H, d.scale), Threshold.dense())
-    live = index.levels[0].count > 0
-    assert torch.equal(dense.keep, live)
-    n = live.sum(-1)  # [B, H]
+    used = leaves_in_use(index)
+    assert torch.equal(dense.keep, used)
+    assert bool((used >= (index.levels[0].count > 0)).all())
+    n = used.sum(-1)  # [B, H]
     assert torch.equal(dense.kv_num_blocks[..., 0], n.to(torch.int32))
-    for b in range(live.shape[0]):
-        for h in range(live.shape[1]):
+    for b in range(used.shape[0]):
+        for h in range(used.shape[1]):
             listed = dense.kv_indices[b, h, 0, : int(n[b, h])].long()
-            assert torch.equal(listed, live[b, h].nonzero()[:, 0])
+            assert torch.equal(listed, used[b, h].nonzero()[:, 0])
     assert bool((dense.skip_bound == 0).all())
 
 

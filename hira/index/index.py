@@ -231,19 +231,19 @@ def append(
     index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None,
     bounds: bool = True,
 ) -> None:
-    """Append S new tokens (the same S for every row) in position order, updating the bounds they touch.
+    """Append S new tokens (the same S for every row) in position order, updating the leaves they touch.
 
     In place, fixed shapes, no host sync under torch.compile. Outside compile it checks the capacity (one host read).
 
     Args:
         keys, values: [B, H, S, D].
         key_mask: [B, S] bool, None: all real.
-        bounds: update the bounds (and the sketch) of the leaves touched and of their ancestors. False, for a dense
-            read that uses no bound, updates only the leaves' counts and rank ranges (fewer kernels per step): the
-            other bounds of those leaves and their ancestors are stale until ``refresh_bounds``.
+        bounds: keep everything derived from the storage exact: the leaves' counts, rank ranges and bounds (and
+            the sketch) where the new tokens land, and their ancestors. False, for a dense read that uses none of
+            it, writes the storage, validity, ranks and ``n_valid`` alone (a few kernels per step): the
+            derived tensors are stale until ``refresh_bounds``.
     """
     B, H, S, D = keys.shape
-    BS = index.block_size
     if not torch.compiler.is_compiling():
         check_room(index, S)
     dev = keys.device
@@ -256,35 +256,40 @@ def append(
     index.rank.index_copy_(2, slots, rank[:, None, :].expand(B, H, S).contiguous())
     index.n_valid.add_(valid.sum(1))
 
-    # Recompute the leaves the new tokens fall in, from their members, then their ancestors from children.
+    if bounds:
+        _update_touched_leaves(index, S)
+    index.next_slot.add_(S)
+
+
+def _update_touched_leaves(index: HiraIndex, S: int) -> None:
+    """Recompute the leaves the S tokens just written at ``next_slot`` fall in, from their members (count, rank
+    range, bounds, sketch), then their ancestors from their children."""
+    B, H, C, D = index.keys.shape
+    BS = index.block_size
     NB = index.num_leaves
+    dev = index.keys.device
     n_touched = (S + BS - 1) // BS + 1
     leaves = (index.next_slot // BS + torch.arange(n_touched, device=dev)).clamp_max(NB - 1)  # [n]
     member_valid = index.valid.view(B, 1, NB, BS).index_select(2, leaves)
     first, last = _leaf_rank_range(index.rank.view(B, H, NB, BS).index_select(2, leaves).flatten(2), BS)
     index.leaf_first.index_copy_(2, leaves, first)
     index.leaf_last.index_copy_(2, leaves, last)
-    if bounds:
-        members = index.keys.view(B, H, NB, BS, D).index_select(2, leaves)  # [B, H, n, BS, D]
-        _write_nodes(index.levels[0], leaves, members_bounds(members, member_valid))
-        if index.sketch is not None:
-            write_blocks(index.sketch, leaves, quantize_blocks(members, member_valid), BS)
-        b = index.branching
-        nodes = leaves
-        for lvl in range(1, len(index.levels)):
-            nodes = nodes // b
-            children = (nodes[:, None] * b + torch.arange(b, device=dev)).flatten()  # [n * b]
-            fresh = parent_bounds(_select_nodes(index.levels[lvl - 1], children), b)  # [B, H, n]
-            _write_nodes(index.levels[lvl], nodes, fresh)
-    else:
-        count = member_valid.sum(-1, dtype=torch.int32).expand(B, H, n_touched)
-        index.levels[0].count.index_copy_(2, leaves, count)
-    index.next_slot.add_(S)
+    members = index.keys.view(B, H, NB, BS, D).index_select(2, leaves)  # [B, H, n, BS, D]
+    _write_nodes(index.levels[0], leaves, members_bounds(members, member_valid))
+    if index.sketch is not None:
+        write_blocks(index.sketch, leaves, quantize_blocks(members, member_valid), BS)
+    b = index.branching
+    nodes = leaves
+    for lvl in range(1, len(index.levels)):
+        nodes = nodes // b
+        children = (nodes[:, None] * b + torch.arange(b, device=dev)).flatten()  # [n * b]
+        fresh = parent_bounds(_select_nodes(index.levels[lvl - 1], children), b)  # [B, H, n]
+        _write_nodes(index.levels[lvl], nodes, fresh)
 
 
 def refresh_bounds(index: HiraIndex) -> None:
-    """Recompute every level's bounds, and the sketch, from the storage, in place (after appends with
-    ``bounds=False``)."""
+    """Recompute everything derived from the storage, in place: every level's bounds (the leaves' counts
+    included), the leaves' rank ranges and the sketch (after appends with ``bounds=False``)."""
     levels, sketch = _storage_bounds(index.keys, index.valid, index.block_size, index.branching,
                                      index.sketch is not None)
     for level, fresh in zip(index.levels, levels):
@@ -293,3 +298,6 @@ def refresh_bounds(index: HiraIndex) -> None:
     if sketch is not None:
         for dst, src in zip(index.sketch.tensors(), sketch.tensors()):
             dst.copy_(src)
+    first, last = _leaf_rank_range(index.rank, index.block_size)
+    index.leaf_first.copy_(first)
+    index.leaf_last.copy_(last)

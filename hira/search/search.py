@@ -220,13 +220,19 @@ def selection_from_keep(keep: torch.Tensor, live: torch.Tensor, bounds: LeafBoun
 
 
 def every_leaf(index: HiraIndex, q: torch.Tensor) -> Selection:
-    """The ``dense`` mode's selection for query rows q [B, H, R, D]: every non-empty leaf, with no bound computed
-    (nothing is skipped, so the skip bounds are 0 and no τ is needed)."""
-    live = index.levels[0].count > 0  # [B, H, NB]
+    """The ``dense`` mode's selection for query rows q [B, H, R, D]: every leaf up to the first free slot, in
+    order, with no bound computed (nothing real is skipped, so the skip bounds are 0 and no τ is needed). It reads
+    ``next_slot`` alone, not the leaves' counts, which the dense mode's appends leave stale; padding is the mask's
+    business (``valid``)."""
+    B, H = index.keys.shape[:2]
+    NB = index.num_leaves
+    used = (index.next_slot + index.block_size - 1) // index.block_size  # [] leaves holding a slot
+    ids = torch.arange(NB, device=q.device, dtype=torch.int32)
+    keep = (ids < used).expand(B, H, NB)
+    kv_num = used.to(torch.int32).expand(B, H, 1)
     none = torch.full(q.shape[:3], -math.inf, device=q.device)  # [B, H, R]
-    kv_num, kv_indices = block_lists(live)  # [B, H], [B, H, NB]
-    kept_fraction = (kv_num > 0).float()
-    return Selection(live, kv_num[..., None], kv_indices[:, :, None, :], none, none, none, kept_fraction)
+    kept = torch.ones(B, H, device=q.device)
+    return Selection(keep, kv_num, ids.expand(B, H, 1, NB), none, none, none, kept)
 
 
 def local_select(

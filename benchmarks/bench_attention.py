@@ -49,7 +49,6 @@ import json
 import math
 import os
 import platform
-import statistics
 import sys
 import time
 import traceback
@@ -59,7 +58,12 @@ import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from harness import (  # noqa: E402
+    HKV, HQ, D, Timed, bench, capture_graph, cell, device_name, fmt_num, fmt_size, graph_ms, md_table,
+    parse_size, structured_row, sync, unique_graphs, write_report,
+)
 from hira.api import attend_selection  # noqa: E402
 from hira.flex.attention import block_attention, compiled_flex_attention, fold_gqa  # noqa: E402
 from hira.flex.mask import Q_BLOCK_SIZE, selection_block_mask  # noqa: E402
@@ -68,62 +72,9 @@ from hira.index.index import HiraIndex, build_index  # noqa: E402
 from hira.step import select  # noqa: E402
 from hira.search.threshold import Threshold  # noqa: E402
 
-HQ, HKV, D = 32, 8, 128
-G = HQ // HKV
-DTYPE = torch.bfloat16
 SINKS, WINDOW = 4, 256  # HiraConfig defaults
 # The default GPU run (module docstring): batch-1 combos first, most important first.
 DEFAULT_GPU_COMBOS = "128:128K:1,128:512K:1,128:32K:1,128:1M:1,128:128K:8,64:128K:1,64:512K:1"
-
-# --------------------------------------------------------------------------------------------------------------
-# Synthetic keys with realistic structure (NOT iid noise)
-# --------------------------------------------------------------------------------------------------------------
-
-
-def structured_row(N: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One batch row: keys, values [1, HKV, N, D] and the row's queries [1, HQ, 1, D], all bf16.
-
-    Keys = shared offset + topic-cluster centre (runs of 32 tokens share a topic; ~N/512 topics recur all over the
-    context) + 4 dominant directions (std 4, 3, 2, 1.5) + noise 0.5; the first 4 tokens are attention sinks (norm
-    40 along a sink direction); the most recent tokens carry a decaying recency direction (scale 256 tokens).
-    Queries aim at 2 topic centres per head (weights 9 and 6), mix the dominant directions, and lean towards the
-    sink and recency directions. At 32K this gives (row 0, median over query rows) 90% of the softmax mass in ~0.1%
-    of the keys, 99% in ~1-2%, ~10% on the sinks: in the range DESIGN.md §2b measured on a real model.
-    """
-    gen = torch.Generator(device=device).manual_seed(seed)
-    f = dict(device=device, dtype=torch.float32)
-    H = HKV
-    nc = max(16, N // 512)
-    mu = torch.randn(H, 1, D, generator=gen, **f) * 0.6
-    dirs = torch.linalg.qr(torch.randn(H, D, 4, generator=gen, **f))[0].transpose(1, 2).contiguous()  # [H, 4, D]
-    centers = torch.randn(H, nc, D, generator=gen, **f)
-    run = 32
-    cid = torch.randint(nc, (H, -(-N // run)), generator=gen, device=device).repeat_interleave(run, 1)[:, :N]
-    k = torch.gather(centers, 1, cid[..., None].expand(H, N, D))
-    del cid
-    coef = torch.randn(H, N, 4, generator=gen, **f) * torch.tensor([4.0, 3.0, 2.0, 1.5], device=device)
-    k += torch.bmm(coef, dirs)
-    del coef
-    k += mu
-    k += 0.5 * torch.randn(H, N, D, generator=gen, **f)
-    sink_dir = torch.randn(H, 1, D, generator=gen, **f)
-    sink_dir /= sink_dir.norm(dim=-1, keepdim=True)
-    k[:, :SINKS] = sink_dir * 40.0 + 0.3 * torch.randn(H, SINKS, D, generator=gen, **f)
-    loc_dir = torch.randn(H, 1, D, generator=gen, **f)
-    loc_dir /= loc_dir.norm(dim=-1, keepdim=True)
-    age = torch.arange(N - 1, -1, -1, device=device, dtype=torch.float32)
-    k += loc_dir * (30.0 * torch.exp(-age / 256.0))[None, :, None]
-    keys = k.to(DTYPE)[None]
-    del k
-    values = torch.randn(1, H, N, D, generator=gen, **f).to(DTYPE)
-    tgt = torch.randint(nc, (H, G, 2), generator=gen, device=device)
-    c = centers[torch.arange(H, device=device)[:, None, None], tgt]  # [H, G, 2, D]
-    c = c / c.norm(dim=-1, keepdim=True)
-    q = (c * torch.tensor([9.0, 6.0], device=device)[:, None]).sum(2)  # [H, G, D]
-    q += torch.bmm(torch.randn(H, G, 4, generator=gen, **f) * 2.0, dirs)
-    q += sink_dir * 4.0 + loc_dir * 4.0
-    q += 0.5 * torch.randn(H, G, D, generator=gen, **f)
-    return keys, values, q.reshape(1, HQ, 1, D).to(DTYPE)
 
 
 def build_batch(N: int, B: int, block_size: int, device, seed: int, clustering: str = "pca",
@@ -135,13 +86,13 @@ def build_batch(N: int, B: int, block_size: int, device, seed: int, clustering: 
     qs = []
     t_build = 0.0
     for b in range(B):
-        keys, values, q = structured_row(N, seed + 1000 * b, device)
+        keys, values, q = structured_row(N, seed + 1000 * b, device, SINKS)
         qs.append(q)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         idx = build_index(keys, values, None, block_size=block_size, clustering=clustering, sink_tokens=SINKS,
                           window_tokens=WINDOW, key_sketch=key_sketch)
-        _sync(device)
+        sync(device)
         t_build += time.perf_counter() - t0
         del keys, values
         if B == 1:
@@ -172,69 +123,6 @@ def _copy_row(full: HiraIndex, idx: HiraIndex, b: int) -> None:
     for lf, li in zip(full.levels, idx.levels):
         for tf, ti in zip(lf.tensors(), li.tensors()):
             tf[b].copy_(ti[0])
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Timing helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def bench(fn, device, rep_ms: float) -> float:
-    """Median ms of fn()."""
-    if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return float(do_bench(fn, warmup=max(10, rep_ms // 4), rep=rep_ms, return_mode="median"))
-    fn()
-    times = []
-    t_end = time.perf_counter() + rep_ms / 1e3
-    while len(times) < 3 or (time.perf_counter() < t_end and len(times) < 200):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
-
-
-def capture(fn, warm: int = 3):
-    """Warm fn up on a side stream, capture one call in a CUDA graph; returns (graph, the call's outputs)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warm):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    g.replay()
-    torch.cuda.synchronize()
-    return g, out
-
-
-def unique_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-class Timed:
-    """Counts dynamo graphs compiled inside the block, which runs with the fail_on_recompile stance."""
-
-    def __enter__(self):
-        self.before = unique_graphs()
-        self.stance = torch.compiler.set_stance("fail_on_recompile")
-        self.stance.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.stance.__exit__(*exc)
-        self.recompiles = unique_graphs() - self.before
-        return False
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -307,20 +195,6 @@ def hira_attention_only(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale
 # --------------------------------------------------------------------------------------------------------------
 
 
-def parse_size(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 1024, "M": 1024 * 1024}
-    return int(float(s[:-1]) * mult[s[-1]]) if s[-1] in mult else int(s)
-
-
-def fmt_size(n: int) -> str:
-    if n % (1024 * 1024) == 0:
-        return f"{n // (1024 * 1024)}M"
-    if n % 1024 == 0:
-        return f"{n // 1024}K"
-    return str(n)
-
-
 def data_stats(index: HiraIndex, q: torch.Tensor, scale: float) -> dict:
     """Oracle facts about batch row 0: softmax concentration, sink/recent mass, the max scores."""
     k = index.keys[0].float()  # [H, C, D]
@@ -383,13 +257,11 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
     row = dict(method="SDPA dense (GQA)", selection="all", kept=1.0, read=1.0)
     row["eager_ms"] = bench(sdpa, device, args.rep_ms)
     if use_graph:
-        g, _ = capture(sdpa)
-        row["graph_ms"] = bench(g.replay, device, args.rep_ms)
-        del g
+        row["graph_ms"] = graph_ms(sdpa, device, args.rep_ms)
     sdpa_ms = row.get("graph_ms", row["eager_ms"])
     combo["sdpa_ms"] = sdpa_ms
     combo["rows"].append(row)
-    log(f"{tag}: SDPA eager {row['eager_ms']:.4f} ms, graph {_f(row.get('graph_ms'), 4)} ms")
+    log(f"{tag}: SDPA eager {row['eager_ms']:.4f} ms, graph {fmt_num(row.get('graph_ms'), 4)} ms")
 
     # --- flex dense, explicit all-blocks BlockMask, folded GQA ----------------------------------------------
     try:
@@ -406,11 +278,9 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
             row["eager_ms"] = bench(flex_dense, device, args.rep_ms)
         row["recompiles"] = t.recompiles
         if use_graph:
-            g, _ = capture(flex_dense)
-            row["graph_ms"] = bench(g.replay, device, args.rep_ms)
-            del g
+            row["graph_ms"] = graph_ms(flex_dense, device, args.rep_ms)
         combo["rows"].append(row)
-        log(f"{tag}: flex dense eager {row['eager_ms']:.4f} ms, graph {_f(row.get('graph_ms'), 4)} ms, "
+        log(f"{tag}: flex dense eager {row['eager_ms']:.4f} ms, graph {fmt_num(row.get('graph_ms'), 4)} ms, "
             f"rel err vs SDPA {err:.2e}")
     except Exception as e:  # noqa: BLE001
         log(f"{tag}: flex dense FAILED: {type(e).__name__}: {_clean(str(e), 400)}")
@@ -423,9 +293,7 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
             def bounds_only():
                 return upper_bound(fold_gqa(q.float(), HKV) * scale, index.levels[0])
 
-            g, _ = capture(bounds_only)
-            combo["bounds_ms"] = bench(g.replay, device, args.rep_ms)
-            del g
+            combo["bounds_ms"] = graph_ms(bounds_only, device, args.rep_ms)
             log(f"{tag}: leaf upper_bound alone (graph) {combo['bounds_ms']:.4f} ms")
         except Exception as e:  # noqa: BLE001
             log(f"{tag}: bounds timing failed: {e!r}"[:300])
@@ -459,7 +327,7 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
             step = hira_step(index, q, thr, scale)
             g0 = unique_graphs()
             out, kept, read, skip, keep, _ = step()  # warm-up: compiles flex for this shape and mask once
-            _sync(device)
+            sync(device)
             row["warmup_compiles"] = unique_graphs() - g0
             row["kept"] = float(kept.mean())
             row["read"] = float(read.mean())
@@ -473,20 +341,17 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
                 row["eager_ms"] = bench(step, device, args.rep_ms)
             row["recompiles"] = t.recompiles
             if use_graph:
-                g, gout = capture(step)
+                g, gout = capture_graph(step)
                 gdiff = float((gout[0].float() - out.float()).abs().max())
                 row["graph_vs_eager_maxdiff"] = gdiff
                 if not gdiff <= 0.05:
                     log(f"{tag}: WARNING graph replay output differs from eager by {gdiff:.3g}")
                 row["graph_ms"] = bench(g.replay, device, args.rep_ms)
                 del g, gout
-                g, _ = capture(hira_search_mask(index, q, thr, scale))
-                row["search_mask_ms"] = bench(g.replay, device, args.rep_ms)
-                del g
+                row["search_mask_ms"] = graph_ms(hira_search_mask(index, q, thr, scale), device, args.rep_ms)
                 fn, _ = hira_attention_only(index, q, thr, scale)
-                g, _ = capture(fn)
-                row["attn_ms"] = bench(g.replay, device, args.rep_ms)
-                del g, fn
+                row["attn_ms"] = graph_ms(fn, device, args.rep_ms)
+                del fn
             else:
                 fn = hira_search_mask(index, q, thr, scale)
                 row["search_mask_ms"] = bench(fn, device, args.rep_ms)
@@ -520,12 +385,13 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
         ms = row.get("graph_ms", row["eager_ms"])
         cms = row.get("compiled_graph_ms", row.get("compiled_ms"))
         log(f"{tag}: Hira {name:24s} kept {row['kept'] * 100:6.2f}%  mass read {row['mass_read_median']:.3f}"
-            f"  eager step: graph {_f(row.get('graph_ms'), 4)} ms, no graph {row['eager_ms']:.4f} ms"
+            f"  eager step: graph {fmt_num(row.get('graph_ms'), 4)} ms, no graph {row['eager_ms']:.4f} ms"
             f"  x{sdpa_ms / ms:.2f} vs SDPA  s+m {row['search_mask_ms']:.4f}  attn {row['attn_ms']:.4f}"
             f"  rel err {row['rel_err']:.3f}  recompiles {row['recompiles']}"
-            + (f"  | compiled step: graph {_f(row.get('compiled_graph_ms'), 4)} ms, no graph "
-               f"{_f(row.get('compiled_ms'), 4)} ms x{sdpa_ms / cms:.2f} vs SDPA, s+m {_f(row.get('compiled_search_mask_ms'), 4)}"
-               f", compile {row['compile_s']:.1f}+{_f(row.get('compile_sm_s'), 1)} s, recompiles "
+            + (f"  | compiled step: graph {fmt_num(row.get('compiled_graph_ms'), 4)} ms, no graph "
+               f"{fmt_num(row.get('compiled_ms'), 4)} ms x{sdpa_ms / cms:.2f} vs SDPA, s+m "
+               f"{fmt_num(row.get('compiled_search_mask_ms'), 4)}"
+               f", compile {row['compile_s']:.1f}+{fmt_num(row.get('compile_sm_s'), 1)} s, recompiles "
                f"{row['compiled_recompiles']}, max diff vs eager {row['compiled_maxdiff']:.3g}"
                if cms else "")
             + (f"  | compiled: {row['compiled_error'][:200]}" if "compiled_error" in row else ""))
@@ -560,18 +426,18 @@ def compiled_step(args, device, index, q, thr, scale, step, out, keep, row, code
     g0 = unique_graphs()
     t0 = time.perf_counter()
     cout = cstep()  # compiles
-    _sync(device)
+    sync(device)
     row["compile_s"] = time.perf_counter() - t0
     row["compiled_warmup_compiles"] = unique_graphs() - g0
     cout = cstep()
-    _sync(device)
+    sync(device)
     row["compiled_maxdiff"] = float((cout[0].float() - out.float()).abs().max())  # nan if the output has any
     row["compiled_same_selection"] = bool(torch.equal(cout[4], keep))
     with Timed() as t:
         row["compiled_ms"] = bench(cstep, device, args.rep_ms)
     row["compiled_recompiles"] = t.recompiles
     if use_graph:
-        g, gout = capture(cstep)
+        g, gout = capture_graph(cstep)
         gdiff = float((gout[0].float() - cout[0].float()).abs().max())
         if not gdiff <= 0.05:
             row["compiled_graph_vs_call_maxdiff"] = gdiff
@@ -582,12 +448,10 @@ def compiled_step(args, device, index, q, thr, scale, step, out, keep, row, code
     codes.add(fn.__code__)
     t0 = time.perf_counter()
     csm()
-    _sync(device)
+    sync(device)
     row["compile_sm_s"] = time.perf_counter() - t0
     if use_graph:
-        g, _ = capture(csm)
-        row["compiled_search_mask_ms"] = bench(g.replay, device, args.rep_ms)
-        del g
+        row["compiled_search_mask_ms"] = graph_ms(csm, device, args.rep_ms)
     else:
         row["compiled_search_mask_ms"] = bench(csm, device, args.rep_ms)
     if args.profile_context:
@@ -622,7 +486,7 @@ def profile_step(args, index, q, scale, NB, device, log, compiled_fns) -> dict:
     if five:
         todo += [("compiled_step", five[0][0]), ("compiled_search_mask", five[0][1])]
     for label, fn in todo:
-        g, _ = capture(fn)
+        g, _ = capture_graph(fn)
         n = 20
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(n):
@@ -667,15 +531,7 @@ def profile_step(args, index, q, scale, NB, device, log, compiled_fns) -> dict:
 
 def _clean(msg: str, n: int = 160) -> str:
     """One table cell: the informative part of an error, no newlines or pipes."""
-    msg = str(msg)
-    for key in ("AssertionError(", "RuntimeError: Detected recompile"):
-        if key in msg:
-            msg = msg[msg.index(key):]
-    return " ".join(msg.replace("|", "/").split())[:n]
-
-
-def _f(x, nd=3):
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
+    return cell(msg, n, ("AssertionError(", "RuntimeError: Detected recompile"))
 
 
 def markdown(results: list, meta: dict) -> str:
@@ -698,19 +554,16 @@ def markdown(results: list, meta: dict) -> str:
              "'sel≠' where the compiled search kept other blocks). recompiles = dynamo graphs compiled inside the "
              "timed no-graph loops, eager step / compiled step (warm-up compiles in brackets); the loops run under "
              "fail_on_recompile.\n")
-    L.append("| BS | context | B | method | selection | kept % | mass read med/min | eager step, graph ms | "
-             "compiled step, graph ms | x SDPA eager / compiled | eager step, no graph ms | compiled step, no graph ms | "
-             "s+m eager ms | s+m compiled ms | attn ms | s+m / attn | rel err | c-vs-e diff | compile s | recompiles |")
-    L.append("|" + "---|" * 20)
+    rows = []
     for c in results:
+        combo = [c["bs"], fmt_size(c["N"]), c["B"]]
         if c.get("skipped"):
-            L.append(f"| {c['bs']} | {fmt_size(c['N'])} | {c['B']} | skip ({c['skipped']}) |" + " |" * 16)
+            rows.append(combo + [f"skip ({c['skipped']})"])
             continue
         sd = c["sdpa_ms"]
         for r in c["rows"]:
             if "error" in r:
-                L.append(f"| {c['bs']} | {fmt_size(c['N'])} | {c['B']} | {r['method']} | {r['selection']} | "
-                         f"FAILED: {_clean(r['error'])} |" + " |" * 14)
+                rows.append(combo + [r["method"], r["selection"], f"FAILED: {_clean(r['error'])}"])
                 continue
             ms = r.get("graph_ms", r.get("eager_ms"))
             cms = r.get("compiled_graph_ms", r.get("compiled_ms"))
@@ -720,10 +573,11 @@ def markdown(results: list, meta: dict) -> str:
             xs = f"{sd / ms:.2f}" + (f" / {sd / cms:.2f}" if cms else "")
             if "compiled_error" in r:
                 cerr = f"FAILED: {_clean(r['compiled_error'], 120)}"
-                cells = [cerr, xs, _f(r.get("eager_ms"), 4), "—", _f(r.get("search_mask_ms"), 4), "—"]
+                cells = [cerr, xs, fmt_num(r.get("eager_ms"), 4), "—", fmt_num(r.get("search_mask_ms"), 4), "—"]
             else:
-                cells = [_f(r.get("compiled_graph_ms"), 4), xs, _f(r.get("eager_ms"), 4), _f(r.get("compiled_ms"), 4),
-                         _f(r.get("search_mask_ms"), 4), _f(r.get("compiled_search_mask_ms"), 4)]
+                cells = [fmt_num(r.get("compiled_graph_ms"), 4), xs, fmt_num(r.get("eager_ms"), 4),
+                         fmt_num(r.get("compiled_ms"), 4), fmt_num(r.get("search_mask_ms"), 4),
+                         fmt_num(r.get("compiled_search_mask_ms"), 4)]
             diff = "—"
             if "compiled_maxdiff" in r:
                 d = r["compiled_maxdiff"]
@@ -736,26 +590,30 @@ def markdown(results: list, meta: dict) -> str:
                 rec += f" ({r['warmup_compiles']})"
             if "compiled_recompiles" in r:
                 rec += f" / {r['compiled_recompiles']} ({r.get('compiled_warmup_compiles', 0)})"
-            L.append(
-                f"| {c['bs']} | {fmt_size(c['N'])} | {c['B']} | {r['method']} | {r['selection']} | "
-                f"{r['kept'] * 100:.2f} | {mass} | {_f(r.get('graph_ms'), 4)} | " + " | ".join(cells) + " | "
-                f"{_f(at, 4)} | {(f'{100 * sm / at:.0f}%' if sm and at else '—')} | {_f(r.get('rel_err'), 4)} | "
-                f"{diff} | {comp} | {rec} |"
-            )
+            rows.append(combo + [r["method"], r["selection"], f"{r['kept'] * 100:.2f}", mass,
+                                 fmt_num(r.get("graph_ms"), 4), *cells, fmt_num(at, 4),
+                                 f"{100 * sm / at:.0f}%" if sm and at else "—", fmt_num(r.get("rel_err"), 4), diff,
+                                 comp, rec])
+    L.append(md_table(["BS", "context", "B", "method", "selection", "kept %", "mass read med/min",
+                       "eager step, graph ms", "compiled step, graph ms", "x SDPA eager / compiled",
+                       "eager step, no graph ms", "compiled step, no graph ms", "s+m eager ms", "s+m compiled ms",
+                       "attn ms", "s+m / attn", "rel err", "c-vs-e diff", "compile s", "recompiles"], rows))
     L.append("")
     L.append("## Index memory and data\n")
-    L.append("| BS | context | B | index / KV | index MiB | KV MiB | build ms/row | leaf bounds alone ms (graph) | "
-             "keys for 90% / 99% mass | sink mass | window mass | keys ≥ m−ln(N/ε), ε=1e-2 / 1e-3 |")
-    L.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for c in results:
         if c.get("skipped"):
             continue
         d = c["data"]
-        L.append(f"| {c['bs']} | {fmt_size(c['N'])} | {c['B']} | {c['index_frac'] * 100:.2f}% | "
-                 f"{c['index_bytes'] / 2**20:.1f} | {c['kv_bytes'] / 2**20:.0f} | {c['build_ms_per_row']:.0f} | "
-                 f"{_f(c.get('bounds_ms'), 4)} | "
-                 f"{d['keys_for_0.9'] * 100:.2f}% / {d['keys_for_0.99'] * 100:.2f}% | {d['sink_mass']:.3f} | "
-                 f"{d['window_mass']:.3f} | {d['keys_certified_0.01'] * 100:.1f}% / {d['keys_certified_0.001'] * 100:.1f}% |")
+        rows.append([c["bs"], fmt_size(c["N"]), c["B"], f"{c['index_frac'] * 100:.2f}%",
+                     f"{c['index_bytes'] / 2**20:.1f}", f"{c['kv_bytes'] / 2**20:.0f}", f"{c['build_ms_per_row']:.0f}",
+                     fmt_num(c.get("bounds_ms"), 4),
+                     f"{d['keys_for_0.9'] * 100:.2f}% / {d['keys_for_0.99'] * 100:.2f}%", f"{d['sink_mass']:.3f}",
+                     f"{d['window_mass']:.3f}",
+                     f"{d['keys_certified_0.01'] * 100:.1f}% / {d['keys_certified_0.001'] * 100:.1f}%"])
+    L.append(md_table(["BS", "context", "B", "index / KV", "index MiB", "KV MiB", "build ms/row",
+                       "leaf bounds alone ms (graph)", "keys for 90% / 99% mass", "sink mass", "window mass",
+                       "keys ≥ m−ln(N/ε), ε=1e-2 / 1e-3"], rows))
     L.append("")
     prof = [c for c in results if c.get("profile")]
     for c in prof:
@@ -766,10 +624,8 @@ def markdown(results: list, meta: dict) -> str:
             p = c["profile"][label]
             L.append(f"**{label}**: {p['kernels_per_step']:.0f} kernels per replay, "
                      f"{p['kernel_us_per_step']:.1f} µs of summed kernel time per replay.\n")
-            L.append("| µs / step | calls / step | kernel |")
-            L.append("|---|---|---|")
-            for k, calls, us in p["top"][:20]:
-                L.append(f"| {us:.2f} | {calls:.1f} | `{k}` |")
+            L.append(md_table(["µs / step", "calls / step", "kernel"],
+                              [[f"{us:.2f}", f"{calls:.1f}", f"`{k}`"] for k, calls, us in p["top"][:20]]))
             L.append("")
         L.append("Eager step (5 calls), torch.profiler key_averages by CPU time:\n")
         L.append("```")
@@ -882,7 +738,7 @@ def main(argv=None):
 
     meta = {
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "triton": _triton_version(),
         "python": platform.python_version(),
@@ -938,10 +794,7 @@ def main(argv=None):
 
 
 def _write(path, results, meta):
-    with open(path, "w") as fh:
-        fh.write(markdown(results, meta))
-    with open(os.path.splitext(path)[0] + ".json", "w") as fh:
-        json.dump(dict(meta=meta, results=results), fh, indent=1, default=str)
+    write_report(path, markdown(results, meta), dict(meta=meta, results=results))
 
 
 def _triton_version():

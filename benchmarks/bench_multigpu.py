@@ -37,7 +37,6 @@ import argparse
 import datetime
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -48,50 +47,18 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_attention import capture  # noqa: E402
+from harness import (  # noqa: E402
+    DTYPE, HKV, D, capture_graph, fmt_num, fmt_size, md_table, parse_size, timed_ms, topic_kv,
+)
 from hira.api import attend_selection, build_index_unchecked  # noqa: E402
 from hira.config import HiraConfig  # noqa: E402
 from hira.parallel import SequenceShard, build_shard_index, sharded_decode_attention  # noqa: E402
 from hira.step import select  # noqa: E402
 from hira.search.threshold import Threshold  # noqa: E402
 
-HQ, HKV, D = 32, 8, 128
-DTYPE = torch.bfloat16
 MODEL_LAYERS = 32
 MODEL_WEIGHT_BYTES = 16.06e9  # Llama-3-8B, bf16
 MODES = (("dense", None), ("topk 1%", 0.01), ("topk 5%", 0.05))
-
-
-def parse_size(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 1024, "M": 1024 * 1024}.get(s[-1], 1)
-    return int(float(s.rstrip("KM")) * mult)
-
-
-def fmt_size(n: float) -> str:
-    if n >= 1024 * 1024:
-        return f"{n / (1024 * 1024):.1f}M".replace(".0M", "M")
-    return f"{n / 1024:.0f}K"
-
-
-def timed_ms(fn, device: torch.device, reps: int, warm: int = 3) -> float:
-    """Median ms of ``reps`` calls after ``warm`` calls (the same count on every rank: fn may be a collective)."""
-    for _ in range(warm):
-        fn()
-    if device.type != "cuda":
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-    for start, end in events:
-        start.record()
-        fn()
-        end.record()
-    torch.cuda.synchronize()
-    return statistics.median(s.elapsed_time(e) for s, e in events)
 
 
 def slowest(ms: float | None, device) -> float | None:
@@ -101,23 +68,10 @@ def slowest(ms: float | None, device) -> float | None:
     return None if math.isinf(t.item()) else t.item()
 
 
-def structured_kv(N: int, device, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """k, v [1, HKV, N, D] and q [1, HQ, 1, D], bf16, the same on every rank: keys around 64 recurring topic
-    directions (so blocks differ in score), plus noise."""
-    gen = torch.Generator(device=device).manual_seed(seed)
-    topics = torch.randn(1, HKV, 64, D, device=device, generator=gen)
-    which = torch.randint(0, 64, (1, HKV, N), device=device, generator=gen)
-    k = torch.gather(topics, 2, which[..., None].expand(1, HKV, N, D))
-    k = (k + 0.5 * torch.randn(1, HKV, N, D, device=device, generator=gen)).to(DTYPE)
-    v = torch.randn(1, HKV, N, D, device=device, generator=gen, dtype=DTYPE)
-    q = (2 * torch.randn(1, HQ, 1, D, device=device, generator=gen)).to(DTYPE)
-    return k, v, q
-
-
 def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: dict, log) -> None:
     cfg = HiraConfig(block_size=args.block_size)
     room = args.block_size  # decode room past the prompt
-    k, v, q = structured_kv(N, device, seed=N)
+    k, v, q = topic_kv(N, device, seed=N)
     local = build_shard_index(k, v, None, cfg, shard, N + room)
     single = build_index_unchecked(k, v, None, cfg, N + room) if shard.is_first else None
     if not shard.is_first:
@@ -138,7 +92,7 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
         row["sharded_graph"] = None
         if use_graph:
             try:
-                replay = capture(sharded)[0].replay
+                replay = capture_graph(sharded)[0].replay
                 ms = timed_ms(replay, device, args.reps)
             except RuntimeError as e:  # a backend that cannot capture its collectives
                 log(f"  graph capture of the sharded step failed: {str(e)[:160]}")
@@ -155,18 +109,15 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
 
             row["single"] = timed_ms(one_gpu, device, args.reps)
             row["sdpa"] = timed_ms(sdpa, device, args.reps)
-            row["single_graph"] = timed_ms(capture(one_gpu)[0].replay, device, args.reps) if device.type == "cuda" else None
-            row["sdpa_graph"] = timed_ms(capture(sdpa)[0].replay, device, args.reps) if device.type == "cuda" else None
+            cuda = device.type == "cuda"
+            row["single_graph"] = timed_ms(capture_graph(one_gpu)[0].replay, device, args.reps) if cuda else None
+            row["sdpa_graph"] = timed_ms(capture_graph(sdpa)[0].replay, device, args.reps) if cuda else None
             row["diff"] = (out_sharded.float() - one_gpu().float()).abs().max().item()
             row["kept"] = float(select(single, q, thr, scale).kept_fraction.mean())
             rows.append(row)
             timings = ", ".join(f"{key}={val}" for key, val in row.items() if key not in ("context", "mode"))
-            log(f"  {fmt_size(N)} {name}: {timings}")
+            log(f"  {fmt_size(N, approx=True)} {name}: {timings}")
         dist.barrier()
-
-
-def _ms(x) -> str:
-    return "—" if x is None else f"{x:.3f}"
 
 
 def markdown(args, rows: list, memory: dict, meta: dict) -> str:
@@ -181,18 +132,18 @@ def markdown(args, rows: list, memory: dict, meta: dict) -> str:
         "attention + exact merge; Hira on 1 GPU and SDPA: rank 0. Eager: host overhead included; graph: CUDA-graph "
         "replay. Speedup: SDPA ÷ Hira on W ranks (graph where measured, else eager).",
         "",
-        f"| context | mode | kept | Hira W={W} eager | Hira W={W} graph | Hira 1 GPU eager | Hira 1 GPU graph "
-        "| SDPA eager | SDPA graph | speedup vs SDPA | max diff W vs 1 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    table = []
     for r in rows:
         hira_ms = r["sharded_graph"] if r["sharded_graph"] is not None else r["sharded"]
         sdpa_ms = r["sdpa_graph"] if r["sdpa_graph"] is not None and r["sharded_graph"] is not None else r["sdpa"]
-        lines.append(
-            f"| {fmt_size(r['context'])} | {r['mode']} | {r['kept']:.1%} | {_ms(r['sharded'])} | "
-            f"{_ms(r['sharded_graph'])} | {_ms(r['single'])} | {_ms(r['single_graph'])} | {_ms(r['sdpa'])} | "
-            f"{_ms(r['sdpa_graph'])} | {sdpa_ms / hira_ms:.2f}× | {r['diff']:.2e} |"
-        )
+        table.append([fmt_size(r["context"], approx=True), r["mode"], f"{r['kept']:.1%}",
+                      *(fmt_num(r[k], 3) for k in ("sharded", "sharded_graph", "single", "single_graph", "sdpa",
+                                                   "sdpa_graph")),
+                      f"{sdpa_ms / hira_ms:.2f}×", f"{r['diff']:.2e}"])
+    lines.append(md_table(["context", "mode", "kept", f"Hira W={W} eager", f"Hira W={W} graph", "Hira 1 GPU eager",
+                           "Hira 1 GPU graph", "SDPA eager", "SDPA graph", "speedup vs SDPA", "max diff W vs 1"],
+                          table))
     if "hira" in memory:
         usable = meta["gpu_bytes"] - MODEL_WEIGHT_BYTES - args.reserve_gb * 1e9
         plain = 2 * HKV * D * torch.finfo(DTYPE).bits // 8
@@ -204,12 +155,11 @@ def markdown(args, rows: list, memory: dict, meta: dict) -> str:
             "on this run's indexes; the counts for other W are projections (the last rank also holds the decoded "
             "tokens; prefill needs one layer's whole-prompt K/V on every rank at a time).",
             "",
-            "| cache | bytes / token / layer | 1 GPU | 2 GPUs | 4 GPUs |",
-            "|---|---|---|---|---|",
-            f"| plain KV (SDPA) | {plain} | {fmt_size(usable / (MODEL_LAYERS * plain))} | — | — |",
-            f"| Hira, sequence-sharded | {memory['hira']:.0f} | "
-            + " | ".join(fmt_size(w * usable / (MODEL_LAYERS * memory["hira"])) for w in (1, 2, 4))
-            + " |",
+            md_table(["cache", "bytes / token / layer", "1 GPU", "2 GPUs", "4 GPUs"], [
+                ["plain KV (SDPA)", plain, fmt_size(usable / (MODEL_LAYERS * plain), approx=True), "—", "—"],
+                ["Hira, sequence-sharded", f"{memory['hira']:.0f}",
+                 *(fmt_size(w * usable / (MODEL_LAYERS * memory["hira"]), approx=True) for w in (1, 2, 4))],
+            ]),
         ]
     return "\n".join(lines) + "\n"
 
@@ -248,9 +198,9 @@ def main(argv=None):
         over = torch.tensor([time.perf_counter() - start > args.time_budget], dtype=torch.int32, device=device)
         dist.broadcast(over, 0)  # rank 0 decides for all: every rank must run the same steps
         if over.item():
-            log(f"time budget spent: skipping {fmt_size(N)} and longer contexts")
+            log(f"time budget spent: skipping {fmt_size(N, approx=True)} and longer contexts")
             break
-        log(f"context {fmt_size(N)} on {shard.world_size} rank(s)")
+        log(f"context {fmt_size(N, approx=True)} on {shard.world_size} rank(s)")
         run_context(args, shard, device, N, rows, memory, log)
         if device.type == "cuda":
             torch.cuda.empty_cache()

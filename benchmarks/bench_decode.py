@@ -61,9 +61,7 @@ import contextlib
 import datetime
 import gc
 import json
-import math
 import os
-import platform
 import sys
 import time
 import traceback
@@ -81,7 +79,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hira  # noqa: E402
 from hira.api import build_index_unchecked  # noqa: E402
-from harness import DTYPE, FULL_LAYERS, LLAMA3_8B, SMOKE_MODEL, make_model  # noqa: E402
+from harness import (  # noqa: E402
+    DTYPE, FULL_LAYERS, LLAMA3_8B, SMOKE_MODEL, Clock, capture_graph, cell, device_name, fmt_num, fmt_size, make_model,
+    md_table, parse_size, unique_graphs, write_report,
+)
 
 VARIANTS = ("sdpa", "sdpa-gqa", "flex", "hira")
 ATTN_IMPL = {"sdpa": "sdpa", "sdpa-gqa": "sdpa_gqa", "flex": "flex_attention", "hira": "sdpa"}
@@ -111,52 +112,6 @@ def sdpa_gqa_attention(module, query, key, value, attention_mask, dropout=0.0, s
 def register_sdpa_gqa() -> None:
     AttentionInterface.register("sdpa_gqa", sdpa_gqa_attention)
     AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Timing helpers
-# --------------------------------------------------------------------------------------------------------------
-
-
-class Clock:
-    """CUDA events on CUDA, a host clock on CPU. ``mark()`` returns a timestamp; ``ms(a, b)`` the time between two
-    (after a synchronize on CUDA)."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-
-    def mark(self):
-        if self.cuda:
-            e = torch.cuda.Event(enable_timing=True)
-            e.record()
-            return e
-        return time.perf_counter()
-
-    def ms(self, a, b) -> float:
-        if self.cuda:
-            b.synchronize()
-            return a.elapsed_time(b)
-        return (b - a) * 1e3
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-
-def unique_graphs() -> int:
-    from torch._dynamo.utils import counters
-
-    return int(counters["stats"]["unique_graphs"])
-
-
-def parse_size(s: str) -> int:
-    s = s.strip().upper()
-    mult = {"K": 1024, "M": 1024 * 1024}
-    return int(float(s[:-1]) * mult[s[-1]]) if s[-1] in mult else int(s)
-
-
-def fmt_size(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -288,7 +243,7 @@ def time_decode(args, model, cache, B: int, N: int, hold, clock: Clock, device: 
             row["graph"] = "yes"
         except Exception as e:  # noqa: BLE001 - measured without a graph instead, and the reason is printed
             graph = None
-            row["graph"] = f"no: {type(e).__name__}: {_clean(str(e), 120)}"
+            row["graph"] = f"no: {type(e).__name__}: {cell(str(e), 120)}"
             torch.cuda.synchronize()
     else:
         row["graph"] = "no (--no-graph)" if cuda else "no (CPU)"
@@ -323,15 +278,7 @@ def head_ms(model, B: int, clock: Clock, device: torch.device, use_graph: bool, 
     fn = head
     graph = None
     if use_graph:
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            head()
-        torch.cuda.current_stream().wait_stream(s)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            head()
-        graph.replay()
+        graph, _ = capture_graph(head, warm=1)
         fn = graph.replay
     clock.sync()
     t0 = clock.mark()
@@ -384,7 +331,7 @@ def run_variant(args, model, name, keys, values, B, N, capacity, clock, device, 
             row["kept"] = sum(s["kept_fraction"] for s in stats) / len(stats)
             row["read"] = sum(s["read_fraction"] for s in stats) / len(stats)
     except Exception as e:  # noqa: BLE001 - one failed variant must not hide the others' numbers
-        row["error"] = f"{type(e).__name__}: {_clean(str(e), 300)}"
+        row["error"] = f"{type(e).__name__}: {cell(str(e), 300)}"
         if args.verbose:
             traceback.print_exc()
     finally:
@@ -400,15 +347,6 @@ def run_variant(args, model, name, keys, values, B, N, capacity, clock, device, 
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _clean(msg: str, n: int = 160) -> str:
-    """One table cell: no newlines or pipes."""
-    return " ".join(str(msg).replace("|", "/").split())[:n]
-
-
-def _f(x, nd=2) -> str:
-    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{nd}f}"
-
-
 def markdown(rows: list, builds: list, meta: dict, layers: int) -> str:
     L = ["# Hira end-to-end decode benchmark\n"]
     for k, v in meta.items():
@@ -421,13 +359,11 @@ def markdown(rows: list, builds: list, meta: dict, layers: int) -> str:
              f"those blocks / all keys. graphs = dynamo graphs the first call compiled; recompiles = graphs compiled "
              f"by any later call (warm-up, capture, timed steps). 32 layers (est.) = head + 32 · (step − head) / "
              f"{layers}, head = embedding + norm + lm_head + argmax timed alone.\n")
-    L.append("| variant | context | batch | tokens/s | ms/token | × sdpa | × best dense | kept | read | graphs | "
-             "recompiles | CUDA graph | compile s | 32 layers (est.): ms/token | 32 layers (est.): × sdpa |")
-    L.append("|" + "---|" * 15)
+    table = []
     for r in rows:
-        head = f"| {r['variant']} | {fmt_size(r['N'])} | {r['B']} |"
+        head = [r["variant"], fmt_size(r["N"]), r["B"]]
         if "error" in r or "skipped" in r:
-            L.append(head + f" {r.get('skipped') or 'FAILED: ' + r['error']} |" + " |" * 11)
+            table.append(head + [r.get("skipped") or "FAILED: " + r["error"]])
             continue
         same = [o for o in rows if o["N"] == r["N"] and o["B"] == r["B"] and "ms" in o]
         sdpa = next((o["ms"] for o in same if o["base"] == "sdpa"), None)
@@ -436,11 +372,14 @@ def markdown(rows: list, builds: list, meta: dict, layers: int) -> str:
         est, sdpa_est = r.get("ms32"), next((o.get("ms32") for o in same if o["base"] == "sdpa"), None)
         kept = f"{r['kept']:.4f}" if "kept" in r else "1 (dense)"
         read = f"{r['read']:.4f}" if "read" in r else "1"
-        L.append(head + f" {r['tok_s']:.1f} | {r['ms']:.3f} | {_f(sdpa / r['ms'] if sdpa else None)} | "
-                 f"{_f(best / r['ms'] if best else None)} | {kept} | {read} | {r['graphs']} | {r['recompiles']} | "
-                 f"{r['graph']} | {r['compile_s']:.1f} | {_f(est, 3)} | "
-                 f"{_f(sdpa_est / est if sdpa_est and est else None)} |"
-                 + ("" if r["finite"] else " (non-finite logits)"))
+        table.append(head + [f"{r['tok_s']:.1f}", f"{r['ms']:.3f}", fmt_num(sdpa / r["ms"] if sdpa else None),
+                             fmt_num(best / r["ms"] if best else None), kept, read, r["graphs"], r["recompiles"],
+                             r["graph"], f"{r['compile_s']:.1f}", fmt_num(est, 3),
+                             fmt_num(sdpa_est / est if sdpa_est and est else None)]
+                     + ([] if r["finite"] else ["(non-finite logits)"]))
+    L.append(md_table(["variant", "context", "batch", "tokens/s", "ms/token", "× sdpa", "× best dense", "kept", "read",
+                       "graphs", "recompiles", "CUDA graph", "compile s", "32 layers (est.): ms/token",
+                       "32 layers (est.): × sdpa"], table))
     heads = {r["B"]: r["head_ms"] for r in rows if "head_ms" in r}
     if heads:
         L.append("")
@@ -452,20 +391,15 @@ def markdown(rows: list, builds: list, meta: dict, layers: int) -> str:
              "one batch row at a time, summed over the rows. Build = ``build_index_unchecked`` over the layer's "
              "keys and values for the whole batch (cluster, permute, bounds), the minimum over the Hira runs of the "
              "case.\n")
-    L.append("| context | batch | layer | prefill ms | index build ms | build / prefill |")
-    L.append("|---|---|---|---|---|---|")
-    for b in builds:
-        for i, (p, m) in enumerate(zip(b["prefill_ms"], b["build_ms"])):
-            L.append(f"| {fmt_size(b['N'])} | {b['B']} | {i} | {p:.1f} | {m:.1f} | {100 * m / p:.1f}% |")
+    L.append(md_table(["context", "batch", "layer", "prefill ms", "index build ms", "build / prefill"],
+                      [[fmt_size(b["N"]), b["B"], i, f"{p:.1f}", f"{m:.1f}", f"{100 * m / p:.1f}%"]
+                       for b in builds for i, (p, m) in enumerate(zip(b["prefill_ms"], b["build_ms"]))]))
     L.append("")
     return "\n".join(L) + "\n"
 
 
 def write(path: str, rows: list, builds: list, meta: dict, layers: int) -> None:
-    with open(path, "w") as fh:
-        fh.write(markdown(rows, builds, meta, layers))
-    with open(os.path.splitext(path)[0] + ".json", "w") as fh:
-        json.dump(dict(meta=meta, rows=rows, builds=builds), fh, indent=1, default=str)
+    write_report(path, markdown(rows, builds, meta, layers), dict(meta=meta, rows=rows, builds=builds))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -521,7 +455,7 @@ def main(argv=None):
     names = [(v, f) for v in args.variants for f in (args.hira_fractions if v == "hira" else [None])]
     meta = {
         "date": datetime.date.today().isoformat(),
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch / transformers": f"{torch.__version__} / {transformers.__version__}",
         "model": (f"{'tiny smoke model' if args.smoke else 'Llama-3-8B shapes'}: {args.layers} of "
                   f"{FULL_LAYERS} layers (hidden {shape['hidden_size']}, heads {shape['num_attention_heads']}/"

@@ -51,7 +51,6 @@ import datetime
 import gc
 import json
 import os
-import platform
 import sys
 import time
 import traceback
@@ -66,7 +65,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hira  # noqa: E402
-from harness import LLAMA3_8B, SMOKE_MODEL, make_model  # noqa: E402
+from harness import (  # noqa: E402
+    LLAMA3_8B, SMOKE_MODEL, copy_bandwidth, device_name, fmt_num, make_model, md_table, unique_graphs, write_report,
+)
 
 VARIANTS = ("dense-dynamic", "dense-static", "hira", "hira-dense", "hira-topk1", "hira-topk5", "dense-forward",
             "hira-forward")
@@ -92,27 +93,6 @@ class StepClock(BaseStreamer):
 
     def end(self):
         pass
-
-
-def unique_graphs() -> int:
-    return int(dynamo_utils.counters["stats"]["unique_graphs"])
-
-
-def copy_bandwidth(device: torch.device) -> float:
-    """Bytes/s of a 1 GiB device-to-device copy (read + write), best of 5."""
-    if device.type != "cuda":
-        return float("nan")
-    a = torch.empty(1 << 29, dtype=torch.int16, device=device)
-    b = torch.empty_like(a)
-    best = float("inf")
-    for _ in range(5):
-        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        b.copy_(a)
-        stop.record()
-        torch.cuda.synchronize()
-        best = min(best, start.elapsed_time(stop) / 1e3)
-    return 2 * a.numel() * a.element_size() / best
 
 
 def hira_config(variant: str, N: int, new_tokens: int, block_size: int) -> hira.HiraConfig:
@@ -209,10 +189,6 @@ def profile_table(profiler, steps: int, device: torch.device) -> str:
     return "\n".join(lines)
 
 
-def _f(x, nd=2) -> str:
-    return "—" if x is None or x != x else f"{x:.{nd}f}"
-
-
 def _eager(row: dict) -> str:
     """The ``--check-eager`` column: all new tokens equal, or the first that differs."""
     if "eager_equal" not in row:
@@ -225,22 +201,22 @@ def markdown(rows: list, meta: dict) -> str:
              f"`{meta['command']}`", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['layers']} layers; "
              f"{meta['warmup_steps']} warm-up + {meta['steps']} timed decode steps per call; copy bandwidth "
-             f"{_f(meta['bandwidth_tbs'])} TB/s.", "",
-             "| context | batch | variant | tok/s | ms/token | vs best dense | floor ms (dense) | read | prefill s "
-             "| warm-up s | first call s | graphs | recompiles | cudagraph skips | peak GB | mem growth MB | = eager |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{fmt_num(meta['bandwidth_tbs'])} TB/s.", ""]
+    table = []
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['context']} | {r['batch']} | {r['variant']} | error: {r['error']} |" + " |" * 13)
+            table.append([r["context"], r["batch"], r["variant"], f"error: {r['error']}"])
             continue
         best = max((x["tok_s"] for x in rows if "error" not in x and x["context"] == r["context"]
                     and x["batch"] == r["batch"] and x["variant"].startswith("dense")), default=None)
-        lines.append(
-            f"| {r['context']} | {r['batch']} | {r['variant']} | {_f(r['tok_s'], 1)} | {_f(r['ms_per_token'])} | "
-            f"{_f(r['tok_s'] / best if best else None)}× | {_f(r['floor_ms'])} | {_f(r.get('read_fraction'))} | "
-            f"{_f(r['prefill_s'])} | {_f(r['warmup_s'], 1)} | {_f(r['first_call_s'], 1)} | {r['graphs']} | "
-            f"{r['recompiles']} | {r['cudagraph_skips']} | {_f(r['peak_gb'], 1)} | {_f(r.get('mem_growth_mb'), 1)} | "
-            f"{_eager(r)} |")
+        table.append([r["context"], r["batch"], r["variant"], fmt_num(r["tok_s"], 1), fmt_num(r["ms_per_token"]),
+                      f"{fmt_num(r['tok_s'] / best if best else None)}×", fmt_num(r["floor_ms"]),
+                      fmt_num(r.get("read_fraction")), fmt_num(r["prefill_s"]), fmt_num(r["warmup_s"], 1),
+                      fmt_num(r["first_call_s"], 1), r["graphs"], r["recompiles"], r["cudagraph_skips"],
+                      fmt_num(r["peak_gb"], 1), fmt_num(r.get("mem_growth_mb"), 1), _eager(r)])
+    lines.append(md_table(["context", "batch", "variant", "tok/s", "ms/token", "vs best dense", "floor ms (dense)",
+                           "read", "prefill s", "warm-up s", "first call s", "graphs", "recompiles",
+                           "cudagraph skips", "peak GB", "mem growth MB", "= eager"], table))
     return "\n".join(lines) + "\n"
 
 
@@ -296,10 +272,7 @@ def isolated(args, argv: list) -> None:
         rows.append(row)
         if meta is not None:
             meta = dict(meta, command="python3 " + " ".join(sys.argv))
-            with open(args.out, "w") as f:
-                f.write(markdown(rows, meta))
-            with open(stem + ".json", "w") as f:
-                json.dump(dict(meta=meta, rows=rows), f, indent=1)
+            write_report(args.out, markdown(rows, meta), dict(meta=meta, rows=rows))
     print(markdown(rows, meta) if meta else rows)
 
 
@@ -340,7 +313,7 @@ def main(argv=None):
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     kv_per_token = 2 * args.layers * shape["num_key_value_heads"] * shape["head_dim"] * 2
     bandwidth = copy_bandwidth(device)
-    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+    meta = dict(device=device_name(device),
                 date=datetime.date.today().isoformat(), command="python3 " + " ".join(sys.argv),
                 torch=torch.__version__, transformers=transformers.__version__, layers=args.layers,
                 warmup_steps=args.warmup_steps, steps=args.steps, bandwidth_tbs=bandwidth / 1e12)
@@ -364,10 +337,7 @@ def main(argv=None):
                 torch.cuda.empty_cache()
         rows.append(row)
         print(json.dumps(row), flush=True)
-        with open(args.out, "w") as f:
-            f.write(markdown(rows, meta))
-        with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(dict(meta=meta, rows=rows), f, indent=1)
+        write_report(args.out, markdown(rows, meta), dict(meta=meta, rows=rows))
     print(markdown(rows, meta))
     for r in rows:
         if "profile" in r:

@@ -54,6 +54,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from capture import capture_smollm2  # noqa: E402
+from harness import md_table, pct  # noqa: E402
 from hira.index.cluster import pca_tree_rank  # noqa: E402
 
 F64 = torch.float64
@@ -415,16 +416,6 @@ def measure_layer(l, Ql, Kl, Vl, scale, args, acc: Acc):
 # ------------------------------------------------------------------------------------------------------------------
 # report
 # ------------------------------------------------------------------------------------------------------------------
-def fmt_pct(x):
-    return f"{100 * x:.1f}%"
-
-
-def md_table(header, rows):
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(out)
-
-
 def summary(acc: Acc, args) -> str:
     """Compact tables: certified families (position order) and budgeted rankings at the middle budget."""
     S = ["## Summary\n"]
@@ -436,10 +427,10 @@ def summary(acc: Acc, args) -> str:
         for BS in args.block_sizes:
             tag = f"{BS}/{o0}"
             if fam == "true":
-                r.append(f"— / {fmt_pct(med(acc.all(f'true_blk_grp/{tag}')))} / {fmt_pct(med(acc.all(f'true_keys/{tag}')))} / —")
+                r.append(f"— / {pct(med(acc.all(f'true_blk_grp/{tag}')))} / {pct(med(acc.all(f'true_keys/{tag}')))} / —")
             else:
-                r.append(f"{med(acc.all(f'gap/{fam}/{tag}')):.2f} / {fmt_pct(med(acc.all(f'blk_grp/{fam}/{tag}')))} / "
-                         f"{fmt_pct(med(acc.all(f'keys/{fam}/{tag}')))} / {fmt_pct(med(acc.all(f'bytes/{fam}/{tag}')))}")
+                r.append(f"{med(acc.all(f'gap/{fam}/{tag}')):.2f} / {pct(med(acc.all(f'blk_grp/{fam}/{tag}')))} / "
+                         f"{pct(med(acc.all(f'keys/{fam}/{tag}')))} / {pct(med(acc.all(f'bytes/{fam}/{tag}')))}")
         rows.append(r)
     S.append(f"Certified search at the top-p {args.topp} level, {o0} order (medians; blocks read per KV head):\n")
     S.append(md_table(hdr, rows) + "\n")
@@ -456,7 +447,7 @@ def summary(acc: Acc, args) -> str:
             e, eo = acc.all(f"err/group/{b0}/{tag}/{rk}"), acc.all(f"err/group/{b0}/{tag}/oracle")
             r.append(f"{med(e):.4f} ({med(e) / max(med(eo), 1e-12):.2f}×)")
         rows.append(r)
-    S.append(f"Budgeted mode at {fmt_pct(b0)} of KV, selection per KV head: median rel. error (× oracle):\n")
+    S.append(f"Budgeted mode at {pct(b0)} of KV, selection per KV head: median rel. error (× oracle):\n")
     S.append(md_table(["ranking"] + [f"{o} BS {BS}" for o, BS in cols], rows) + "\n")
     return "\n".join(S)
 
@@ -478,7 +469,7 @@ def report(acc: Acc, args, layers, meta) -> str:
                       ("keys for 99.9% mass", "dens0.999"), ("keys ≥ τ (top-p level)", "need_keys"),
                       ("mass on first 4 tokens", "mass_sink4"), ("mass on last 256 tokens", "mass_last256")]:
         a = acc.all(key)
-        rows.append([name, fmt_pct(med(a)), fmt_pct(p90(a))])
+        rows.append([name, pct(med(a)), pct(p90(a))])
     S.append(md_table(["quantity", "median", "p90"], rows) + "\n")
 
     # ---- certified
@@ -495,9 +486,9 @@ def report(acc: Acc, args, layers, meta) -> str:
             tag = f"{BS}/{ordr}"
             rows = [[
                 "**true**", "—", "—",
-                f"{fmt_pct(med(acc.all(f'true_blk/{tag}')))} / {fmt_pct(p90(acc.all(f'true_blk/{tag}')))}",
-                f"{fmt_pct(med(acc.all(f'true_blk_grp/{tag}')))} / {fmt_pct(p90(acc.all(f'true_blk_grp/{tag}')))}",
-                f"{fmt_pct(med(acc.all(f'true_keys/{tag}')))} / {fmt_pct(p90(acc.all(f'true_keys/{tag}')))}",
+                f"{pct(med(acc.all(f'true_blk/{tag}')))} / {pct(p90(acc.all(f'true_blk/{tag}')))}",
+                f"{pct(med(acc.all(f'true_blk_grp/{tag}')))} / {pct(p90(acc.all(f'true_blk_grp/{tag}')))}",
+                f"{pct(med(acc.all(f'true_keys/{tag}')))} / {pct(p90(acc.all(f'true_keys/{tag}')))}",
                 "—", "—",
             ]]
             for fam in CERT_FAMILIES:
@@ -510,11 +501,11 @@ def report(acc: Acc, args, layers, meta) -> str:
                     fam,
                     f"{med(g):.2f}" if g is not None else "—",
                     f"{p90(g):.2f}" if g is not None else "—",
-                    f"{fmt_pct(med(blk))} / {fmt_pct(p90(blk))}",
-                    f"{fmt_pct(med(blkg))} / {fmt_pct(p90(blkg))}",
-                    f"{fmt_pct(med(keys))} / {fmt_pct(p90(keys))}",
-                    f"{fmt_pct(med(by))} / {fmt_pct(p90(by))}",
-                    f"{fmt_pct(med(byg))} / {fmt_pct(p90(byg))}" if byg is not None else "—",
+                    f"{pct(med(blk))} / {pct(p90(blk))}",
+                    f"{pct(med(blkg))} / {pct(p90(blkg))}",
+                    f"{pct(med(keys))} / {pct(p90(keys))}",
+                    f"{pct(med(by))} / {pct(p90(by))}",
+                    f"{pct(med(byg))} / {pct(p90(byg))}" if byg is not None else "—",
                 ])
             S.append(f"### {BS}-key blocks, {ordr} order\n")
             S.append(md_table(["family", "gap med", "gap p90", "blocks read (row) med / p90",
@@ -542,14 +533,14 @@ def report(acc: Acc, args, layers, meta) -> str:
                     kv = float(np.mean(acc.all(f"kvread/{budget}/{tag}")))
                     eo = acc.all(f"err/{mode}/{budget}/{tag}/oracle")
                     if np.max(acc.all(f"kblocks/{budget}/{tag}")) == 0:
-                        rows.append([BS, fmt_pct(budget), fmt_pct(kv), "(forced part alone exceeds the budget)",
+                        rows.append([BS, pct(budget), pct(kv), "(forced part alone exceeds the budget)",
                                      "—", "—", f"{med(eo):.4f}", f"{p90(eo):.4f}", f"{np.mean(eo):.4f}", "—", "—"])
                         continue
                     for rk in RANKINGS:
                         e = acc.all(f"err/{mode}/{budget}/{tag}/{rk}")
                         rr = e / np.maximum(eo, 1e-12)
                         ib = ranking_bytes_per_key(rk, BS, meta["D"]) / (4 * meta["D"]) * cand
-                        rows.append([BS, fmt_pct(budget), fmt_pct(kv), rk, fmt_pct(ib), fmt_pct(kv + ib),
+                        rows.append([BS, pct(budget), pct(kv), rk, pct(ib), pct(kv + ib),
                                      f"{med(e):.4f}", f"{p90(e):.4f}", f"{np.mean(e):.4f}",
                                      f"{med(e) / max(med(eo), 1e-12):.2f}", f"{med(rr):.2f}"])
             S.append(f"### selection per {'KV head (group)' if mode == 'group' else 'query row'}, {ordr} order\n")
@@ -573,7 +564,7 @@ def report(acc: Acc, args, layers, meta) -> str:
                     e = acc.all(f"topp_err/{pp}/{tag}/{rk}")
                     kv = acc.all(f"topp_kv/{pp}/{tag}/{rk}")
                     sk = acc.all(f"topp_skip/{pp}/{tag}/{rk}")
-                    rows.append([ordr, BS, pp, rk, f"{fmt_pct(med(kv))} / {fmt_pct(float(np.mean(kv)))}",
+                    rows.append([ordr, BS, pp, rk, f"{pct(med(kv))} / {pct(float(np.mean(kv)))}",
                                  f"{med(sk):.4f}", f"{med(e):.4f}", f"{p90(e):.4f}"])
     S.append(md_table(["order", "BS", "p", "estimate", "KV read med / mean", "skipped mass med", "err med",
                        "err p90"], rows) + "\n")
@@ -593,7 +584,7 @@ def report(acc: Acc, args, layers, meta) -> str:
                     key = f"group/{budget}/{tag}/{rk}"
                     tr = acc.all(f"skip/{key}")
                     big = tr >= 1e-3
-                    row = [ordr, BS, fmt_pct(budget), rk, f"{med(tr):.4f}"]
+                    row = [ordr, BS, pct(budget), rk, f"{med(tr):.4f}"]
                     for cn in ("blk", "int4", "int8"):
                         c = acc.all(f"cert/{cn}/{key}")
                         ratio = c[big] / tr[big] if big.any() else np.array([np.nan])
@@ -610,32 +601,32 @@ def report(acc: Acc, args, layers, meta) -> str:
     b1 = max(args.budgets)
     S.append(
         f"## Per layer\n\nDensity; certified search at the top-p level ({BS0}-key blocks, {o0} order: min(ball, box) and "
-        f"int4 gaps and blocks read; keys read by the int8 / int4 intervals); budgeted error at {fmt_pct(b0)} "
-        f"({BS1}-key blocks, {o1} order, selection per KV head) and the oracle's at {fmt_pct(b1)}.\n"
+        f"int4 gaps and blocks read; keys read by the int8 / int4 intervals); budgeted error at {pct(b0)} "
+        f"({BS1}-key blocks, {o1} order, selection per KV head) and the oracle's at {pct(b1)}.\n"
     )
     rows = []
     t0, t1 = f"{BS0}/{o0}", f"{BS1}/{o1}"
     rks = ("ub", "centroid", "sign1mass", "int4mass", "oracle")
     for l in layers:
         r = [l]
-        r += [fmt_pct(med(acc.layer(k, l))) for k in ("dens0.9", "dens0.99", "dens0.999")]
-        r.append(fmt_pct(p90(acc.layer("dens0.99", l))))
-        r.append(fmt_pct(med(acc.layer("mass_sink4", l))))
-        r.append(fmt_pct(med(acc.layer("mass_last256", l))))
-        r.append(fmt_pct(med(acc.layer(f"true_blk/{t0}", l))))
+        r += [pct(med(acc.layer(k, l))) for k in ("dens0.9", "dens0.99", "dens0.999")]
+        r.append(pct(p90(acc.layer("dens0.99", l))))
+        r.append(pct(med(acc.layer("mass_sink4", l))))
+        r.append(pct(med(acc.layer("mass_last256", l))))
+        r.append(pct(med(acc.layer(f"true_blk/{t0}", l))))
         r.append(f"{med(acc.layer(f'gap/min/{t0}', l)):.1f}")
         r.append(f"{med(acc.layer(f'gap/int4/{t0}', l)):.2f}")
-        r.append(fmt_pct(med(acc.layer(f"blk/min/{t0}", l))))
-        r.append(fmt_pct(med(acc.layer(f"blk/int4/{t0}", l))))
-        r.append(fmt_pct(med(acc.layer(f"keys/int8/{t0}", l))))
-        r.append(fmt_pct(med(acc.layer(f"keys/int4/{t0}", l))))
+        r.append(pct(med(acc.layer(f"blk/min/{t0}", l))))
+        r.append(pct(med(acc.layer(f"blk/int4/{t0}", l))))
+        r.append(pct(med(acc.layer(f"keys/int8/{t0}", l))))
+        r.append(pct(med(acc.layer(f"keys/int4/{t0}", l))))
         for rk in rks:
             r.append(f"{med(acc.layer(f'err/group/{b0}/{t1}/{rk}', l)):.3f}")
         r.append(f"{med(acc.layer(f'err/group/{b1}/{t1}/oracle', l)):.3f}")
         rows.append(r)
     S.append(md_table(["layer", "keys 90%", "keys 99%", "keys 99.9%", "keys 99% p90", "mass first 4", "mass last 256",
                        "true blocks", "min gap", "int4 gap", "min blocks", "int4 blocks", "int8 keys", "int4 keys"]
-                      + [f"err {rk} {fmt_pct(b0)}" for rk in rks] + [f"err oracle {fmt_pct(b1)}"], rows) + "\n")
+                      + [f"err {rk} {pct(b0)}" for rk in rks] + [f"err oracle {pct(b1)}"], rows) + "\n")
     return "\n".join(S)
 
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hira  # noqa: E402
 from hira import HiraConfig, Threshold  # noqa: E402
+from harness import md_table  # noqa: E402
 
 EPSILONS = (1e-2, 1e-3)
 BUDGET = 0.10
@@ -157,17 +158,17 @@ def p90(xs):
 
 def report(acc: dict, labels: list[str], meta: str) -> str:
     lines = [f"# Hira's search on real keys ({meta})", ""]
-    lines += ["## Certified mode: blocks read (per KV head) against blocks truly holding a key ≥ the top-(1−ε) level",
-              "", "| config | ε | read | truly needed | ratio (median / p90) | bytes read / K+V | worst skipped mass |",
-              "|---|---|---|---|---|---|---|"]
+    rows = []
     for label in labels:
         for eps in EPSILONS:
             g = lambda key: acc[(label, f"cert{eps:g} {key}")]  # noqa: E731
-            lines.append(f"| {label} | {eps:g} | {med(g('blocks')):.1%} | {med(g('true')):.1%} | "
-                         f"{med(g('ratio')):.2f} / {p90(g('ratio')):.2f} | {med(g('bytes')):.1%} | {max(g('worst')):.2e} |")
-    lines += ["", f"## Budgeted top-k at {BUDGET:.0%} of blocks (plus sinks and window) and the posterior certificate",
-              "", "| config | read | rel. error | oracle | × oracle | certificate / true mass (mass ≥ 1e-3): top-k median, "
-              "p90, within 10× | top-p 0.9: median, p90, within 10× | violations |", "|---|---|---|---|---|---|---|---|"]
+            rows.append([label, f"{eps:g}", f"{med(g('blocks')):.1%}", f"{med(g('true')):.1%}",
+                         f"{med(g('ratio')):.2f} / {p90(g('ratio')):.2f}", f"{med(g('bytes')):.1%}",
+                         f"{max(g('worst')):.2e}"])
+    lines += ["## Certified mode: blocks read (per KV head) against blocks truly holding a key ≥ the top-(1−ε) level",
+              "", md_table(["config", "ε", "read", "truly needed", "ratio (median / p90)", "bytes read / K+V",
+                            "worst skipped mass"], rows)]
+    rows = []
     for label in labels:
         g = lambda key: acc[(label, key)]  # noqa: E731
         e, eo = med(g("topk err")), med(g("oracle err"))
@@ -177,8 +178,11 @@ def report(acc: dict, labels: list[str], meta: str) -> str:
             within = sum(x <= 10 for x in r) / max(1, len(r))
             cells.append(f"{med(r):.2f}, {p90(r):.2f}, {within:.0%} (n={len(r)})")
         viol = sum(g("topk violations")) + sum(g("topp0.9 violations"))
-        lines.append(f"| {label} | {med(g('topk read')):.1%} | {e:.4f} | {eo:.4f} | {e / eo:.2f}× | {cells[0]} | "
-                     f"{cells[1]} | {viol} |")
+        rows.append([label, f"{med(g('topk read')):.1%}", f"{e:.4f}", f"{eo:.4f}", f"{e / eo:.2f}×", *cells, viol])
+    lines += ["", f"## Budgeted top-k at {BUDGET:.0%} of blocks (plus sinks and window) and the posterior certificate",
+              "", md_table(["config", "read", "rel. error", "oracle", "× oracle", "certificate / true mass (mass ≥ "
+                            "1e-3): top-k median, p90, within 10×", "top-p 0.9: median, p90, within 10×",
+                            "violations"], rows)]
     return "\n".join(lines) + "\n"
 
 

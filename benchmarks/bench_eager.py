@@ -27,8 +27,10 @@ import torch
 from transformers import DynamicCache
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import hira  # noqa: E402
+from harness import md_table  # noqa: E402
 from hira.models import load_smollm2  # noqa: E402
 
 TEXT = Path(__file__).parents[1] / "examples" / "data" / "emma_passage.txt"
@@ -78,8 +80,9 @@ def main(argv=None):
     table = (
         f"# bench_eager: CPU ({torch.get_num_threads()} threads), {datetime.date.today()}, torch {torch.__version__}\n\n"
         f"`python {' '.join(sys.argv)}`\n\n"
-        "| context | dense ms/step | hira ms/step | ratio | hira reads |\n|---|---|---|---|---|\n"
-        f"| {args.context} | {dense:.1f} | {sparse:.1f} | {sparse / dense:.2f}× | {100 * read:.0f}% |\n"
+        + md_table(["context", "dense ms/step", "hira ms/step", "ratio", "hira reads"],
+                   [[args.context, f"{dense:.1f}", f"{sparse:.1f}", f"{sparse / dense:.2f}×", f"{100 * read:.0f}%"]])
+        + "\n"
     )
     print(table)
     if args.out:

@@ -41,8 +41,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hira  # noqa: E402
+from capture import capture_qkv, unpack_capture  # noqa: E402
+from harness import md_table  # noqa: E402
 from hira.flex.attention import fold_gqa  # noqa: E402
 from hira.index.bounds import bound_and_estimate  # noqa: E402
 from hira.index.index import append as index_append  # noqa: E402
@@ -60,12 +63,7 @@ def replay(cap: dict, block_size: int) -> dict:
     Returns {estimator: {p: {"recall": [T, L, H, G], "kept": [T, L, H], "skip_ratio": [T, L, H, G]}}},
     plus "oracle99": [T, L, H] blocks and "live": [T, L, H].
     """
-    Q, K, V, scale = cap["Q"], cap["K"], cap["V"], cap["scaling"]
-    L, T, Hq, D = Q.shape
-    H, N = K.shape[1], K.shape[2]
-    G = Hq // H
-    P = N - T
-    n_blocks = -(-P // block_size)
+    Q, K, V, scale, L, T, Hq, D, H, N, G, P, n_blocks = unpack_capture(cap, block_size)
     index = hira.build_index(K[:, :, :P], V[:, :, :P], hira.HiraConfig(block_size=block_size, key_sketch=True),
                              capacity=n_blocks * block_size + T)
     K64 = K.double()
@@ -180,18 +178,10 @@ def markdown(summaries: dict) -> str:
     return "\n".join(S)
 
 
-def md_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
 def passkey_capture(length: int, depth: float, key: str, chunk: int = 2048) -> dict:
     """Capture (``capture.capture_qkv``) of Gemma 3 270M's Hira layers on a passkey prompt of ``bench_quality`` and
     its answer; the answer's positions are the captured queries."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     from bench_quality import passkey_prompt
-    from capture import capture_qkv
 
     from hira.models import load_gemma3_270m
 

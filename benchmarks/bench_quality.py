@@ -100,7 +100,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hira  # noqa: E402
-from capture import capture_qkv  # noqa: E402
+from capture import capture_qkv, unpack_capture  # noqa: E402
+from harness import md_table, pct  # noqa: E402
 from hira.cache import HiraLayer  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 from hira.index.index import append as index_append  # noqa: E402
@@ -288,16 +289,6 @@ def layer_stats(cache: hira.HiraCache) -> dict[int, dict]:
     return {i: s for i, s in enumerate(cache.stats()) if s is not None}
 
 
-def md_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def pct(x: float) -> str:
-    return f"{100 * x:.1f}%"
-
-
 def quantile(t: torch.Tensor, q: float) -> float:
     return float(torch.quantile(t.flatten().double(), q))
 
@@ -321,12 +312,7 @@ def fidelity_at(cap: dict, specs: list[ModeSpec], block_size: int) -> tuple[dict
         blocks truly needed for ε = 0.01, as ``bench_certified`` counts them); ``kept_n`` the blocks the mode kept;
         ``live_n`` the non-empty blocks.
     """
-    Q, K, V, scale = cap["Q"], cap["K"], cap["V"], cap["scaling"]
-    L, T, Hq, D = Q.shape
-    H, N = K.shape[1], K.shape[2]
-    G = Hq // H
-    P = N - T
-    n_blocks = -(-P // block_size)
+    Q, K, V, scale, L, T, Hq, D, H, N, G, P, n_blocks = unpack_capture(cap, block_size)
     # The layers are the batch: every (layer, KV head) is searched and attended independently. One index per
     # key_sketch setting (the same storage order: the sketch only adds to it).
     indexes = {

@@ -10,6 +10,7 @@ route and carry ``layer_idx`` (Llama, Mistral, Qwen2/3, SmolLM2, ...).
 
     from benchmarks.capture import capture_qkv
     cap = capture_qkv(model, input_ids, q_last=32)     # dict: Q [L,T,Hq,D], K/V [L,Hkv,N,D], scaling, q_pos
+    Q, K, V, scale, L, T, Hq, D, H, N, G, P, n_blocks = unpack_capture(cap, block_size=64)   # for a replay
     python3 benchmarks/capture.py --context 4096 --steps 32 --out /tmp/cap.pt   # SmolLM2 on the Emma passage
 
 Shapes: L layers, T captured query positions (the last ``q_last`` of the sequence), Hq query heads, Hkv KV heads,
@@ -22,10 +23,39 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
 _NAME = "hira_capture"
+
+
+class Replay(NamedTuple):
+    """A capture laid out for replaying its T captured queries as decode steps after a prefix of P keys."""
+
+    Q: torch.Tensor  # [L, T, Hq, D] post-RoPE queries of positions N-T..N-1
+    K: torch.Tensor  # [L, H, N, D] post-RoPE keys (H = Hkv)
+    V: torch.Tensor  # [L, H, N, D]
+    scale: float  # the model's softmax scale
+    L: int  # captured layers
+    T: int  # captured queries: the replayed decode steps
+    Hq: int
+    D: int
+    H: int  # KV heads
+    N: int  # sequence length
+    G: int  # query heads per KV head, Hq // H
+    P: int  # keys before the first captured query, N - T: what the index is built over
+    n_blocks: int  # blocks of the given size covering the P keys
+
+
+def unpack_capture(cap: dict, block_size: int) -> Replay:
+    """``capture_qkv``'s dict (or a saved one) as a ``Replay``: its tensors, scale and sizes, and the prefix that
+    precedes the captured queries, in blocks of ``block_size``."""
+    Q, K, V = cap["Q"], cap["K"], cap["V"]
+    L, T, Hq, D = Q.shape
+    H, N = K.shape[1], K.shape[2]
+    P = N - T
+    return Replay(Q, K, V, cap["scaling"], L, T, Hq, D, H, N, Hq // H, P, -(-P // block_size))
 
 
 def capture_qkv(

@@ -405,7 +405,8 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
     results.append(combo)
     compiled_fns.clear()
     _release(codes)
-    del index, q, rows, p0, ref
+    # Free the combo's tensors before empty_cache: rebound, not deleted, as the closures above read these names.
+    index = q = rows = p0 = ref = None
     if cuda:
         torch.cuda.empty_cache()
 

@@ -337,7 +337,7 @@ def run_variant(args, model, name, keys, values, B, N, capacity, clock, device, 
     finally:
         if variant == "hira":
             hira.revert(model)
-        del cache
+        cache = None  # freed before release(): rebound, not deleted, as hold() reads the name
         release(device)
     return row
 

@@ -377,8 +377,8 @@ def markdown(rows: list, builds: list, meta: dict, layers: int) -> str:
                              r["graph"], f"{r['compile_s']:.1f}", fmt_num(est, 3),
                              fmt_num(sdpa_est / est if sdpa_est and est else None)]
                      + ([] if r["finite"] else ["(non-finite logits)"]))
-    L.append(md_table(["variant", "context", "batch", "tokens/s", "ms/token", "× sdpa", "× best dense", "kept", "read",
-                       "graphs", "recompiles", "CUDA graph", "compile s", "32 layers (est.): ms/token",
+    L.append(md_table(["variant", "context", "batch", "tokens/s", "ms/token", "× sdpa", "× best dense", "kept",
+                       "read", "graphs", "recompiles", "CUDA graph", "compile s", "32 layers (est.): ms/token",
                        "32 layers (est.): × sdpa"], table))
     heads = {r["B"]: r["head_ms"] for r in rows if "head_ms" in r}
     if heads:

@@ -17,8 +17,9 @@ user runs it, with nothing captured or compiled by this script:
     static cache) and calls ``generate(..., disable_compile=True)``: the prefill and the decode then both run
     compiled. ``hira-forward`` uses the default threshold.
 
-``--check-eager`` also runs each Hira variant's call again with ``disable_compile=True`` (no compile of the model)
-and reports how many of the new tokens equal the compiled call's (the first difference, if any).
+``--check-eager`` also runs each variant's call again with ``disable_compile=True`` (no compile of the model) and
+reports whether its new tokens equal the compiled call's (or the first that differs); ``dense-static`` against its
+own eager call tells the model's compiled numerics apart from Hira's.
 
 ``--prefill-chunk C`` passes ``prefill_chunk_size=C`` to generate (a prompt too long for one forward at that batch).
 ``--isolate`` runs every (context, batch, variant) in a fresh process (a compiled variant run after others in the
@@ -142,7 +143,7 @@ def run_variant(args, model, variant: str, ids: torch.Tensor, device: torch.devi
         with torch.no_grad():
             out = model.generate(ids, streamer=clock, return_dict_in_generate=True, **kw)
         total = time.perf_counter() - t0
-        if args.check_eager and config is not None:
+        if args.check_eager and not user_compiled:
             with torch.no_grad():
                 eager_tokens = model.generate(ids, **dict(kw, disable_compile=True))[:, N:]
     finally:
@@ -291,7 +292,7 @@ def main(argv=None):
                    help="profile N decode steps after the warm-up (kernel table in the JSON row and after the table)")
     p.add_argument("--time-budget", type=float, default=540.0, help="seconds; later runs are skipped")
     p.add_argument("--check-eager", action="store_true",
-                   help="Hira variants: run the call again with disable_compile=True and compare the tokens")
+                   help="run each call again with disable_compile=True and compare the tokens")
     p.add_argument("--smoke", action="store_true", help="a tiny model on the CPU")
     p.add_argument("--out", default="generate.md")
     p.add_argument("--plot", metavar="JSON", help="only plot a results JSON and exit")

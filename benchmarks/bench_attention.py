@@ -15,7 +15,7 @@ For every (block size, context, batch) that fits in memory:
         flex call into one graph), timed per call and replayed from a CUDA graph;
     plus search+mask alone (eager and compiled, both graph-replayed) and attention alone (the flex call with its
     fold, cast and LSE on a mask made beforehand, graph-replayed), for
-      (a) forced kept fractions (Threshold.topk with k = fraction * NB), and
+      (a) forced kept fractions (TopK with k = fraction * NB), and
       (b) the real threshold modes (topp 0.9/0.99, certified 1e-2/1e-3, fixed) on keys with realistic structure
           (topic clusters recurring over the context, a few dominant directions, attention sinks, a recency
           direction); the kept fraction each mode gets is reported, and the true softmax mass it read.
@@ -70,7 +70,7 @@ from hira.flex.mask import Q_BLOCK_SIZE, selection_block_mask  # noqa: E402
 from hira.index.bounds import NodeBounds, upper_bound  # noqa: E402
 from hira.index.index import HiraIndex, build_index  # noqa: E402
 from hira.step import select  # noqa: E402
-from hira.search.threshold import Threshold  # noqa: E402
+from hira.selection.threshold import Certified, Dense, Fixed, Threshold, TopK, TopP  # noqa: E402
 
 SINKS, WINDOW = 4, 256  # HiraConfig defaults
 # The default GPU run (module docstring): batch-1 combos first, most important first.
@@ -302,17 +302,17 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
     sels = []
     for f in args.fractions:
         k = max(1, round(f * NB))
-        sels.append((f"topk {f * 100:g}% (k={k})", Threshold.topk(k)))
+        sels.append((f"topk {f * 100:g}% (k={k})", TopK(k)))
     fixed_tau = stats["max_score_median"] - 3.0
     for m in args.modes:
         if m.startswith("topp"):
-            sels.append((m, Threshold.topp(float(m[4:]))))
+            sels.append((m, TopP(float(m[4:]))))
         elif m.startswith("certified"):
-            sels.append((m, Threshold.certified(float(m[9:]))))
+            sels.append((m, Certified(float(m[9:]))))
         elif m == "fixed":
-            sels.append((f"fixed τ={fixed_tau:.1f}", Threshold.fixed(fixed_tau)))
+            sels.append((f"fixed τ={fixed_tau:.1f}", Fixed(fixed_tau)))
         elif m == "dense":
-            sels.append(("dense", Threshold.dense()))
+            sels.append(("dense", Dense()))
     compile_error = None  # the eager step's flex compile failed: the other selections would fail the same way
     compiled_error = None  # the compiled step failed to compile: skip the other compiled variants of this combo
     compiled_fns = {}  # selection -> (compiled step, compiled search+mask), for the profile
@@ -480,7 +480,7 @@ def profile_step(args, index, q, scale, NB, device, log, compiled_fns) -> dict:
     """torch.profiler over graph replays of the Hira step (topk 5%): device time per kernel, kernels per step."""
     from torch.profiler import ProfilerActivity, profile
 
-    thr = Threshold.topk(max(1, round(0.05 * NB)))
+    thr = TopK(max(1, round(0.05 * NB)))
     res = {}
     todo = [("step", hira_step(index, q, thr, scale)), ("search_mask", hira_search_mask(index, q, thr, scale))]
     five = [v for k, v in compiled_fns.items() if k.startswith("topk 5% ")]

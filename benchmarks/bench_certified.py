@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import hira  # noqa: E402
-from hira import HiraConfig, Threshold  # noqa: E402
+from hira import Certified, HiraConfig, TopK, TopP  # noqa: E402
 from harness import md_table  # noqa: E402
 
 EPSILONS = (1e-2, 1e-3)
@@ -104,7 +104,7 @@ def measure_config(Q, K, V, scale, cfg: HiraConfig, acc: dict, label: str):
             return keep, skipped, err, post
 
         for eps in EPSILONS:
-            sel = hira.search(index, q, Threshold.certified(eps), scale=scale)
+            sel = hira.search(index, q, Certified(eps), scale=scale)
             keep, skipped, _, _ = outcome(sel)
             tau = topp_level(s.view(Hkv * G, -1), 1 - eps).view(Hkv, G, 1)
             true_blocks = (block_max >= tau).any(1)  # [H, NB]
@@ -118,7 +118,7 @@ def measure_config(Q, K, V, scale, cfg: HiraConfig, acc: dict, label: str):
             acc.setdefault((label, f"cert{eps:g} worst"), []).append(float(skipped.max()))
 
         k_blocks = max(1, round(BUDGET * NB))
-        sel = hira.search(index, q, Threshold.topk(k_blocks), scale=scale)
+        sel = hira.search(index, q, TopK(k_blocks), scale=scale)
         keep, skipped, err, post = outcome(sel)
         # Oracle: the same number of blocks per KV head, by the group's true mass share.
         share = (s_slot - lse[..., None]).exp().view(Hkv, G, NB, BS).sum(-1).sum(1)  # [H, NB]
@@ -133,7 +133,7 @@ def measure_config(Q, K, V, scale, cfg: HiraConfig, acc: dict, label: str):
         acc.setdefault((label, "topk read"), []).extend((keep.sum(-1) / NB).tolist())
         for name, sel_post in (("topk", post), ("topp0.9", None)):
             if sel_post is None:
-                sel = hira.search(index, q, Threshold.topp(0.9), scale=scale)
+                sel = hira.search(index, q, TopP(0.9), scale=scale)
                 _, skipped, _, sel_post = outcome(sel)
             ratio = (sel_post / skipped)[skipped >= CERT_MIN_MASS]
             acc.setdefault((label, f"{name} cert ratio"), []).extend(ratio.tolist())

@@ -13,7 +13,7 @@ directly in bf16 on the device). Every variant decodes the same random prompt fr
     (what transformers does itself outside torch.compile, ``pack_gqa``): SDPA reads K and V once. A benchmark-local
     attention function registered in transformers' AttentionInterface.
   - ``flex``: transformers' flex_attention with a StaticCache (a causal BlockMask made in every step).
-  - ``hira``: ``hira.convert`` + ``HiraCache`` with ``Threshold.topk(k)``, k = each ``--hira-fractions`` of the
+  - ``hira``: ``hira.convert`` + ``HiraCache`` with ``TopK(k)``, k = each ``--hira-fractions`` of the
     prompt's blocks (random weights give unstructured keys, so a fixed budget), sinks and window as HiraConfig's
     defaults.
 
@@ -308,7 +308,7 @@ def run_variant(args, model, name, keys, values, B, N, capacity, clock, device, 
             nb = N // args.block_size
             k = max(1, round(fraction * nb))
             row["variant"] = f"{label} (k={k} of {nb})"
-            config = hira.HiraConfig(block_size=args.block_size, threshold=hira.Threshold.topk(k),
+            config = hira.HiraConfig(block_size=args.block_size, threshold=hira.TopK(k),
                                      max_cache_len=capacity)
             model.set_attn_implementation(ATTN_IMPL[variant])
             hira.convert(model, config)

@@ -50,7 +50,7 @@ from hira.flex.attention import fold_gqa  # noqa: E402
 from hira.index.bounds import bound_and_estimate  # noqa: E402
 from hira.index.index import append as index_append  # noqa: E402
 from hira.index.sketch import block_score_stats  # noqa: E402
-from hira.search.search import _topp_keep  # noqa: E402
+from hira.selection.threshold import _topp_keep  # noqa: E402
 
 P_GRID = (0.99, 0.995, 0.999, 0.9995, 0.9999, 0.99999)
 VAR_SCALES = (0.0, 0.5, 2.0)

@@ -101,10 +101,10 @@ def hira_config(variant: str, N: int, new_tokens: int, block_size: int) -> hira.
     if variant in ("hira", "hira-forward"):
         return hira.HiraConfig(max_cache_len=capacity)
     if variant == "hira-dense":
-        return hira.HiraConfig(max_cache_len=capacity, threshold=hira.Threshold.dense())
+        return hira.HiraConfig(max_cache_len=capacity, threshold=hira.Dense())
     fraction = {"hira-topk1": 0.01, "hira-topk5": 0.05}[variant]
     k = max(1, round(fraction * N / block_size))
-    return hira.HiraConfig(max_cache_len=capacity, threshold=hira.Threshold.topk(k))
+    return hira.HiraConfig(max_cache_len=capacity, threshold=hira.TopK(k))
 
 
 def run_variant(args, model, variant: str, ids: torch.Tensor, device: torch.device) -> dict:

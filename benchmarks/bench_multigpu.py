@@ -54,7 +54,7 @@ from hira.api import attend_selection, build_index_unchecked  # noqa: E402
 from hira.config import HiraConfig  # noqa: E402
 from hira.parallel import SequenceShard, build_shard_index, sharded_decode_attention  # noqa: E402
 from hira.step import select  # noqa: E402
-from hira.search.threshold import Threshold  # noqa: E402
+from hira.selection.threshold import Dense, TopK  # noqa: E402
 
 MODEL_LAYERS = 32
 MODEL_WEIGHT_BYTES = 16.06e9  # Llama-3-8B, bf16
@@ -82,7 +82,7 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
     W = shard.world_size
     use_graph = device.type == "cuda" and (W == 1 or args.graph_collectives)
     for name, fraction in MODES:
-        thr = Threshold.dense() if fraction is None else Threshold.topk(max(1, round(fraction * nb_global)))
+        thr = Dense() if fraction is None else TopK(max(1, round(fraction * nb_global)))
 
         def sharded():
             return sharded_decode_attention(q, local, thr, scale)[0]

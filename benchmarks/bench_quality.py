@@ -106,7 +106,7 @@ from hira.cache import HiraLayer  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 from hira.index.index import append as index_append  # noqa: E402
 from hira.models import load_gemma3_270m, load_smollm2  # noqa: E402
-from hira.search.threshold import MODES  # noqa: E402
+from hira.selection.threshold import THRESHOLDS, from_name  # noqa: E402
 
 SECTIONS = ("fidelity", "perplexity", "passkey", "needle", "vartrack", "generation")
 MODELS = ("smollm2", "gemma3-270m")
@@ -145,8 +145,8 @@ class ModeSpec:
     @classmethod
     def _parse(cls, text: str) -> "ModeSpec":
         mode, _, value = text.strip().partition(":")
-        if mode not in MODES:
-            raise ValueError(f"unknown mode {text!r}: expected one of {MODES}")
+        if mode not in THRESHOLDS:
+            raise ValueError(f"unknown mode {text!r}: expected one of {tuple(THRESHOLDS)}")
         if mode == "dense":
             return cls("dense")
         if not value:
@@ -169,9 +169,7 @@ class ModeSpec:
 
     def threshold(self, n_blocks: int) -> hira.Threshold:
         """The ``hira.Threshold``; ``topk`` keeps ``value`` of ``n_blocks`` (at least one block)."""
-        if self.mode == "topk":
-            return hira.Threshold.topk(max(1, round(self.value * n_blocks)))
-        return hira.Threshold(self.mode, self.value)
+        return from_name(self.mode, max(1, round(self.value * n_blocks)) if self.mode == "topk" else self.value)
 
 
 def parse_modes(text: str) -> list[ModeSpec]:
@@ -860,7 +858,7 @@ def run_retrieval(args, model, tok, ids_text: torch.Tensor, task: str) -> dict:
         ids = ids.to(args.device)
         P = ids.shape[1] - 1  # the prefill; the last prompt token is the first decode step
         n_blocks = -(-P // args.block_size)
-        modes = {"dense": (hira.Threshold.dense(), False)}
+        modes = {"dense": (hira.Dense(), False)}
         modes.update({s.label: (s.threshold(n_blocks), s.sketch) for s in specs})
         config = hira.HiraConfig(block_size=args.block_size, min_context=MIN_CONTEXT, max_cache_len=cache_capacity(
             P, args.passkey_new_tokens + 1, args.block_size, args.capacity))

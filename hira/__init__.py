@@ -12,12 +12,15 @@ from hira.config import HiraConfig
 from hira.index.index import HiraIndex
 from hira.modeling import HiraAttention, convert, revert
 from hira.parallel import SequenceShard, sharded_decode_attention
-from hira.search.search import Selection
-from hira.search.threshold import Threshold
+from hira.selection.search import Selection
+from hira.selection.threshold import Certified, Dense, Fixed, Threshold, TopK, TopP
 
 __all__ = [
     "CACHE_ARG",
     "AttentionStats",
+    "Certified",
+    "Dense",
+    "Fixed",
     "HiraAttention",
     "HiraCache",
     "HiraConfig",
@@ -25,6 +28,8 @@ __all__ = [
     "Selection",
     "SequenceShard",
     "Threshold",
+    "TopK",
+    "TopP",
     "attend",
     "build_index",
     "convert",

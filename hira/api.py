@@ -6,7 +6,7 @@
     out, stats = hira.decode_attention(q, k, v, config)   # all three in one call
 
 These functions validate their inputs (shapes, dtypes, NaN/inf: a host sync each) and then call the tensor
-programs in ``hira.index``, ``hira.search`` and ``hira.flex``, which do not validate and never sync: call those
+programs in ``hira.index``, ``hira.selection`` and ``hira.flex``, which do not validate and never sync: call those
 directly inside a compiled or graph-captured decode step.
 """
 
@@ -22,9 +22,8 @@ from hira.flex.attention import block_attention, dense_attention_lse, fold_gqa, 
 from hira.flex.mask import selection_block_mask
 from hira.index.index import HiraIndex
 from hira.index.index import build_index as _build_index
-from hira.search.search import Selection
-from hira.search.search import search as _search
-from hira.search.threshold import Threshold
+from hira.selection.search import Selection, search_rows
+from hira.selection.threshold import Threshold, TopP
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -165,17 +164,17 @@ def search(
     Args:
         index: from ``build_index``.
         q: [B, Hq, S, D] post-RoPE queries, Hq a multiple of the index's KV heads.
-        threshold: a ``hira.Threshold``; default ``Threshold.topp(0.99)``.
+        threshold: a ``hira.Threshold``; default ``TopP(0.99)``.
         scale: softmax scale; default 1/sqrt(D). Thresholds are in scaled-score units.
     Returns:
         A ``Selection`` per (batch, KV head), the union over the G·S query rows of the group.
     """
     _check_query(q, index)
-    threshold = Threshold.topp(0.99) if threshold is None else threshold
+    threshold = TopP(0.99) if threshold is None else threshold
     if not isinstance(threshold, Threshold):
         _fail(f"threshold must be a hira.Threshold, got {threshold!r}")
     rows = fold_gqa(q.float(), index.keys.shape[1]) * _scale(q, scale)
-    return _search(index, rows, threshold)
+    return search_rows(index, rows, threshold)
 
 
 def attend_rows(

@@ -30,7 +30,7 @@ from hira.api import AttentionStats, build_index_unchecked
 from hira.config import HiraConfig
 from hira.flex.attention import chunk_attention
 from hira.index.index import HiraIndex, append, refresh_bounds
-from hira.search.threshold import Threshold
+from hira.selection.threshold import Dense, Threshold
 from hira.step import run_decode_step
 
 
@@ -125,12 +125,12 @@ class HiraLayer(CacheLayerMixin):
         return out
 
     def _choose_threshold(self, tokens: int) -> Threshold:
-        """The decode steps' mode after a prefill to ``tokens`` tokens: ``dense`` (every block read, no search) for
+        """The decode steps' mode after a prefill to ``tokens`` tokens: ``Dense`` (every block read, no search) for
         a layer in ``dense_layers`` or shorter than ``min_context``, else the configured one. Chosen once per
         prefill, on the host, so a decode step holds no branch: a sequence that grows past ``min_context`` while
         decoding keeps decoding densely until its next prefill."""
         if self.layer_idx in self.config.dense_layers or tokens < self.config.min_context:
-            return Threshold.dense()
+            return Dense()
         return self.config.threshold
 
     def _build(self, k, v, key_mask) -> HiraIndex:
@@ -187,7 +187,7 @@ class HiraLayer(CacheLayerMixin):
     @torch.compiler.disable
     def _continue_prefill(self, q, k, v, scale):
         index = self.index
-        if self.threshold.mode == "dense" and not self.config.recluster_on_prefill:
+        if isinstance(self.threshold, Dense) and not self.config.recluster_on_prefill:
             refresh_bounds(index)  # the dense decode steps since the last prefill left the bounds stale
         append(index, k, v)
         rank_range = (index.rank, index.leaf_first, index.leaf_last, index.levels[0].count)
@@ -222,7 +222,7 @@ class HiraLayer(CacheLayerMixin):
 
     def _decode(self, q, k, v, scale):
         # The dense mode reads no bound: its appends leave them stale, refreshed at the next prefill.
-        dense = self.threshold.mode == "dense"
+        dense = isinstance(self.threshold, Dense)
         return run_decode_step(self.index, q, k, v, self.threshold, scale, self.last_stats, bounds=not dense)
 
 

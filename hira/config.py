@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from hira.search.threshold import Threshold
+from hira.selection.threshold import Threshold, TopP
 
 CLUSTERINGS = ("pca", "kmeans", "none")
 
@@ -21,7 +21,7 @@ class HiraConfig:
             ``kmeans`` (Lloyd iterations seeded by the pca tree, then sorted by cluster) or ``none`` (position order).
         kmeans_iters: Lloyd iterations for ``clustering="kmeans"``.
         key_sketch: also keep an int4 sketch of the keys (``hira.index.sketch``): per-key score intervals about one
-            unit wide, which make the ``certified`` mode selective on real keys, its bounds and every mode's skip
+            unit wide, which make the ``Certified`` mode selective on real keys, its bounds and every mode's skip
             certificate tight, and the budgeted modes' ranking close to the oracle's. Costs 1/8 of the K and V
             bytes plus per-block scales (1/BS of that), in memory and read by every search.
         threshold: the search's threshold mode (see ``hira.Threshold``).
@@ -44,7 +44,7 @@ class HiraConfig:
     clustering: str = "pca"
     kmeans_iters: int = 4
     key_sketch: bool = False
-    threshold: Threshold = field(default_factory=lambda: Threshold.topp(0.99))
+    threshold: Threshold = TopP(0.99)
     sink_tokens: int = 4
     window_tokens: int = 256
     min_context: int = 16384
@@ -66,7 +66,7 @@ class HiraConfig:
             raise ValueError(f"HiraConfig.key_sketch must be True or False, got {self.key_sketch!r}")
         if not isinstance(self.threshold, Threshold):
             raise ValueError(
-                f"HiraConfig.threshold must be a hira.Threshold (e.g. Threshold.topp(0.99)), got {self.threshold!r}"
+                f"HiraConfig.threshold must be a hira.Threshold (e.g. hira.TopP(0.99)), got {self.threshold!r}"
             )
         for name in ("sink_tokens", "window_tokens", "min_context"):
             v = getattr(self, name)

@@ -96,7 +96,7 @@ class HiraAttention(nn.Module):
         c = self.hira_config
         text = (
             f"layer_idx={self.layer_idx}, heads={self.num_heads}/{self.num_kv_heads}, head_dim={self.head_dim}, "
-            f"block_size={c.block_size}, threshold={c.threshold.mode}({c.threshold.value:g})"
+            f"block_size={c.block_size}, threshold={c.threshold}"
         )
         if self.hira_shard is not None:
             text += f", shard={self.hira_shard.rank}/{self.hira_shard.world_size}"

@@ -4,11 +4,11 @@ Each rank indexes one contiguous slice of the prompt: the attention sinks live o
 window and every decoded token on the last rank, so the union of the local indexes is the single-process index
 (with ``clustering="none"`` and block-aligned slices, block for block). A decode step then runs, on every rank:
 
-1. the search: ``dense`` (no search: every local block) and ``fixed`` decide leaf by leaf, so each rank searches
-   alone; ``certified``, ``topk``
-   and ``topp`` rank leaves against each other, so the ranks first all-gather their per-leaf bounds (certified:
-   score bound, mass bounds and the exact score of the top-bound leaf) or mass estimates (topk, topp), every rank
-   makes single-process ``search``'s choice over all leaves, identically, and keeps its own;
+1. the search: ``Dense`` (no search: every local block) and ``Fixed`` decide leaf by leaf (``Threshold.per_leaf``),
+   so each rank searches alone; ``Certified``, ``TopK`` and ``TopP`` rank leaves against each other, so the ranks
+   first all-gather their per-leaf bounds (certified: score bound, mass bounds and the exact score of the top-bound
+   leaf) or mass estimates (topk, topp), every rank makes single-process ``search_rows``'s choice over all leaves,
+   identically, and keeps its own;
 2. block attention over the kept local blocks, with its log-sum-exp;
 3. one all-gather of (output, LSE, skipped-mass bound, counts), merged exactly and identically on every rank: the
    model's hidden states stay replicated.
@@ -38,8 +38,8 @@ from hira.cache import HiraLayer
 from hira.config import HiraConfig
 from hira.flex.attention import fold_gqa, merge_partials, unfold_gqa
 from hira.index.index import HiraIndex, append
-from hira.search.search import LeafBounds, Selection, fold_exact_score, local_select, search, select_leaves
-from hira.search.threshold import Threshold
+from hira.selection.search import LeafBounds, Selection, fold_exact_score, local_select, search_rows, select_leaves
+from hira.selection.threshold import Threshold
 
 
 @dataclass
@@ -215,9 +215,9 @@ def _gather_leaves(
 
 
 def _global_keep(local: ShardIndex, bounds: LeafBounds, m_plane, threshold: Threshold, forced, live):
-    """Single-process ``search``'s choice over every rank's leaves, made identically on every rank.
+    """Single-process ``search_rows``'s choice over every rank's leaves, made identically on every rank.
 
-    For ``certified``, ``topk`` and ``topp``. bounds: this rank's ``LeafBounds`` before the exact score is folded
+    For ``Certified``, ``TopK`` and ``TopP``. bounds: this rank's ``LeafBounds`` before the exact score is folded
     in; m_plane: [B, H, R, NB] the exact score at this rank's top-bound leaf, -inf elsewhere; forced, live:
     [B, H, NB]. Returns this rank's keep [B, H, NB] and the rows' τ [B, H, R].
     """
@@ -232,9 +232,9 @@ def _global_keep(local: ShardIndex, bounds: LeafBounds, m_plane, threshold: Thre
 
 
 def sharded_search(local: ShardIndex, q: torch.Tensor, threshold: Threshold) -> Selection:
-    """The local leaves of the global selection: what single-process ``search`` keeps over all ranks' leaves.
+    """The local leaves of the global selection: what single-process ``search_rows`` keeps over all ranks' leaves.
 
-    A collective in the ``certified``, ``topk`` and ``topp`` modes (one all-gather of per-leaf bounds and
+    A collective in the ``Certified``, ``TopK`` and ``TopP`` modes (one all-gather of per-leaf bounds and
     estimates): every rank of the group calls it with the same threshold. No host sync.
 
     Args:
@@ -247,12 +247,12 @@ def sharded_search(local: ShardIndex, q: torch.Tensor, threshold: Threshold) -> 
     """
 
     def agree(bounds, top_leaf, m, forced, live, threshold):
-        if threshold.mode == "fixed":  # a rule per leaf: nothing to agree on (``dense`` never gets here)
+        if threshold.per_leaf:  # nothing to agree on (``Dense`` never gets here: it does not search)
             return local_select(bounds, top_leaf, m, forced, live, threshold)
         m_plane = torch.full_like(bounds.ub, -math.inf).scatter(-1, top_leaf, m)
         return _global_keep(local, bounds, m_plane, threshold, forced, live)
 
-    return search(local.index, q, threshold, select=agree)
+    return search_rows(local.index, q, threshold, select=agree)
 
 
 def sharded_attend(

@@ -26,20 +26,20 @@ from hira.flex.attention import fold_gqa
 from hira.index.bounds import NodeBounds
 from hira.index.index import HiraIndex, append, check_room
 from hira.index.sketch import KeySketch
-from hira.search.search import Selection, search
-from hira.search.threshold import Threshold
+from hira.selection.search import Selection, search_rows
+from hira.selection.threshold import Threshold, from_name, name_and_value
 
 
 def plan(
     index: HiraIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: Threshold, scale: float,
     bounds: bool = True,
 ) -> Selection:
-    """Append the new token to ``index`` (in place) and select the blocks the query reads (``dense``: every
+    """Append the new token to ``index`` (in place) and select the blocks the query reads (``Dense``: every
     non-empty block, with no search).
 
     Args:
         q: [B, Hq, 1, D] post-RoPE query; k, v: [B, H, 1, D] the new token's key and value.
-        bounds: keep the index's bounds exact (``append``); False only with the ``dense`` mode, which reads none,
+        bounds: keep the index's bounds exact (``append``); False only with the ``Dense`` mode, which reads none,
             until ``hira.index.index.refresh_bounds``.
     """
     append(index, k, v, bounds=bounds)
@@ -50,7 +50,7 @@ def select(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: float
     """The blocks the queries read: q [B, Hq, S, D] folded into float32 rows per KV head, scaled, searched (``plan``
     without the append; the benchmarks time it on a fixed index)."""
     rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G·S, D]
-    return search(index, rows, threshold)
+    return search_rows(index, rows, threshold)
 
 
 def run(q: torch.Tensor, index: HiraIndex, selection: Selection, scale: float, stats: AttentionStats) -> torch.Tensor:
@@ -97,16 +97,17 @@ def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, bran
                      branching, sink_tokens, window_tokens, sketch)
 
 
-def _flat_step(tensors, q, k, v, stats, mode, value, scale, bounds, n_levels, block_size, branching, sink_tokens,
-               window_tokens):
+def _flat_step(tensors, q, k, v, stats, threshold_name, threshold_value, scale, bounds, n_levels, block_size,
+               branching, sink_tokens, window_tokens):
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    return decode_step(index, q, k, v, Threshold(mode, value), scale, AttentionStats(*stats), bounds)
+    threshold = from_name(threshold_name, threshold_value)
+    return decode_step(index, q, k, v, threshold, scale, AttentionStats(*stats), bounds)
 
 
-def _flat_plan(tensors, q, k, v, mode, value, scale, bounds, n_levels, block_size, branching, sink_tokens,
-               window_tokens):
+def _flat_plan(tensors, q, k, v, threshold_name, threshold_value, scale, bounds, n_levels, block_size, branching,
+               sink_tokens, window_tokens):
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    selection = plan(index, q, k, v, Threshold(mode, value), scale, bounds)
+    selection = plan(index, q, k, v, from_name(threshold_name, threshold_value), scale, bounds)
     return tuple(getattr(selection, f.name) for f in dataclasses.fields(selection))  # a dataclass is no output
 
 
@@ -130,17 +131,16 @@ def _step(tensors, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
 @torch.library.custom_op("hira::decode_step", mutates_args=("tensors", "stats"))
 def _decode_step_op(
     tensors: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: list[torch.Tensor],
-    threshold_mode: str, value: float, scale: float, bounds: bool, n_levels: int, block_size: int, branching: int,
-    sink_tokens: int, window_tokens: int,
+    threshold_name: str, threshold_value: float, scale: float, bounds: bool, n_levels: int, block_size: int,
+    branching: int, sink_tokens: int, window_tokens: int,
 ) -> torch.Tensor:
-    # (threshold_mode: "mode" is taken by the operator machinery's own keyword arguments)
-    return _step(tensors, q, k, v, stats, threshold_mode, value, scale, bounds, n_levels, block_size, branching,
-                 sink_tokens, window_tokens)
+    return _step(tensors, q, k, v, stats, threshold_name, threshold_value, scale, bounds, n_levels, block_size,
+                 branching, sink_tokens, window_tokens)
 
 
 @_decode_step_op.register_fake
-def _(tensors, q, k, v, stats, threshold_mode, value, scale, bounds, n_levels, block_size, branching, sink_tokens,
-      window_tokens):
+def _(tensors, q, k, v, stats, threshold_name, threshold_value, scale, bounds, n_levels, block_size, branching,
+      sink_tokens, window_tokens):
     return torch.empty_like(q)
 
 
@@ -148,8 +148,8 @@ def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: floa
                     bounds: bool = True) -> torch.Tensor:
     """``decode_step`` as the module docstring says: inside a compiled model one operator, else the same compiled
     code called directly."""
-    args = (list(index.tensors()), q, k, v, list(stats.tensors()), threshold.mode, threshold.value, float(scale),
-            bounds, len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
+    args = (list(index.tensors()), q, k, v, list(stats.tensors()), *name_and_value(threshold), float(scale), bounds,
+            len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
     if torch.compiler.is_compiling():
         return _decode_step_op(*args)
     check_room(index, q.shape[2])  # the compiled step cannot raise: one host read before it

@@ -27,7 +27,7 @@ from reference import (
 )
 
 import hira
-from hira import HiraConfig, Threshold
+from hira import Certified, Dense, Fixed, HiraConfig, TopK, TopP
 from hira.flex.attention import unfold_gqa
 
 TOL = {  # (rtol, atol) of hira.attend against the float64 reference, per dtype
@@ -155,7 +155,7 @@ def assert_skip_bounds(q, k, mask, index, sel, stats, scale, eps=None):
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)
-@pytest.mark.parametrize("threshold", [Threshold.dense(), Threshold.fixed(-math.inf)], ids=["dense", "fixed-inf"])
+@pytest.mark.parametrize("threshold", [Dense(), Fixed(-math.inf)], ids=["dense", "fixed-inf"])
 def test_dense_threshold_equals_dense_attention(case, threshold, device):
     q, k, v, mask, index = make_inputs(case, device, seed=0)
     scale = case.lay.D**-0.5
@@ -173,10 +173,10 @@ def test_dense_threshold_equals_dense_attention(case, threshold, device):
 
 
 thresholds = st.one_of(
-    st.floats(-3, 3).map(Threshold.fixed),
-    st.sampled_from([0.5, 1e-2, 1e-4]).map(Threshold.certified),
-    st.integers(1, 3).map(Threshold.topk),
-    st.sampled_from([0.1, 0.5, 0.9]).map(Threshold.topp),
+    st.floats(-3, 3).map(Fixed),
+    st.sampled_from([0.5, 1e-2, 1e-4]).map(Certified),
+    st.integers(1, 3).map(TopK),
+    st.sampled_from([0.1, 0.5, 0.9]).map(TopP),
 )
 attention_keys = st.sampled_from(["normal", "clustered", "duplicates", "zeros", "mixed_norms", "levels"])
 
@@ -196,9 +196,9 @@ def test_output_is_attention_over_exactly_the_selected_keys(case, seed, key_kind
     assert_skip_bounds(q, k, mask, index, sel, stats, scale)
     torch.testing.assert_close(stats.kept_fraction, sel.kept_fraction)
     torch.testing.assert_close(stats.read_fraction, kept.sum(-1) / mask.sum(-1, keepdim=True).float())
-    if threshold.mode == "topk" and not bool(index.forced_leaves().any()):
+    if isinstance(threshold, TopK) and not bool(index.forced_leaves().any()):
         live = index.levels[0].count > 0
-        assert torch.equal(sel.keep.sum(-1), live.sum(-1).clamp_max(int(threshold.value))), "topk kept too many"
+        assert torch.equal(sel.keep.sum(-1), live.sum(-1).clamp_max(threshold.k)), "topk kept too many"
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)
@@ -213,7 +213,7 @@ def test_certified_error_is_bounded(case, seed, eps, key_kind, device):
     q_kind = "axis" if key_kind == "levels" else "aligned"
     q, k, v, mask, index = make_inputs(case, device, seed, key_kind, q_kind)
     scale = case.lay.D**-0.5
-    sel = hira.search(index, q, Threshold.certified(eps))
+    sel = hira.search(index, q, Certified(eps))
     out, stats = hira.attend(q, index, sel)
     assert_skip_bounds(q, k, mask, index, sel, stats, scale, eps=eps)
     if key_kind == "levels" and not bool(index.forced_leaves().any()):
@@ -256,7 +256,7 @@ def test_empty_selection_reads_nothing(case, device):
     extra keys the output is attention over those alone."""
     q, k, v, mask, index = make_inputs(case, device, seed=1)
     L = case.lay
-    sel = hira.search(index, q, Threshold.fixed(1e30))
+    sel = hira.search(index, q, Fixed(1e30))
     assert int(sel.kv_num_blocks.sum()) == 0
     out, stats = hira.attend(q, index, sel)
     assert bool((out == 0).all())
@@ -272,10 +272,10 @@ def test_empty_selection_reads_nothing(case, device):
 @pytest.mark.parametrize("case", [c for c in CASES if c.lay.C == -(-c.lay.N // c.lay.BS) * c.lay.BS], ids=ids)
 def test_decode_attention_is_build_search_attend(case, device):
     q, k, v, mask, _ = make_inputs(case, device, seed=2)
-    cfg = dataclasses.replace(case.config(), threshold=Threshold.topk(2))
+    cfg = dataclasses.replace(case.config(), threshold=TopK(2))
     out, stats = hira.decode_attention(q, k, v, cfg, key_mask=mask)
     index = hira.build_index(k, v, cfg, key_mask=mask)
-    sel = hira.search(index, q, Threshold.topk(2))
+    sel = hira.search(index, q, TopK(2))
     out2, stats2 = hira.attend(q, index, sel)
     torch.testing.assert_close(out, out2, rtol=0, atol=0)
     torch.testing.assert_close(stats.skip_bound, stats2.skip_bound, rtol=0, atol=0)

@@ -14,14 +14,14 @@ from torch._dynamo.utils import counters
 from reference import dense_reference, kept_tokens, make_key_mask, real_mask
 
 import hira
-from hira import HiraConfig, Threshold
+from hira import Certified, HiraConfig, TopK
 from hira.index.index import append, build_index
-from hira.search.search import search
+from hira.selection.search import search_rows
 
 B, H, G, S, N, D, BS = 2, 2, 4, 2, 150, 32, 32  # q rows R = G·S = 8: the f32_r8 layout of test_attention
 CAPACITY = 224  # 5 built blocks + 2 free blocks (64 slots) for appends
 BUILD = dict(block_size=BS, branching=2, sink_tokens=2, window_tokens=16, capacity=CAPACITY)
-THRESHOLD = Threshold.certified(1e-3)
+THRESHOLD = Certified(1e-3)
 
 
 def random_layer(seed: int, device):
@@ -46,9 +46,9 @@ def assert_same_selection(a, b):
 
 @pytest.fixture(scope="module")
 def compiled_search():
-    """search compiled once for the module, with a backend that counts the graphs it compiles."""
+    """search_rows compiled once for the module, with a backend that counts the graphs it compiles."""
     counter = CompileCounterWithBackend("inductor")
-    return torch.compile(search, backend=counter, fullgraph=True), counter
+    return torch.compile(search_rows, backend=counter, fullgraph=True), counter
 
 
 def test_compiled_build_index_matches_eager(device):
@@ -73,7 +73,7 @@ def test_compiled_search_matches_eager_and_never_recompiles(compiled_search, dev
     k, v, mask = random_layer(1, device)
     index = build_index(k, v, mask, **BUILD)
     q = random_rows(0, device)
-    assert_same_selection(fn(index, q, THRESHOLD), search(index, q, THRESHOLD))
+    assert_same_selection(fn(index, q, THRESHOLD), search_rows(index, q, THRESHOLD))
     graphs = counter.frame_count
     with torch.compiler.set_stance("fail_on_recompile"):
         for step in range(1, 21):
@@ -84,7 +84,7 @@ def test_compiled_search_matches_eager_and_never_recompiles(compiled_search, dev
                 new = torch.randn(B, H, 2, D, generator=torch.Generator().manual_seed(step)).to(device)
                 append(index, new, new, torch.tensor([[True, True], [True, False]], device=device))
             q = random_rows(step, device)
-            assert_same_selection(fn(index, q, THRESHOLD), search(index, q, THRESHOLD))
+            assert_same_selection(fn(index, q, THRESHOLD), search_rows(index, q, THRESHOLD))
         with pytest.raises(Exception, match="recompil"):  # the stance does catch a recompile (here: a new shape)
             fn(index, random_rows(0, device)[:, :, :3], THRESHOLD)
     assert counter.frame_count == graphs == 1
@@ -96,7 +96,7 @@ def test_attend_path_does_not_recompile(device):
     k, v, mask = random_layer(2, device)
     cfg = HiraConfig(block_size=BS, branching=2, sink_tokens=2, window_tokens=16)
     index = hira.build_index(k, v, cfg, key_mask=mask, capacity=CAPACITY)
-    threshold = Threshold.topk(2)
+    threshold = TopK(2)
 
     def step(seed):
         q = torch.randn(B, H * G, S, D, generator=torch.Generator().manual_seed(seed)).to(device)

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import hira
-from hira import HiraConfig, Threshold
+from hira import Certified, Fixed, HiraConfig, Threshold, TopK, TopP
 from hira.index.index import append
+from hira.selection.threshold import from_name
 
 B, H, N, D = 2, 2, 40, 16
 CFG = HiraConfig(block_size=16)
@@ -104,6 +105,7 @@ def test_append_past_capacity_says_the_index_is_full(device):
         (dict(clustering="hnsw"), "clustering must be one of"),
         (dict(kmeans_iters=0), "kmeans_iters must be an integer >= 1"),
         (dict(threshold=0.99), "threshold must be a hira.Threshold"),
+        (dict(threshold="topp"), "threshold must be a hira.Threshold"),
         (dict(sink_tokens=-1), "sink_tokens must be an integer >= 0"),
         (dict(window_tokens=1.5), "window_tokens must be an integer >= 0"),
         (dict(max_cache_len=0), "max_cache_len must be -1"),
@@ -121,25 +123,33 @@ def test_config_rejects_bad_values(kwargs, match):
 @pytest.mark.parametrize(
     "make, match",
     [
-        (lambda: Threshold("top-k", 3), "Threshold.mode must be one of"),
-        (lambda: Threshold.fixed(math.nan), "Threshold.fixed needs a finite τ or -inf, got nan"),
-        (lambda: Threshold.fixed(math.inf), "Threshold.fixed needs a finite τ or -inf, got inf"),
-        (lambda: Threshold.certified(0.0), "Threshold.certified needs 0 < eps < 1, got 0.0"),
-        (lambda: Threshold.certified(1.0), "Threshold.certified needs 0 < eps < 1"),
-        (lambda: Threshold.certified(math.nan), "Threshold.certified needs 0 < eps < 1"),
-        (lambda: Threshold.topk(0), "Threshold.topk needs an integer k >= 1, got 0"),
-        (lambda: Threshold.topk(2.5), "Threshold.topk needs an integer k >= 1, got 2.5"),
-        (lambda: Threshold.topk(math.inf), "Threshold.topk needs an integer k >= 1, got inf"),
-        (lambda: Threshold.topk(math.nan), "Threshold.topk needs an integer k >= 1, got nan"),
-        (lambda: Threshold.topp(0.0), "Threshold.topp needs 0 < p <= 1, got 0.0"),
-        (lambda: Threshold.topp(1.5), "Threshold.topp needs 0 < p <= 1"),
-        (lambda: Threshold.topp(math.nan), "Threshold.topp needs 0 < p <= 1"),
+        (lambda: Fixed(math.nan), "Fixed needs a finite τ or -inf, got nan"),
+        (lambda: Fixed(math.inf), "Fixed needs a finite τ or -inf, got inf"),
+        (lambda: Fixed("1.5"), "Fixed needs a finite τ or -inf, got '1.5'"),
+        (lambda: Certified(0.0), "Certified needs 0 < eps < 1, got 0.0"),
+        (lambda: Certified(1.0), "Certified needs 0 < eps < 1"),
+        (lambda: Certified(math.nan), "Certified needs 0 < eps < 1"),
+        (lambda: Certified(None), "Certified needs 0 < eps < 1, got None"),
+        (lambda: TopK(0), "TopK needs an integer k >= 1, got 0"),
+        (lambda: TopK(2.5), "TopK needs an integer k >= 1, got 2.5"),
+        (lambda: TopK(math.inf), "TopK needs an integer k >= 1, got inf"),
+        (lambda: TopK(math.nan), "TopK needs an integer k >= 1, got nan"),
+        (lambda: TopK(True), "TopK needs an integer k >= 1, got True"),
+        (lambda: TopP(0.0), "TopP needs 0 < p <= 1, got 0.0"),
+        (lambda: TopP(1.5), "TopP needs 0 < p <= 1"),
+        (lambda: TopP(math.nan), "TopP needs 0 < p <= 1"),
+        (lambda: from_name("top-k", 3), "unknown threshold mode 'top-k': expected one of"),
     ],
     ids=lambda x: x if isinstance(x, str) else "",
 )
 def test_threshold_rejects_bad_values(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_threshold_is_one_of_its_modes():
+    with pytest.raises(TypeError, match="abstract"):
+        Threshold()
 
 
 @pytest.mark.parametrize("threshold", [0.99, 0, "topk", None.__class__], ids=["float", "zero", "str", "type"])

@@ -17,8 +17,8 @@ import hira
 PROMPT = 150  # tokens: several 16-token blocks on the full layers, several windows on the sliding ones
 WINDOW = 32
 FULL = (1, 3)  # the full-attention layers
-DENSE = hira.HiraConfig(block_size=16, threshold=hira.Threshold.fixed(-math.inf), min_context=0, window_tokens=16)
-SPARSE = hira.HiraConfig(block_size=16, threshold=hira.Threshold.topk(2), min_context=0, window_tokens=16)
+DENSE = hira.HiraConfig(block_size=16, threshold=hira.Fixed(-math.inf), min_context=0, window_tokens=16)
+SPARSE = hira.HiraConfig(block_size=16, threshold=hira.TopK(2), min_context=0, window_tokens=16)
 
 
 def _tiny(**overrides) -> Gemma3ForCausalLM:

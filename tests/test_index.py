@@ -25,7 +25,7 @@ import hira
 from hira.index.bounds import upper_bound
 from hira.index.cluster import kmeans_rank, pca_tree_rank, position_rank
 from hira.index.index import append, refresh_bounds
-from hira.search.search import effective_bounds
+from hira.selection.search import effective_bounds
 
 
 def assert_storage_matches(index, keys, values, key_mask):

@@ -28,8 +28,8 @@ import hira
 from hira.index.index import refresh_bounds
 
 PROMPT = 150  # tokens: several 16-token blocks, so decode goes through the index
-DENSE = hira.HiraConfig(block_size=16, threshold=hira.Threshold.fixed(-math.inf), min_context=0, window_tokens=16)
-SPARSE = hira.HiraConfig(block_size=16, threshold=hira.Threshold.topk(2), min_context=0, window_tokens=16)
+DENSE = hira.HiraConfig(block_size=16, threshold=hira.Fixed(-math.inf), min_context=0, window_tokens=16)
+SPARSE = hira.HiraConfig(block_size=16, threshold=hira.TopK(2), min_context=0, window_tokens=16)
 
 
 def _tiny(family: str):
@@ -76,11 +76,11 @@ def test_min_context_is_chosen_at_prefill():
     next prefill, even past min_context; a prompt of at least min_context tokens decodes with the configured mode."""
     model = hira.convert(_tiny("llama"), SPARSE)
     for min_context, sparse in ((PROMPT + 1, False), (PROMPT, True)):
-        config = hira.HiraConfig(block_size=16, threshold=hira.Threshold.topk(2), min_context=min_context,
+        config = hira.HiraConfig(block_size=16, threshold=hira.TopK(2), min_context=min_context,
                                  window_tokens=16)
         cache = hira.HiraCache(model.config, config)
         _greedy(model, _ids(), steps=4, **{hira.CACHE_ARG: cache})  # decodes past min_context
-        assert all(layer.threshold == (config.threshold if sparse else hira.Threshold.dense()) for layer in cache.layers)
+        assert all(layer.threshold == (config.threshold if sparse else hira.Dense()) for layer in cache.layers)
         read = cache.summary()["read_fraction"]
         assert read < 0.5 if sparse else read == 1.0
 
@@ -89,7 +89,7 @@ def test_min_context_is_chosen_at_prefill():
 def test_bounds_are_exact_again_after_dense_steps_and_a_longer_prefill():
     """Decode steps in the dense mode (a prompt below min_context) append without bounds; a later prefill chunk that
     lifts the layer past min_context, with re-clustering off, refreshes every bound before the search runs."""
-    config = hira.HiraConfig(block_size=16, threshold=hira.Threshold.topk(2), min_context=PROMPT + 30,
+    config = hira.HiraConfig(block_size=16, threshold=hira.TopK(2), min_context=PROMPT + 30,
                              window_tokens=16, recluster_on_prefill=False)
     model = hira.convert(_tiny("llama"), config)
     steps = 20  # more than a block: the chunk's own append does not recompute every leaf the steps filled
@@ -98,7 +98,7 @@ def test_bounds_are_exact_again_after_dense_steps_and_a_longer_prefill():
     model(ids[:, :PROMPT], **{hira.CACHE_ARG: cache})
     for t in range(PROMPT, PROMPT + steps):
         model(ids[:, t : t + 1], **{hira.CACHE_ARG: cache})
-    assert all(layer.threshold == hira.Threshold.dense() for layer in cache.layers)
+    assert all(layer.threshold == hira.Dense() for layer in cache.layers)
     model(ids[:, PROMPT + steps :], **{hira.CACHE_ARG: cache})
     for layer in cache.layers:
         assert layer.threshold == config.threshold
@@ -139,7 +139,7 @@ def test_chunked_prefill_matches_unconverted(cuts, pad, recluster, deferred):
     mask = torch.ones_like(ids)
     mask[1, :pad] = 0
     ref = model(ids, attention_mask=mask).logits
-    config = hira.HiraConfig(block_size=16, threshold=hira.Threshold.fixed(-math.inf), min_context=0,
+    config = hira.HiraConfig(block_size=16, threshold=hira.Fixed(-math.inf), min_context=0,
                              window_tokens=16, recluster_on_prefill=recluster)
     hira.convert(model, config)
     cache = hira.HiraCache(model.config, config)
@@ -358,7 +358,7 @@ def test_generate_prefills_in_chunks_eagerly_and_clusters_once(monkeypatch):
 def test_compiled_model_matches_eager_past_512_keys():
     """A model compiled as a whole decodes what the eager model does at a cache past 512 slots, where compiled
     flex_attention built in one CPU graph with its BlockMask goes wrong (the step keeps them apart there)."""
-    config = hira.HiraConfig(block_size=64, threshold=hira.Threshold.topk(3), min_context=0, window_tokens=64,
+    config = hira.HiraConfig(block_size=64, threshold=hira.TopK(3), min_context=0, window_tokens=64,
                              max_cache_len=768)
     model = hira.convert(_tiny("llama"), config)
     compiled = torch.compile(model)
@@ -379,7 +379,7 @@ def test_compiled_model_matches_eager_past_512_keys():
 def test_generate_on_cuda_is_compiled_and_decodes_as_eager():
     """On CUDA a plain generate compiles and graph-replays the decode by itself (no compile_config), past 512
     slots, with the tokens of the eager path and no recompile in a second call on the reset cache."""
-    config = hira.HiraConfig(block_size=64, threshold=hira.Threshold.topk(3), min_context=0, window_tokens=64,
+    config = hira.HiraConfig(block_size=64, threshold=hira.TopK(3), min_context=0, window_tokens=64,
                              max_cache_len=768)
     model = hira.convert(_tiny("llama").cuda(), config)
     ids = torch.randint(3, 96, (2, 700), generator=torch.Generator().manual_seed(3)).cuda()

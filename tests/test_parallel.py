@@ -36,7 +36,7 @@ from hira.parallel import (
     sharded_decode_attention,
     sharded_search,
 )
-from hira.search.search import search
+from hira.selection.search import search_rows
 
 B, HQ, HKV, D, BS = 2, 4, 2, 16, 16
 N = 12 * BS  # 12 blocks: 6 + 6 on 2 ranks, 4 + 4 + 4 on 3
@@ -44,11 +44,11 @@ STEPS = 3
 # Position order and block-sized sinks and window: the shards' blocks are exactly the single index's blocks.
 ALIGNED = hira.HiraConfig(block_size=BS, branching=4, clustering="none", sink_tokens=BS, window_tokens=2 * BS)
 MODES = [
-    hira.Threshold.dense(),
-    hira.Threshold.fixed(2.0),
-    hira.Threshold.certified(1e-2),
-    hira.Threshold.topk(3),
-    hira.Threshold.topp(0.9),
+    hira.Dense(),
+    hira.Fixed(2.0),
+    hira.Certified(1e-2),
+    hira.TopK(3),
+    hira.TopP(0.9),
 ]
 
 
@@ -112,7 +112,7 @@ def _check_functional(device: str, modes: list[hira.Threshold]) -> None:
             append(single, new_k, new_v)
             shard_append(local, new_k, new_v)
             rows = fold_gqa(q[t], HKV) * scale  # [B, HKV, G, D]
-            sel = search(single, rows, threshold)
+            sel = search_rows(single, rows, threshold)
             ref, ref_stats = attend_selection(q[t], single, sel, scale)
             lsel = sharded_search(local, rows, threshold)
             out, stats = sharded_attend(q[t], local, lsel, scale)
@@ -129,7 +129,7 @@ def _check_functional(device: str, modes: list[hira.Threshold]) -> None:
             # The ranks also fold their own top leaf's exact score into the kept mass: a prior bound no looser.
             assert (stats.prior_skip_bound <= ref_stats.prior_skip_bound + 1e-5).all()
             _same_on_every_rank(out)
-            if threshold.mode in ("certified", "topk", "topp"):  # the data makes these modes skip something
+            if isinstance(threshold, (hira.Certified, hira.TopK, hira.TopP)):  # the data makes them skip something
                 assert float(ref_stats.read_fraction.mean()) < 0.9, (threshold, ref_stats.read_fraction)
     # The one-call step equals the two calls.
     out, _ = sharded_decode_attention(q[-1], local, MODES[-1], scale)
@@ -139,10 +139,10 @@ def _check_functional(device: str, modes: list[hira.Threshold]) -> None:
 
 PROMPT = 160  # 10 blocks of 16: slices 80 + 80 on 2 ranks, 64 + 48 + 48 on 3; (PROMPT - 32) / 16 middle blocks
 # As tests/test_model.py (pca clustering, 4 sinks): exact whatever the blocks.
-DENSE = hira.HiraConfig(block_size=16, threshold=hira.Threshold.fixed(-math.inf), min_context=0, window_tokens=16)
+DENSE = hira.HiraConfig(block_size=16, threshold=hira.Fixed(-math.inf), min_context=0, window_tokens=16)
 # Aligned blocks: the same selection as one process.
 SPARSE = hira.HiraConfig(block_size=16, clustering="none", sink_tokens=16, window_tokens=16, min_context=0,
-                         threshold=hira.Threshold.topk(3))
+                         threshold=hira.TopK(3))
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -192,7 +192,7 @@ def _check_model(device: str) -> None:
         model(ids[:, :2], **{hira.CACHE_ARG: cache})
     with pytest.raises(ValueError, match=f"fewer than the {world} ranks"):
         model(ids[:, : 16 * (world - 1)], **{hira.CACHE_ARG: hira.HiraCache(model.config, DENSE, shard)})
-    wide = hira.HiraConfig(block_size=16, window_tokens=100, threshold=hira.Threshold.topk(3))
+    wide = hira.HiraConfig(block_size=16, window_tokens=100, threshold=hira.TopK(3))
     with pytest.raises(ValueError, match="window_tokens=100"):
         build_shard_index(torch.zeros(1, 2, PROMPT, 16), torch.zeros(1, 2, PROMPT, 16), None, wide, shard, 256)
 

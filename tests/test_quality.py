@@ -40,7 +40,7 @@ PASSAGE = Path(__file__).parents[1] / "examples" / "data" / "emma_passage.txt"
 PASSKEY, PASSKEY_TOKENS, PASSKEY_DEPTH, ANSWER_TOKENS = "73914", 2040, 0.5, 8
 WINDOW, POSITIONS = 2048, 128
 # Measured 2026-11-24 on CPU on these 128 positions: HiraConfig() (topp 0.99, 88% of keys read) +1.13% (three
-# positions lose 0.15-0.29 nats); topp 0.999 +0.02%; topp 0.9 +6.0%; Threshold.dense() through the sparse path
+# positions lose 0.15-0.29 nats); topp 0.999 +0.02%; topp 0.9 +6.0%; hira.Dense() through the sparse path
 # 0.000%. Other 2K windows of Emma gave +0.06% to +0.86% with topp 0.99. So 0.5% does not hold for the default;
 # 2% keeps a margin and still fails a selection as coarse as topp 0.9.
 PPL_TOLERANCE = 0.02
@@ -91,7 +91,7 @@ def test_perplexity_close_to_dense(smollm2):
     prefill = WINDOW - 1 - POSITIONS
     dense = math.exp(-float(dense_logprob(model, ids, prefill).mean()))
     config = default_config(prefill, WINDOW - prefill)
-    assert config.threshold == hira.Threshold.topp(0.99)  # the default PPL_TOLERANCE was measured with
+    assert config.threshold == hira.TopP(0.99)  # the default PPL_TOLERANCE was measured with
     r = hira_forced_decode(model, ids, prefill, config, "hira decode")
     sparse = math.exp(-float(r["logprob"].mean()))
     kept = sum(r["kept"]) / len(r["kept"])

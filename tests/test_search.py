@@ -23,11 +23,11 @@ from reference import (
 )
 
 import hira
-from hira import Threshold
+from hira import Certified, Dense, Fixed, Threshold, TopK, TopP
 from hira.flex.attention import unfold_gqa
 from hira.index.bounds import upper_bound
-from hira.search.search import effective_bounds, leaf_bounds
-from hira.search.search import search as search_rows
+from hira.selection.search import effective_bounds, leaf_bounds, search_rows
+from hira.selection.threshold import THRESHOLDS, from_name, name_and_value
 
 # Slack for comparing a float32-computed skip bound with the float64 mass it bounds.
 MASS_RTOL, MASS_ATOL = 1e-4, 1e-7
@@ -129,20 +129,34 @@ def test_fixed_threshold_has_no_false_negatives(case, G, S, q_kind, seed, scale,
     s = scores64(d.q, d.keys, d.scale)[per_query_head(d.real, G * case.H).expand(-1, -1, S, -1)]
     # τ: a quantile of the true scores, or exactly one real key's score (the boundary case of "≥").
     tau = float(s[int(tau_at * (s.numel() - 1))]) if exactly_a_score else float(torch.quantile(s, tau_at))
-    d.sel = hira.search(d.index, d.q, Threshold.fixed(tau), scale=d.scale)
+    d.sel = hira.search(d.index, d.q, Fixed(tau), scale=d.scale)
     assert_no_false_negatives(d, tau)
     assert_selection_consistent(d.sel, d.index)
     assert bool((d.sel.tau == torch.tensor(tau, dtype=torch.float32)).all())
 
 
 thresholds = st.one_of(
-    st.just(Threshold.dense()),
-    st.just(Threshold.fixed(-math.inf)),
-    st.floats(-40, 5).map(Threshold.fixed),
-    st.sampled_from([0.5, 1e-2, 1e-4, 1e-6]).map(Threshold.certified),
-    st.integers(1, 6).map(Threshold.topk),
-    st.sampled_from([0.01, 0.5, 0.9, 0.99, 1.0]).map(Threshold.topp),
+    st.just(Dense()),
+    st.just(Fixed(-math.inf)),
+    st.floats(-40, 5).map(Fixed),
+    st.sampled_from([0.5, 1e-2, 1e-4, 1e-6]).map(Certified),
+    st.integers(1, 6).map(TopK),
+    st.sampled_from([0.01, 0.5, 0.9, 0.99, 1.0]).map(TopP),
 )
+
+
+@given(threshold=thresholds)
+def test_every_mode_crosses_the_operator_boundary(threshold):
+    """A custom operator takes primitives: a mode goes through it as its name and a float, and comes back equal."""
+    name, value = name_and_value(threshold)
+    assert isinstance(name, str) and type(value) is float
+    back = from_name(name, value)
+    assert type(back) is type(threshold) and back == threshold and str(back) == str(threshold)
+
+
+def test_the_registry_holds_every_mode_under_its_name():
+    assert set(THRESHOLDS.values()) == set(Threshold.__subclasses__()) == {Dense, Fixed, Certified, TopK, TopP}
+    assert all(THRESHOLDS[cls.name] is cls for cls in THRESHOLDS.values())
 
 
 @settings(max_examples=60)
@@ -151,15 +165,15 @@ def test_skip_bound_holds_in_every_mode(case, G, S, q_kind, seed, scale, thresho
     """Prior skip bound ≥ true skipped mass for every mode; the exact modes also miss no key above their τ."""
     d = searched(case, device, G, S, q_kind, seed, threshold, scale)
     sel = d.sel
-    assert_selection_consistent(sel, d.index, dense=threshold.mode == "dense")
-    assert_skip_bounds_hold(d, eps=threshold.value if threshold.mode == "certified" else None)
+    assert_selection_consistent(sel, d.index, dense=isinstance(threshold, Dense))
+    assert_skip_bounds_hold(d, eps=threshold.eps if isinstance(threshold, Certified) else None)
     if threshold.exact:
         assert_no_false_negatives(d, unfold_gqa(sel.tau, G * case.H))
-    if threshold.mode == "dense":
+    if isinstance(threshold, Dense):
         assert torch.equal(sel.keep, leaves_in_use(d.index))
-    if threshold == Threshold.fixed(-math.inf):
+    if threshold == Fixed(-math.inf):
         assert torch.equal(sel.keep, d.index.levels[0].count > 0)
-    if threshold.mode == "dense" or threshold == Threshold.fixed(-math.inf):
+    if threshold in (Dense(), Fixed(-math.inf)):
         assert bool(torch.isneginf(sel.log_skip_ub).all())
         assert bool((sel.skip_bound == 0).all())
 
@@ -184,7 +198,7 @@ def test_skip_bound_holds_in_every_mode(case, G, S, q_kind, seed, scale, thresho
 def test_certified_prunes_yet_skips_at_most_eps(case, G, S, eps, seed, device):
     """Keys on score levels spread over 30 nats: many blocks are dropped, the skipped mass stays ≤ ε, and no key
     above the reported τ (just above the largest bound of a skipped block) is skipped."""
-    d = searched(case, device, G, S, "axis", seed, Threshold.certified(eps), None)
+    d = searched(case, device, G, S, "axis", seed, Certified(eps), None)
     assert_skip_bounds_hold(d, eps=eps)
     sel, Hq = d.sel, G * case.H
     assert_no_false_negatives(d, unfold_gqa(sel.tau, Hq))
@@ -208,7 +222,7 @@ def test_certified_search_drops_far_blocks(key_sketch, kept, device):
     index = hira.build_index(k.to(device), k.to(device), cfg)
     q = torch.zeros(B, H, 1, D, device=device)
     q[..., 0] = D**0.5  # scaled score of a key = its first coordinate
-    sel = hira.search(index, q, Threshold.certified(1e-2))
+    sel = hira.search(index, q, Certified(1e-2))
     assert int(sel.kv_num_blocks) == kept
     assert 0 < float(sel.skip_bound) < 1e-2
 
@@ -224,7 +238,7 @@ def test_certified_search_drops_far_blocks(key_sketch, kept, device):
 def test_topk_keeps_the_k_blocks_of_largest_estimated_mass(case, G, q_kind, k, seed, device):
     """k blocks (or all live ones), ranked by the group's estimated share of mass: Σ over the rows of
     softmax(the leaves' mass estimate)."""
-    d = searched(case, device, G, 2, q_kind, seed, Threshold.topk(k), None)
+    d = searched(case, device, G, 2, q_kind, seed, TopK(k), None)
     sel, index = d.sel, d.index
     live = index.levels[0].count > 0
     assert torch.equal(sel.keep.sum(-1), live.sum(-1).clamp_max(k))
@@ -239,8 +253,8 @@ def test_topk_keeps_the_k_blocks_of_largest_estimated_mass(case, G, q_kind, k, s
 @given(**common, p=st.tuples(st.floats(0.01, 1.0), st.floats(0.01, 1.0)).map(sorted))
 def test_topp_grows_with_p(case, G, S, q_kind, seed, scale, p, device):
     d = searched(case, device, G, S, q_kind, seed, None, scale)
-    small = hira.search(d.index, d.q, Threshold.topp(p[0]), scale=d.scale)
-    large = hira.search(d.index, d.q, Threshold.topp(p[1]), scale=d.scale)
+    small = hira.search(d.index, d.q, TopP(p[0]), scale=d.scale)
+    large = hira.search(d.index, d.q, TopP(p[1]), scale=d.scale)
     assert bool((small.keep <= large.keep).all()), "topp kept fewer blocks for a larger p"
     assert bool((small.keep.sum(-1) >= 1).all())
 
@@ -250,7 +264,7 @@ def test_topp_grows_with_p(case, G, S, q_kind, seed, scale, p, device):
 def test_topp_keeps_the_fewest_blocks_reaching_p(case, q_kind, seed, p, device):
     """One query row: the kept blocks (forced ones included) hold estimated mass ≥ p, and dropping the weakest
     kept block that is not forced would fall below p. Estimated mass: softmax over blocks of the leaves' estimate."""
-    d = searched(case, device, 1, 1, q_kind, seed, Threshold.topp(p), None)
+    d = searched(case, device, 1, 1, q_kind, seed, TopP(p), None)
     index, keep = d.index, d.sel.keep  # keep [B, H, NB]
     log_est = leaf_bounds(index, folded_rows(d.q, case.H, d.scale)).est[:, :, 0]  # [B, H, NB]
     est = log_est.double().softmax(-1).nan_to_num(nan=0.0)
@@ -267,7 +281,7 @@ def test_forced_leaves_are_kept_and_dense_keeps_all(case, G, S, q_kind, seed, sc
     case = dataclasses.replace(case, sink_tokens=sink, window_tokens=window)
     d = searched(case, device, G, S, q_kind, seed, None, scale)
     index, q = d.index, d.q
-    nothing = hira.search(index, q, Threshold.fixed(1e30), scale=d.scale)
+    nothing = hira.search(index, q, Fixed(1e30), scale=d.scale)
     assert torch.equal(nothing.keep, index.forced_leaves())
     # Tokens of the sinks and the recent window (by rank among real tokens) are in kept leaves.
     rank = d.real.long().cumsum(1) - 1  # [B, N]
@@ -277,7 +291,7 @@ def test_forced_leaves_are_kept_and_dense_keeps_all(case, G, S, q_kind, seed, sc
     assert bool((kept >= forced_tok[:, None, :]).all())
 
     # dense: every leaf in use (every non-empty one among them), listed first in ascending order, nothing skipped.
-    dense = search_rows(index, folded_rows(q, case.H, d.scale), Threshold.dense())
+    dense = search_rows(index, folded_rows(q, case.H, d.scale), Dense())
     used = leaves_in_use(index)
     assert torch.equal(dense.keep, used)
     assert bool((used >= (index.levels[0].count > 0)).all())
@@ -315,7 +329,7 @@ def test_prior_bound_is_one_when_a_rows_best_block_is_dropped(device):
     q = torch.zeros(1, 2, 1, D, device=device)
     q[0, 0, 0, 0] = 10.0  # head 0: A scores 10, B scores 0
     q[0, 1, 0, 1] = 20.0  # head 1: B scores 20 (the best bound over the group)
-    sel = hira.search(index, q, Threshold.topk(1), scale=1.0)
+    sel = hira.search(index, q, TopK(1), scale=1.0)
     assert sel.keep.tolist() == [[[False, True]]]
     d = Searched(k.to(device), index, q, real_mask(None, 1, 2 * BS, device), 1.0, sel)
     assert_skip_bounds_hold(d)  # head 0 skipped mass = 1 / (1 + e^-10)

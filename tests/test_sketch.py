@@ -3,20 +3,20 @@ than the ball bound; it makes the certified mode selective while the skipped mas
 the tensor program."""
 
 import dataclasses
-import math
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from reference import Q_KINDS, index_cases, make_queries, per_query_head, real_mask, scores64, skipped_mass, token_slots
+from reference import Q_KINDS, index_cases, make_queries, real_mask, scores64, skipped_mass, token_slots
 
 import hira
-from hira import Threshold
+from hira import Certified, TopK
 from hira.flex.attention import unfold_gqa
 from hira.index.bounds import upper_bound
 from hira.index.index import append
 from hira.index.sketch import key_score_bounds
+from hira.selection.search import search_rows
 
 
 def assert_intervals_hold(index, keys, real, q, scale):
@@ -108,7 +108,7 @@ def test_certified_with_sketch_is_selective_and_within_eps(eps, G, seed, block_s
     for key_sketch in (False, True):
         cfg = hira.HiraConfig(block_size=block_size, sink_tokens=0, window_tokens=0, key_sketch=key_sketch)
         index = hira.build_index(k, v, cfg)
-        sel = hira.search(index, q, Threshold.certified(eps))
+        sel = hira.search(index, q, Certified(eps))
         slots = token_slots(index, real)
         kept = torch.gather(sel.keep.repeat_interleave(block_size, -1), 2, slots)  # [B, H, N]
         mass = skipped_mass(q, k, real, kept, D**-0.5)  # [B, Hq, 1]
@@ -134,7 +134,7 @@ def test_posterior_certificate_is_tight_with_a_sketch(device):
     for key_sketch in (False, True):
         cfg = hira.HiraConfig(block_size=32, sink_tokens=0, window_tokens=0, key_sketch=key_sketch)
         index = hira.build_index(k, v, cfg)
-        sel = hira.search(index, q, Threshold.topk(40))
+        sel = hira.search(index, q, TopK(40))
         _, stats = hira.attend(q, index, sel)
         slots = token_slots(index, real)
         kept = torch.gather(sel.keep.repeat_interleave(32, -1), 2, slots)
@@ -160,7 +160,7 @@ def test_converted_model_with_sketch_decodes_within_eps():
     ids = torch.randint(3, 96, (1, 150), generator=torch.Generator().manual_seed(1))
     ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0, output_logits=True,
                          return_dict_in_generate=True)
-    hcfg = hira.HiraConfig(block_size=16, threshold=Threshold.certified(1e-3), min_context=0, window_tokens=16,
+    hcfg = hira.HiraConfig(block_size=16, threshold=Certified(1e-3), min_context=0, window_tokens=16,
                            key_sketch=True)
     hira.convert(model, hcfg)
     cache = hira.HiraCache(model.config, hcfg)
@@ -177,8 +177,6 @@ def test_compiled_search_with_sketch_equals_eager(device):
     """Under torch.compile the sketch's dot products take a fused form (hira.index.sketch.key_scores; on CUDA the
     Triton kernel inside the graph): the selection and the bounds equal the eager ones (odd head dim: the padded
     channel is exercised)."""
-    from hira.search.search import search as search_rows
-
     gen = torch.Generator().manual_seed(3)
     B, H, N, G = 1, 2, 700, 2
     D = 32 if device.type == "cuda" else 33  # CUDA: the kernel (D % 8 == 0); CPU: an odd dim's padded channel
@@ -186,7 +184,7 @@ def test_compiled_search_with_sketch_equals_eager(device):
     index = hira.build_index(k, k, hira.HiraConfig(block_size=32, key_sketch=True, window_tokens=32))
     rows = (torch.randn(B, H, G, D, generator=gen) * D**-0.5).to(device)
     compiled = torch.compile(search_rows, fullgraph=True, dynamic=False)
-    for threshold in (Threshold.certified(1e-2), Threshold.topk(4)):
+    for threshold in (Certified(1e-2), TopK(4)):
         want, got = search_rows(index, rows, threshold), compiled(index, rows, threshold)
         assert torch.equal(got.keep, want.keep)
         torch.testing.assert_close(got.log_skip_ub, want.log_skip_ub, rtol=1e-5, atol=1e-5)

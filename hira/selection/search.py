@@ -3,11 +3,11 @@
 Top-down, a node's effective bound is the minimum of its own upper bound and its parent's effective bound (both hold
 for every member), so a node below τ is dropped with its whole subtree (``effective_bounds``). A parent contains
 its children (its ball reaches every child ball), so its bound is never below theirs and the walk keeps exactly
-the leaves whose own bound reaches τ. On fixed shapes, where every node would be evaluated anyway, ``search``
+the leaves whose own bound reaches τ. On fixed shapes, where every node would be evaluated anyway, ``search_rows``
 therefore evaluates the leaf level alone: one pass instead of one per level, with the same result (the tests check
 it against ``effective_bounds``).
 
-The ``certified`` mode works on mass rather than on one τ: each row lists leaves (sinks, window and the leaf of
+The ``Certified`` mode works on mass rather than on one τ: each row lists leaves (sinks, window and the leaf of
 its best bound first, then by mass bound) until the mass bound of the rest is at most ε of the total, with the
 kept mass known from below by one exact key score, or, with a key sketch, by the sketch's per-key intervals.
 
@@ -28,7 +28,7 @@ from hira.flex.mask import block_lists
 from hira.index.bounds import bound_and_estimate, upper_bound
 from hira.index.index import HiraIndex
 from hira.index.sketch import block_score_stats
-from hira.search.threshold import Threshold
+from hira.selection.threshold import Dense, Threshold
 
 
 @dataclass
@@ -39,8 +39,8 @@ class Selection:
         keep: [B, H, NB] bool, the kept leaves.
         kv_num_blocks: [B, H, 1] int32 number of kept leaves.
         kv_indices: [B, H, 1, NB] int32 kept leaf indices first, ascending; the rest is filler.
-        tau: [B, H, R] float32 every real key with scaled score ≥ tau was kept: the given τ (``fixed``), just above
-            the largest bound of a skipped leaf (``certified``), -inf otherwise.
+        tau: [B, H, R] float32 every real key with scaled score ≥ tau was kept: the given τ (``Fixed``), just above
+            the largest bound of a skipped leaf (``Certified``), -inf otherwise.
         log_skip_ub: [B, H, R] float32 log of an upper bound on the unnormalised softmax mass Σ exp(s) of the
             keys in skipped leaves (-inf if nothing real was skipped).
         log_kept_lb: [B, H, R] float32 log of a lower bound on the unnormalised mass of the kept keys: the exact
@@ -134,35 +134,6 @@ def fold_exact_score(bounds: LeafBounds, top_leaf: torch.Tensor, m: torch.Tensor
     return LeafBounds(bounds.ub, bounds.log_mass_ub, lb, bounds.est)
 
 
-def _topp_keep(est: torch.Tensor, forced: torch.Tensor, p: float) -> torch.Tensor:
-    """Per row, the fewest leaves (forced first, then by estimated mass) whose estimated mass reaches p; union
-    over the rows of a KV head. est: [B, H, R, NB] log-mass estimates; forced: [B, H, NB]."""
-    frac = est.softmax(-1).nan_to_num(nan=0.0)  # [B, H, R, NB] estimated share of each leaf
-    order = est.masked_fill(forced[:, :, None, :], math.inf).argsort(dim=-1, descending=True)
-    sorted_frac = torch.gather(frac, -1, order)
-    before = sorted_frac.cumsum(-1) - sorted_frac  # share of the leaves ranked above
-    keep_rows = torch.zeros_like(before, dtype=torch.bool).scatter_(-1, order, before < p)
-    return keep_rows.any(dim=2)
-
-
-def _certified_keep(log_mass_ub: torch.Tensor, log_mass_lb: torch.Tensor, first: torch.Tensor, eps: float):
-    """Per row, the shortest list of leaves (``first`` ones, then by mass bound) after which the mass bound of the
-    rest is at most ε of the total: U_rest / (U_rest + L_kept) ≤ ε; union over the rows of a KV head.
-
-    Growing a row's list only lowers U_rest and raises L_kept, so the union keeps every row within ε.
-    log_mass_ub, log_mass_lb: [B, H, R, NB]; first: [B, H, R, NB] bool leaves listed first.
-    """
-    order = log_mass_ub.masked_fill(first, math.inf).argsort(dim=-1, descending=True)
-    u = torch.gather(log_mass_ub, -1, order)
-    kept_lb = torch.gather(log_mass_lb, -1, order).logcumsumexp(-1)  # L of the first t + 1 leaves
-    from_here = u.flip(-1).logcumsumexp(-1).flip(-1)  # U of the leaves from position t on
-    rest_ub = torch.cat([from_here[..., 1:], torch.full_like(u[..., :1], -math.inf)], -1)
-    ok = torch.isneginf(rest_ub) | (rest_ub - kept_lb <= math.log(eps / (1 - eps)))
-    cut = ok.to(torch.int32).argmax(-1, keepdim=True)  # the first t that is enough (the last one always is)
-    listed = torch.arange(u.shape[-1], device=u.device) <= cut
-    return torch.zeros_like(listed).scatter_(-1, order, listed).any(dim=2)
-
-
 def select_leaves(
     bounds: LeafBounds,
     top_leaf: torch.Tensor,
@@ -170,35 +141,17 @@ def select_leaves(
     live: torch.Tensor,
     threshold: Threshold,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The threshold's choice of leaves from their bounds: (keep [B, H, NB] bool, tau [B, H, R]).
+    """The threshold's choice of leaves from their bounds (``Threshold.keep``), live ones only, plus the forced ones:
+    (keep [B, H, NB] bool, tau [B, H, R]).
 
     Args:
         bounds: [B, H, R, NB] per leaf, the exact score of ``top_leaf`` folded in (``fold_exact_score``).
-        top_leaf: [B, H, R, 1] each row's leaf of largest bound (listed first by ``certified``).
+        top_leaf: [B, H, R, 1] each row's leaf of largest bound (listed first by ``Certified``).
         forced: [B, H, NB] leaves always kept (sinks, window); live: [B, H, NB] non-empty leaves.
         threshold: the mode.
     """
-    mode, value = threshold.mode, threshold.value
-    tau = torch.full_like(bounds.ub[..., 0], -math.inf)
-    if mode == "fixed":
-        tau = torch.full_like(tau, value)
-        keep = (bounds.ub >= tau[..., None]).any(dim=2) & live
-    elif mode == "certified":
-        first = forced[:, :, None, :] | (torch.arange(live.shape[-1], device=live.device) == top_leaf)
-        keep = _certified_keep(bounds.log_mass_ub, bounds.log_mass_lb, first, value) & live
-    elif mode == "topk":
-        # Rank by the group's estimated share of mass: Σ over rows of each row's estimated fraction.
-        k = min(int(value), live.shape[-1])
-        share = bounds.est.softmax(-1).nan_to_num(nan=0.0).sum(dim=2)  # [B, H, NB]
-        top = share.masked_fill(~live, -1.0).topk(k, dim=-1, sorted=False).indices
-        keep = torch.zeros_like(live).scatter_(-1, top, True) & live
-    else:  # topp
-        keep = _topp_keep(bounds.est, forced, value) & live
-    keep = keep | forced
-    if mode == "certified":  # every real key above the largest bound of a skipped leaf was kept
-        top_skipped = bounds.ub.masked_fill(~(live & ~keep)[:, :, None, :], -math.inf).amax(-1)
-        tau = torch.where(top_skipped > -math.inf, torch.nextafter(top_skipped, torch.full_like(tau, math.inf)), tau)
-    return keep, tau
+    keep, tau = threshold.keep(bounds, top_leaf, forced, live)
+    return (keep & live) | forced, tau
 
 
 def selection_from_keep(keep: torch.Tensor, live: torch.Tensor, bounds: LeafBounds, tau: torch.Tensor) -> Selection:
@@ -220,7 +173,7 @@ def selection_from_keep(keep: torch.Tensor, live: torch.Tensor, bounds: LeafBoun
 
 
 def every_leaf(index: HiraIndex, q: torch.Tensor) -> Selection:
-    """The ``dense`` mode's selection for query rows q [B, H, R, D]: every leaf up to the first free slot, in
+    """The ``Dense`` mode's selection for query rows q [B, H, R, D]: every leaf up to the first free slot, in
     order, with no bound computed (nothing real is skipped, so the skip bounds are 0 and no τ is needed). It reads
     ``next_slot`` alone, not the leaves' counts, which the dense mode's appends leave stale; padding is the mask's
     business (``valid``)."""
@@ -239,13 +192,13 @@ def local_select(
     bounds: LeafBounds, top_leaf: torch.Tensor, m: torch.Tensor, forced: torch.Tensor, live: torch.Tensor,
     threshold: Threshold,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``search``'s default choice of leaves: ``select_leaves`` over this index's own leaves, the exact score m
+    """``search_rows``'s default choice of leaves: ``select_leaves`` over this index's own leaves, the exact score m
     [B, H, R, 1] of a key of ``top_leaf`` folded into its bounds. The sharded search (``hira.parallel``) passes a
     choice that agrees across ranks instead."""
     return select_leaves(fold_exact_score(bounds, top_leaf, m), top_leaf, forced, live, threshold)
 
 
-def search(
+def search_rows(
     index: HiraIndex,
     q: torch.Tensor,
     threshold: Threshold,
@@ -262,7 +215,7 @@ def search(
         select: ``(bounds, top_leaf, m, forced, live, threshold) -> (keep, tau)``, the choice of leaves
             from their bounds (before the exact score m is folded in); default ``local_select``.
     """
-    if threshold.mode == "dense":
+    if isinstance(threshold, Dense):
         return every_leaf(index, q)
     live = index.levels[0].count > 0  # [B, H, NB]
     bounds = leaf_bounds(index, q)  # [B, H, R, NB] each

@@ -113,12 +113,12 @@ def _alloc_like(idx: HiraIndex, B: int) -> HiraIndex:
         idx,
         keys=a(idx.keys), values=a(idx.values), valid=a(idx.valid), rank=a(idx.rank), levels=levels,
         leaf_first=a(idx.leaf_first), leaf_last=a(idx.leaf_last), n_valid=a(idx.n_valid),
-        next_slot=idx.next_slot.clone(),
+        next_slot=idx.next_slot.clone(), spread_weight=a(idx.spread_weight),
     )
 
 
 def _copy_row(full: HiraIndex, idx: HiraIndex, b: int) -> None:
-    for name in ("keys", "values", "valid", "rank", "leaf_first", "leaf_last", "n_valid"):
+    for name in ("keys", "values", "valid", "rank", "leaf_first", "leaf_last", "n_valid", "spread_weight"):
         getattr(full, name)[b].copy_(getattr(idx, name)[0])
     for lf, li in zip(full.levels, idx.levels):
         for tf, ti in zip(lf.tensors(), li.tensors()):

@@ -270,8 +270,9 @@ def prefill_cache(model, ids: torch.Tensor, cache, chunk: int) -> torch.Tensor:
 def mode_cache(base: hira.HiraCache, threshold: hira.Threshold, sketch: bool) -> hira.HiraCache:
     """A copy of a prefilled cache that decodes with ``threshold`` and, when ``sketch`` is False, without the key
     sketch. One prefill, indexed with the sketch, then serves every mode: the sketch adds to the index and changes
-    nothing else (the same storage order and leaf bounds). Each layer chooses its mode as its own prefill does
-    (``HiraLayer._choose_threshold``: dense in ``dense_layers`` or below ``min_context``, else ``threshold``)."""
+    nothing else (the same storage order and leaf bounds). Each layer chooses its mode and calibrates it as its own
+    prefill does (``HiraLayer._choose_threshold``: dense in ``dense_layers`` or below ``min_context``, else
+    ``threshold``; ``HiraLayer.calibrate``)."""
     cache = copy.deepcopy(base)
     for layer in cache.layers:
         if isinstance(layer, HiraLayer):
@@ -279,6 +280,7 @@ def mode_cache(base: hira.HiraCache, threshold: hira.Threshold, sketch: bool) ->
             layer.threshold = layer._choose_threshold(int(layer.length))
             if not sketch:
                 layer.index = dataclasses.replace(layer.index, sketch=None)
+            layer.calibrate()  # the spread weight for this threshold, on the prefill's own last queries
     return cache
 
 
@@ -603,6 +605,7 @@ def run_perplexity(args, model, tok, ids: torch.Tensor) -> dict:
         n_blocks = -(-prefill // args.block_size)
         modes = {s.label: (s.threshold(n_blocks), s.sketch) for s in specs}
         config = hira.HiraConfig(block_size=args.block_size, min_context=MIN_CONTEXT,
+                                 calibration_queries=args.calibration_queries,
                                  max_cache_len=cache_capacity(prefill, W - prefill, args.block_size, args.capacity))
         totals = {"dense": []}
         for w in range(windows):
@@ -860,7 +863,8 @@ def run_retrieval(args, model, tok, ids_text: torch.Tensor, task: str) -> dict:
         n_blocks = -(-P // args.block_size)
         modes = {"dense": (hira.Dense(), False)}
         modes.update({s.label: (s.threshold(n_blocks), s.sketch) for s in specs})
-        config = hira.HiraConfig(block_size=args.block_size, min_context=MIN_CONTEXT, max_cache_len=cache_capacity(
+        config = hira.HiraConfig(block_size=args.block_size, min_context=MIN_CONTEXT,
+                                 calibration_queries=args.calibration_queries, max_cache_len=cache_capacity(
             P, args.passkey_new_tokens + 1, args.block_size, args.capacity))
         res = greedy_modes(model, ids, args.passkey_new_tokens, config, modes, args.prefill_chunk)
         answers = {k: tok.decode(r["tokens"]) for k, r in res.items()}
@@ -1114,6 +1118,8 @@ def main():
     ap.add_argument("--sections", default="fidelity,perplexity,passkey,generation",
                     help=f"comma list of {SECTIONS}")
     ap.add_argument("--block-size", type=int, default=hira.HiraConfig().block_size)
+    ap.add_argument("--calibration-queries", type=int, default=hira.HiraConfig().calibration_queries,
+                    help="HiraConfig.calibration_queries (0: the budgeted estimate uncalibrated)")
     ap.add_argument("--capacity", type=int, default=-1,
                     help="HiraCache slots of every model run; 0: sized to each run; -1 (default): 0 on CPU, the "
                          "model's max positions + 1024 on CUDA (one compiled decode shape)")

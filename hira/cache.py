@@ -28,9 +28,10 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Stati
 
 from hira.api import AttentionStats, build_index_unchecked
 from hira.config import HiraConfig
-from hira.flex.attention import chunk_attention
+from hira.flex.attention import chunk_attention, fold_gqa
 from hira.index.index import HiraIndex, append, refresh_bounds
-from hira.selection.threshold import Dense, Threshold
+from hira.selection.calibrate import calibrate_spread
+from hira.selection.threshold import Dense, Threshold, TopK, TopP
 from hira.step import run_decode_step
 
 
@@ -66,6 +67,7 @@ class HiraLayer(CacheLayerMixin):
         self.emptied = False  # reset since the last prefill: the next call prefills into the kept storage
         self.defer_recluster = False  # set by HiraCache.deferred_recluster()
         self.recluster_pending = False  # chunks were appended and not re-clustered yet
+        self.calibration: tuple[torch.Tensor, torch.Tensor] | None = None  # the last prefill's (rows, ranks)
         self.length = torch.zeros((), dtype=torch.int64)  # tokens seen, a 0-d tensor advanced in place
         self.last_stats: AttentionStats | None = None  # buffers the decode step overwrites
         self.threshold = config.threshold  # the decode steps' mode, chosen at each prefill (``_choose_threshold``)
@@ -179,9 +181,12 @@ class HiraLayer(CacheLayerMixin):
             q, k, v, attn_mask=attention_mask, is_causal=attention_mask is None and N > 1, scale=scale,
             enable_gqa=True,
         )
-        self._install(self._build(k, v, key_mask_from_attention_mask(attention_mask, B, N, k.device)), B, q.shape[1])
+        key_mask = key_mask_from_attention_mask(attention_mask, B, N, k.device)
+        self._install(self._build(k, v, key_mask), B, q.shape[1])
         self.emptied = False
         self.threshold = self._choose_threshold(N)
+        real = torch.ones(B, N, dtype=torch.bool, device=k.device) if key_mask is None else key_mask
+        self._calibrate(q, (real.cumsum(1) - 1).masked_fill(~real, -1), scale)
         return out
 
     @torch.compiler.disable
@@ -196,16 +201,40 @@ class HiraLayer(CacheLayerMixin):
             self.recluster_pending = True
             if not self.defer_recluster:
                 self.recluster()
-        self.threshold = self._choose_threshold(int(self.length) + q.shape[2])
+        S = q.shape[2]
+        self.threshold = self._choose_threshold(int(self.length) + S)
+        self._calibrate(q, index.n_valid[:, None] - S + torch.arange(S, device=q.device), scale)
         return out
 
     def recluster(self) -> None:
         """Re-cluster the layer now if chunks were appended since it last was (at once, or after the last chunk
-        under ``HiraCache.deferred_recluster``)."""
+        under ``HiraCache.deferred_recluster``), then calibrate it on the last chunk's queries."""
         if self.recluster_pending:
             self.recluster_pending = False
             B, Hq = self.index.keys.shape[0], self.last_stats.skip_bound.shape[1]
             self._install(self._rebuild(), B, Hq)
+            self.calibrate()
+
+    def _calibrate(self, q: torch.Tensor, q_rank: torch.Tensor, scale: float) -> None:
+        """Keep a prefill's last queries for ``calibrate`` and run it (after the re-clustering if that is deferred).
+
+        q: [B, Hq, S, D] the call's queries; q_rank: [B, S] their tokens' ranks (-1: padding)."""
+        W = min(self.config.calibration_queries, q.shape[2])
+        if W == 0:
+            return
+        self.calibration = (fold_gqa(q[:, :, -W:].float(), self.index.keys.shape[1]) * scale, q_rank[:, -W:])
+        if not self.recluster_pending:
+            self.calibrate()
+
+    def calibrate(self) -> None:
+        """Choose the index's spread weight per batch row and KV head for the layer's threshold from the last
+        prefill's queries (``hira.selection.calibrate``): for a budgeted threshold on an index without a key sketch;
+        otherwise the weight stays 1. Prefill runs it; call it again after changing ``threshold`` by hand."""
+        if self.calibration is None:
+            return
+        budgeted = isinstance(self.threshold, (TopK, TopP)) and self.index.sketch is None
+        weight = calibrate_spread(self.index, *self.calibration, self.threshold) if budgeted else 1.0
+        self.index.spread_weight.copy_(weight)
 
     def _rebuild(self) -> HiraIndex:
         """Re-cluster every real token of the layer (host sync: prefill only)."""

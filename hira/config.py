@@ -37,6 +37,9 @@ class HiraConfig:
         recluster_on_prefill: on every prefill call (query length > 1) rebuild the index over all cached tokens.
             Decode tokens are always appended as new blocks in position order, with exact bounds, at no extra cost.
         dense_layers: layer indices that always decode densely (layers whose attention is not sparse).
+        calibration_queries: with a budgeted threshold (``TopK``, ``TopP``) and no key sketch, the last this many
+            queries of each prefill choose, per batch row and KV head, the weight of the spread term in the mass
+            estimate (``hira.selection.calibrate``): W rows of exact attention at prefill. 0: no calibration.
     """
 
     block_size: int = 128
@@ -51,6 +54,7 @@ class HiraConfig:
     max_cache_len: int = -1
     recluster_on_prefill: bool = True
     dense_layers: tuple[int, ...] = ()
+    calibration_queries: int = 32
 
     def __post_init__(self):
         bs = self.block_size
@@ -68,7 +72,7 @@ class HiraConfig:
             raise ValueError(
                 f"HiraConfig.threshold must be a hira.Threshold (e.g. hira.TopP(0.99)), got {self.threshold!r}"
             )
-        for name in ("sink_tokens", "window_tokens", "min_context"):
+        for name in ("sink_tokens", "window_tokens", "min_context", "calibration_queries"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 0:
                 raise ValueError(f"HiraConfig.{name} must be an integer >= 0, got {v!r}")

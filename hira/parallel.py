@@ -343,7 +343,9 @@ class ShardedHiraLayer(HiraLayer):
     is_compileable = False
 
     def __init__(self, layer_idx: int, capacity: int, config: HiraConfig, shard: SequenceShard):
-        super().__init__(layer_idx, capacity, config)
+        # Not calibrated (``hira.selection.calibrate``): each rank would weigh its own slice's estimates, and the
+        # ranks rank their leaves against each other.
+        super().__init__(layer_idx, capacity, dataclasses.replace(config, calibration_queries=0))
         self.shard = shard
         self.local: ShardIndex | None = None
 

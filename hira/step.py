@@ -91,10 +91,10 @@ def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, bran
     keys, values, valid, rank = tensors[:4]
     levels = [NodeBounds(*tensors[4 + 5 * i : 9 + 5 * i]) for i in range(n_levels)]
     rest = tensors[4 + 5 * n_levels :]
-    leaf_first, leaf_last, n_valid, next_slot = rest[:4]
-    sketch = KeySketch(*rest[4:7]) if len(rest) > 4 else None
-    return HiraIndex(keys, values, valid, rank, levels, leaf_first, leaf_last, n_valid, next_slot, block_size,
-                     branching, sink_tokens, window_tokens, sketch)
+    leaf_first, leaf_last, n_valid, next_slot, spread_weight = rest[:5]
+    sketch = KeySketch(*rest[5:8]) if len(rest) > 5 else None
+    return HiraIndex(keys, values, valid, rank, levels, leaf_first, leaf_last, n_valid, next_slot, spread_weight,
+                     block_size, branching, sink_tokens, window_tokens, sketch)
 
 
 def _flat_step(tensors, q, k, v, stats, threshold_name, threshold_value, scale, bounds, n_levels, block_size,

@@ -119,17 +119,22 @@ def parent_bounds(child: NodeBounds, branching: int) -> NodeBounds:
     return _finish(center, radius, total, var)
 
 
-def bound_and_estimate(q: torch.Tensor, nodes: NodeBounds) -> tuple[torch.Tensor, torch.Tensor]:
+def bound_and_estimate(
+    q: torch.Tensor, nodes: NodeBounds, spread_weight: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper bound on q·k over each node's members, and an estimate of log Σ_members exp(q·k).
 
-    The bound is the ball's, q·c + ‖q‖·r, plus a rounding margin. The estimate, log n + q·c + ½‖q‖²·var (log-MGF of
-    an isotropic Gaussian), is not a bound: the budgeted modes rank and sum with it. On real keys (SmolLM2, pca order)
-    it picks blocks within ~1.1× of the oracle's output error at the same budget, where ranking by the upper bound
-    was 1.5–3× (benchmarks/bounds_results.md). Both come from one product of the rows with the centres.
+    The bound is the ball's, q·c + ‖q‖·r, plus a rounding margin. The estimate, log n + q·c + ½‖q‖²·var·w (log-MGF of
+    an isotropic Gaussian, its spread weighted by w), is not a bound: the budgeted modes rank and sum with it. On real
+    keys (SmolLM2, pca order) it picks blocks within ~1.1× of the oracle's output error at the same budget, where
+    ranking by the upper bound was 1.5–3× (benchmarks/bounds_results.md). Keys are not isotropic, and on some heads
+    the spread term misranks (Gemma 3, benchmarks/NOTES.md §13): w is chosen per head at prefill
+    (``hira.selection.calibrate``). Both come from one product of the rows with the centres.
 
     Args:
         q: [B, H, R, D] float32 query rows (already scaled, if scores are scaled).
         nodes: bounds of M nodes.
+        spread_weight: [B, H] float32 w per batch row and KV head; None: 1.
     Returns:
         (bound, estimate), each [B, H, R, M] float32, -inf for empty nodes.
     """
@@ -141,15 +146,13 @@ def bound_and_estimate(q: torch.Tensor, nodes: NodeBounds) -> tuple[torch.Tensor
     empty = (nodes.count == 0)[:, :, None, :]
     ub = (qc + qn * nodes.radius[:, :, None, :] + margin).masked_fill(empty, -math.inf)
     log_n = nodes.count.clamp_min(1).float().log()[:, :, None, :]
-    est = (log_n + qc + 0.5 * q2 * nodes.var[:, :, None, :]).masked_fill(empty, -math.inf)
+    spread = 0.5 * q2 * nodes.var[:, :, None, :]
+    if spread_weight is not None:
+        spread = spread * spread_weight[:, :, None, None]
+    est = (log_n + qc + spread).masked_fill(empty, -math.inf)
     return ub, est
 
 
 def upper_bound(q: torch.Tensor, nodes: NodeBounds) -> torch.Tensor:
     """The bound of ``bound_and_estimate`` alone: [B, H, R, M] float32."""
     return bound_and_estimate(q, nodes)[0]
-
-
-def log_mass_estimate(q: torch.Tensor, nodes: NodeBounds) -> torch.Tensor:
-    """The estimate of ``bound_and_estimate`` alone: [B, H, R, M] float32."""
-    return bound_and_estimate(q, nodes)[1]

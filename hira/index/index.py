@@ -41,6 +41,9 @@ class HiraIndex:
         leaf_first, leaf_last: [B, H, NB] int32 min and max rank of each leaf's members (-1 for empty leaves).
         n_valid: [B] int64 real tokens per row.
         next_slot: [] int64 first free slot (the same for all rows).
+        spread_weight: [B, H] float32 weight of the leaves' spread in the budgeted modes' mass estimate
+            (``hira.index.bounds.bound_and_estimate``): 1 when built, chosen per head at prefill by
+            ``hira.selection.calibrate``.
         block_size, branching, sink_tokens, window_tokens: static settings.
         sketch: the int4 key sketch (per-key score intervals, ``hira.index.sketch``), or None.
     """
@@ -54,6 +57,7 @@ class HiraIndex:
     leaf_last: torch.Tensor
     n_valid: torch.Tensor
     next_slot: torch.Tensor
+    spread_weight: torch.Tensor
     block_size: int
     branching: int
     sink_tokens: int
@@ -80,7 +84,8 @@ class HiraIndex:
         levels = tuple(t for lv in self.levels for t in lv.tensors())
         sketch = self.sketch.tensors() if self.sketch is not None else ()
         head = (self.keys, self.values, self.valid, self.rank)
-        return head + levels + (self.leaf_first, self.leaf_last, self.n_valid, self.next_slot) + sketch
+        rest = (self.leaf_first, self.leaf_last, self.n_valid, self.next_slot, self.spread_weight)
+        return head + levels + rest + sketch
 
     def index_nbytes(self) -> int:
         """Bytes of the index beyond K and V themselves (bounds, ranks, validity, the sketch)."""
@@ -196,6 +201,7 @@ def build_index(
         leaf_last=last,
         n_valid=n_valid,
         next_slot=torch.tensor(built, dtype=torch.int64, device=dev),
+        spread_weight=torch.ones(B, H, device=dev),
         block_size=BS,
         branching=branching,
         sink_tokens=sink_tokens,

@@ -90,7 +90,7 @@ def leaf_bounds(index: HiraIndex, q: torch.Tensor) -> LeafBounds:
     """
     if index.sketch is None:
         leaves = index.levels[0]
-        ub, est = bound_and_estimate(q, leaves)  # ub equals effective_bounds(index, q) (module docstring)
+        ub, est = bound_and_estimate(q, leaves, index.spread_weight)  # ub = effective_bounds(index, q) (docstring)
         log_count = leaves.count.clamp_min(1).float().log()[:, :, None, :]
         return LeafBounds(ub, ub + log_count, torch.full_like(ub, -math.inf), est)
     top, lse, half_width = block_score_stats(q, index.sketch, index.valid)  # [B, H, R, NB] each

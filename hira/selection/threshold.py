@@ -10,8 +10,9 @@ Scores are scaled scores, ``s = scale * q·k`` (the logits of the softmax).
 | ``TopK(k)``        | the k blocks of largest estimated mass                           | none (budgeted); a posterior bound |
 | ``TopP(p)``        | blocks until their estimated mass reaches p                      | none (budgeted); a posterior bound |
 
-The budgeted modes estimate a block's mass as log n + q·c + ½‖q‖²·var (``hira.index.bounds.log_mass_estimate``), or,
-with a key sketch (``HiraConfig.key_sketch``), as Σ exp(q·k̃) over its sketched keys. ``Certified`` bounds a block's
+The budgeted modes estimate a block's mass as log n + q·c + ½‖q‖²·var·w (``hira.index.bounds.bound_and_estimate``, w
+chosen per head at prefill by ``hira.selection.calibrate``), or, with a key sketch (``HiraConfig.key_sketch``), as
+Σ exp(q·k̃) over its sketched keys. ``Certified`` bounds a block's
 mass by n·exp(bound on its max score), or with a sketch by Σ exp(top of each key's interval): the sketch is what
 makes it selective on real keys.
 

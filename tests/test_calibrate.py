@@ -88,10 +88,10 @@ def test_weight_scores_match_a_search_per_position(case, G, W, q_kind, threshold
     torch.testing.assert_close(recall.double(), want_recall, atol=1e-4, rtol=0)
 
 
-def test_calibration_drops_a_spread_that_misranks():
-    """Block A's keys spread widely orthogonally to every query (its true scores all 0), block B's sit tightly at
-    score 1: the isotropic spread term ranks A above B, the centres alone B above A. TopK(1) reads B only after
-    the calibration sets the weight to 0."""
+def spread_case():
+    """Block A's keys spread widely orthogonally to the query (their true scores all 0), block B's sit tightly at
+    score 1: the isotropic spread term ranks A above B, the centres alone B above A. Returns (index, rows, q_rank)
+    with two query positions after every key."""
     BS, D = 16, 8
     gen = torch.Generator().manual_seed(0)
     a = torch.zeros(BS, D)
@@ -104,12 +104,26 @@ def test_calibration_drops_a_spread_that_misranks():
     index = hira.build_index(keys, keys, cfg)
     q = torch.zeros(1, 1, 2, D)
     q[..., 0] = 1.0  # unscaled rows: score of a key = its first coordinate
-    rows, q_rank = q, torch.tensor([[40, 41]])  # positions after every stored key
+    return index, q, torch.tensor([[40, 41]])
+
+
+def test_calibration_drops_a_spread_that_misranks():
+    """TopK(1) reads B, the heavier block, only after the calibration sets the weight to 0."""
+    index, rows, q_rank = spread_case()
     assert search_rows(index, rows[:, :, :1], TopK(1)).keep[0, 0].tolist() == [True, False]  # w = 1 misranks
     weight = calibrate_spread(index, rows, q_rank, TopK(1))
     assert weight.tolist() == [[0.0]]
     index.spread_weight.copy_(weight)
     assert search_rows(index, rows[:, :, :1], TopK(1)).keep[0, 0].tolist() == [False, True]
+
+
+def test_calibration_only_widens_topp():
+    """TopP(0.999) with the plain estimate keeps A, then B (A's estimated share is 0.95): every key, recall 1, so
+    the weight stays 1. TopP(0.6) keeps A alone (true recall 0.27): the calibration picks 0, which keeps B alone
+    (recall 0.73), over 0.25, which keeps both."""
+    index, rows, q_rank = spread_case()
+    assert calibrate_spread(index, rows, q_rank, TopP(0.999)).tolist() == [[1.0]]
+    assert calibrate_spread(index, rows, q_rank, TopP(0.6)).tolist() == [[0.0]]
 
 
 @torch.no_grad()

@@ -9,8 +9,12 @@ centres alone (w = 0) read 99.6%.
 At prefill the true attention of the prompt's last W queries costs W rows of attention. For each weight of
 ``WEIGHTS`` this module runs the threshold's own selection for each of those query positions (over the G query heads
 of the group, as a decode step does), measures the true share of the softmax mass it reads (its recall), and keeps,
-per batch row and KV head, the weight whose mean recall is within ``RECALL_SLACK`` of the best one's, reading the
-fewest blocks among those. The decode steps then search with that weight (``HiraIndex.spread_weight``).
+per batch row and KV head, a weight that delivers the mass asked for: for ``TopP(p)`` the plain estimate (w = 1)
+where its mean recall reaches p, else the fewest blocks among the weights whose recall does (else the best recall);
+for ``TopK`` the best recall at its fixed budget. The decode steps then search with that weight
+(``HiraIndex.spread_weight``). A first rule, the fewest blocks within 0.002 of the best recall, read 3% fewer keys
+of SmolLM2 at 8K than the plain estimate and doubled its KL from dense (benchmarks/NOTES.md §15): the calibration
+only widens.
 
 Shapes: B batch, H KV heads, G query heads per KV head, W calibration positions, R = G·W rows, NB leaves, C slots.
 """
@@ -24,10 +28,9 @@ import torch
 from hira.index.bounds import bound_and_estimate
 from hira.index.index import HiraIndex
 from hira.selection.search import LeafBounds, select_leaves
-from hira.selection.threshold import Threshold
+from hira.selection.threshold import Threshold, TopP
 
-WEIGHTS = (0.0, 0.25, 0.5, 1.0)
-RECALL_SLACK = 2e-3
+WEIGHTS = (1.0, 0.5, 0.25, 0.0)  # the plain estimate first
 
 
 def true_leaf_mass(index: HiraIndex, rows: torch.Tensor, q_rank: torch.Tensor) -> torch.Tensor:
@@ -86,10 +89,17 @@ def weight_scores(
 
 
 def calibrate_spread(index: HiraIndex, rows: torch.Tensor, q_rank: torch.Tensor, threshold: Threshold) -> torch.Tensor:
-    """The spread weight per batch row and KV head, [B, H] float32: of the weights whose mean recall
-    (``weight_scores``) is within ``RECALL_SLACK`` of the best, the one reading the fewest leaves (the first of
-    ``WEIGHTS`` on a tie)."""
-    recall, count = weight_scores(index, rows, q_rank, threshold)  # [K, B, H]
-    good = recall >= recall.amax(0, keepdim=True) - RECALL_SLACK
-    choice = count.masked_fill(~good, math.inf).argmin(0)
+    """The spread weight per batch row and KV head, [B, H] float32, from each weight's mean recall and leaves
+    (``weight_scores``). For ``TopP(p)``: 1 (the plain estimate) where its recall reaches p; else the weight reading
+    the fewest leaves among those whose recall does; else the best recall. For ``TopK`` (a fixed number of leaves):
+    the best recall, 1 on a tie. The calibration only widens what the plain estimate reads short of p."""
+    recall, count = weight_scores(index, rows, q_rank, threshold)  # [K, B, H], WEIGHTS[0] = 1
+    best = recall >= recall.amax(0, keepdim=True)
+    if isinstance(threshold, TopP):
+        reach = recall >= threshold.p
+        good = torch.where(reach[:1], torch.arange(len(WEIGHTS), device=rows.device)[:, None, None] == 0, reach)
+        good = torch.where(good.any(0, keepdim=True), good, best)
+    else:
+        good = best
+    choice = count.masked_fill(~good, math.inf).argmin(0)  # the fewest leaves among the good (the first on a tie)
     return torch.tensor(WEIGHTS, device=rows.device)[choice]

@@ -218,11 +218,7 @@ def load_gemma3_270m(
     temporary directory and converts them to the cache.
 
     Args:
-        dtype: parameter dtype of the returned model (weights are stored in
-            float32 in the cache and cast on load).
-        device: device to place the model on.
-        attn_implementation: ``transformers`` attention backend, e.g.
-            ``"sdpa"`` or ``"eager"``.
+        dtype, device, attn_implementation: as ``load_smollm2``'s.
 
     Returns:
         ``(model, tokenizer)``: a ``Gemma3ForCausalLM`` in eval mode whose

@@ -353,7 +353,9 @@ def device_name(device: torch.device) -> str:
 
 
 def write_report(path: str, text: str, data: dict) -> None:
-    """``text`` (markdown) to ``path`` and ``data`` as JSON (indent 1; what JSON lacks as str) beside it, .json."""
+    """``text`` (markdown) to ``path`` and ``data`` as JSON (indent 1; what JSON lacks as str) beside it, .json; the
+    folder is made if missing."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path, "w") as fh:
         fh.write(text)
     with open(os.path.splitext(path)[0] + ".json", "w") as fh:

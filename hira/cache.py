@@ -250,9 +250,7 @@ class HiraLayer(CacheLayerMixin):
         return self._build(k, v, key_mask)
 
     def _decode(self, q, k, v, scale):
-        # The dense mode reads no bound: its appends leave them stale, refreshed at the next prefill.
-        dense = isinstance(self.threshold, Dense)
-        return run_decode_step(self.index, q, k, v, self.threshold, scale, self.last_stats, bounds=not dense)
+        return run_decode_step(self.index, q, k, v, self.threshold, scale, self.last_stats)
 
 
 class HiraCache(Cache):

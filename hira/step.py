@@ -27,22 +27,22 @@ from hira.index.bounds import NodeBounds
 from hira.index.index import HiraIndex, append, check_room
 from hira.index.sketch import KeySketch
 from hira.selection.search import Selection, search_rows
-from hira.selection.threshold import Threshold, from_name, name_and_value
+from hira.selection.threshold import Dense, Threshold, from_name, name_and_value
 
 
 def plan(
-    index: HiraIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: Threshold, scale: float,
-    bounds: bool = True,
+    index: HiraIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: Threshold, scale: float
 ) -> Selection:
     """Append the new token to ``index`` (in place) and select the blocks the query reads (``Dense``: every
     non-empty block, with no search).
 
+    ``Dense`` reads no bound, so its append writes the storage alone (``append(bounds=False)``): the index's bounds
+    are stale until ``hira.index.index.refresh_bounds`` (``HiraLayer`` refreshes them before a later prefill).
+
     Args:
         q: [B, Hq, 1, D] post-RoPE query; k, v: [B, H, 1, D] the new token's key and value.
-        bounds: keep the index's bounds exact (``append``); False only with the ``Dense`` mode, which reads none,
-            until ``hira.index.index.refresh_bounds``.
     """
-    append(index, k, v, bounds=bounds)
+    append(index, k, v, bounds=not isinstance(threshold, Dense))
     return select(index, q, threshold, scale)
 
 
@@ -69,7 +69,6 @@ def decode_step(
     threshold: Threshold,
     scale: float,
     stats: AttentionStats,
-    bounds: bool = True,
 ) -> torch.Tensor:
     """One decode step of one layer.
 
@@ -78,11 +77,10 @@ def decode_step(
         q: [B, Hq, 1, D] post-RoPE query; k, v: [B, H, 1, D] the new token's key and value.
         threshold: the search mode; scale: the softmax scale.
         stats: buffers overwritten in place with this step's ``AttentionStats``.
-        bounds: as ``plan``.
     Returns:
         [B, Hq, 1, D] attention output in q's dtype.
     """
-    return run(q, index, plan(index, q, k, v, threshold, scale, bounds), scale, stats)
+    return run(q, index, plan(index, q, k, v, threshold, scale), scale, stats)
 
 
 def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, branching: int, sink_tokens: int,
@@ -97,17 +95,17 @@ def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, bran
                      block_size, branching, sink_tokens, window_tokens, sketch)
 
 
-def _flat_step(tensors, q, k, v, stats, threshold_name, threshold_value, scale, bounds, n_levels, block_size,
-               branching, sink_tokens, window_tokens):
-    index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    threshold = from_name(threshold_name, threshold_value)
-    return decode_step(index, q, k, v, threshold, scale, AttentionStats(*stats), bounds)
-
-
-def _flat_plan(tensors, q, k, v, threshold_name, threshold_value, scale, bounds, n_levels, block_size, branching,
+def _flat_step(tensors, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size, branching,
                sink_tokens, window_tokens):
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    selection = plan(index, q, k, v, from_name(threshold_name, threshold_value), scale, bounds)
+    threshold = from_name(threshold_name, threshold_value)
+    return decode_step(index, q, k, v, threshold, scale, AttentionStats(*stats))
+
+
+def _flat_plan(tensors, q, k, v, threshold_name, threshold_value, scale, n_levels, block_size, branching,
+               sink_tokens, window_tokens):
+    index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
+    selection = plan(index, q, k, v, from_name(threshold_name, threshold_value), scale)
     return tuple(getattr(selection, f.name) for f in dataclasses.fields(selection))  # a dataclass is no output
 
 
@@ -122,7 +120,7 @@ def _step(tensors, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
     (benchmarks/NOTES.md §11), while the process-wide compiled flex_attention that ``run`` calls is exact."""
     if q.is_cuda:
         return _compiled_step(tensors, q, k, v, stats, *setting_and_layout)
-    n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[4:]
+    n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[3:]
     selection = Selection(*_compiled_plan(tensors, q, k, v, *setting_and_layout))
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
     return run(q, index, selection, setting_and_layout[2], AttentionStats(*stats))
@@ -131,24 +129,24 @@ def _step(tensors, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
 @torch.library.custom_op("hira::decode_step", mutates_args=("tensors", "stats"))
 def _decode_step_op(
     tensors: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: list[torch.Tensor],
-    threshold_name: str, threshold_value: float, scale: float, bounds: bool, n_levels: int, block_size: int,
-    branching: int, sink_tokens: int, window_tokens: int,
+    threshold_name: str, threshold_value: float, scale: float, n_levels: int, block_size: int, branching: int,
+    sink_tokens: int, window_tokens: int,
 ) -> torch.Tensor:
-    return _step(tensors, q, k, v, stats, threshold_name, threshold_value, scale, bounds, n_levels, block_size,
-                 branching, sink_tokens, window_tokens)
+    return _step(tensors, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size, branching,
+                 sink_tokens, window_tokens)
 
 
 @_decode_step_op.register_fake
-def _(tensors, q, k, v, stats, threshold_name, threshold_value, scale, bounds, n_levels, block_size, branching,
-      sink_tokens, window_tokens):
+def _(tensors, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size, branching, sink_tokens,
+      window_tokens):
     return torch.empty_like(q)
 
 
-def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: float, stats: AttentionStats,
-                    bounds: bool = True) -> torch.Tensor:
+def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: float,
+                    stats: AttentionStats) -> torch.Tensor:
     """``decode_step`` as the module docstring says: inside a compiled model one operator, else the same compiled
     code called directly."""
-    args = (list(index.tensors()), q, k, v, list(stats.tensors()), *name_and_value(threshold), float(scale), bounds,
+    args = (list(index.tensors()), q, k, v, list(stats.tensors()), *name_and_value(threshold), float(scale),
             len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
     if torch.compiler.is_compiling():
         return _decode_step_op(*args)

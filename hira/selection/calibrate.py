@@ -25,9 +25,8 @@ import math
 
 import torch
 
-from hira.index.bounds import bound_and_estimate
 from hira.index.index import HiraIndex
-from hira.selection.search import LeafBounds, select_leaves
+from hira.selection.search import LeafBounds, ball_leaf_bounds, select_leaves
 from hira.selection.threshold import Threshold, TopP
 
 WEIGHTS = (1.0, 0.5, 0.25, 0.0)  # the plain estimate first
@@ -70,16 +69,14 @@ def weight_scores(
     leaves = index.levels[0]
     live = (leaves.count > 0)[:, :, None, :].expand(B, H, W, NB).reshape(B, H * W, NB)
     forced = index.forced_leaves()[:, :, None, :].expand(B, H, W, NB).reshape(B, H * W, NB)
-    log_count = leaves.count.clamp_min(1).float().log()[:, :, None, :]
 
     def by_position(x: torch.Tensor) -> torch.Tensor:  # [B, H, R, NB] -> [B, H·W, G, NB]: a position's rows
         return x.view(B, H, G, W, NB).transpose(2, 3).reshape(B, H * W, G, NB)
 
     recalls, blocks = [], []
     for w in WEIGHTS:
-        ub, est = bound_and_estimate(rows, leaves, torch.full((B, H), w, device=rows.device))
-        bounds = LeafBounds(by_position(ub), by_position(ub + log_count), by_position(torch.full_like(ub, -math.inf)),
-                            by_position(est))
+        ball = ball_leaf_bounds(rows, leaves, torch.full((B, H), w, device=rows.device))
+        bounds = LeafBounds(*(by_position(t) for t in (ball.ub, ball.log_mass_ub, ball.log_mass_lb, ball.est)))
         keep, _ = select_leaves(bounds, bounds.ub.argmax(-1, keepdim=True), forced, live, threshold)
         keep = keep.view(B, H, 1, W, NB)
         read = (mass * keep).sum(-1).mean(2)  # [B, H, W] recall per position

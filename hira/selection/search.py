@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from hira.flex.mask import block_lists
-from hira.index.bounds import bound_and_estimate, upper_bound
+from hira.index.bounds import NodeBounds, bound_and_estimate, upper_bound
 from hira.index.index import HiraIndex
 from hira.index.sketch import block_score_stats
 from hira.selection.threshold import Dense, Threshold
@@ -89,12 +89,17 @@ def leaf_bounds(index: HiraIndex, q: torch.Tensor) -> LeafBounds:
     estimate the sketch's own Σ exp(q·k̃).
     """
     if index.sketch is None:
-        leaves = index.levels[0]
-        ub, est = bound_and_estimate(q, leaves, index.spread_weight)  # ub = effective_bounds(index, q) (docstring)
-        log_count = leaves.count.clamp_min(1).float().log()[:, :, None, :]
-        return LeafBounds(ub, ub + log_count, torch.full_like(ub, -math.inf), est)
+        return ball_leaf_bounds(q, index.levels[0], index.spread_weight)  # ub = effective_bounds(index, q)
     top, lse, half_width = block_score_stats(q, index.sketch, index.valid)  # [B, H, R, NB] each
     return LeafBounds(ub=top + half_width, log_mass_ub=lse + half_width, log_mass_lb=lse - half_width, est=lse)
+
+
+def ball_leaf_bounds(q: torch.Tensor, leaves: NodeBounds, spread_weight: torch.Tensor) -> LeafBounds:
+    """``leaf_bounds`` from the leaf balls alone, the estimate's spread weighted by ``spread_weight`` [B, H]: the
+    mass bound is count·exp(ub), nothing is known from below."""
+    ub, est = bound_and_estimate(q, leaves, spread_weight)
+    log_count = leaves.count.clamp_min(1).float().log()[:, :, None, :]
+    return LeafBounds(ub, ub + log_count, torch.full_like(ub, -math.inf), est)
 
 
 def effective_bounds(index: HiraIndex, q: torch.Tensor) -> torch.Tensor:

@@ -46,11 +46,12 @@ def plan(
     return select(index, q, threshold, scale)
 
 
-def select(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: float) -> Selection:
+def select(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: float, kernel: bool = True) -> Selection:
     """The blocks the queries read: q [B, Hq, S, D] folded into float32 rows per KV head, scaled, searched (``plan``
-    without the append; the benchmarks time it on a fixed index)."""
+    without the append; the benchmarks time it on a fixed index, with the search's Triton kernels or, ``kernel``
+    False, its tensor program)."""
     rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G·S, D]
-    return search_rows(index, rows, threshold)
+    return search_rows(index, rows, threshold, kernel=kernel)
 
 
 def run(q: torch.Tensor, index: HiraIndex, selection: Selection, scale: float, stats: AttentionStats) -> torch.Tensor:

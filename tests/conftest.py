@@ -4,8 +4,14 @@ import os
 
 import pytest
 import torch
-import torch._dynamo
-from hypothesis import settings
+
+# Without CUDA, triton's kernels (where triton is installed) run in its interpreter: the kernel tests compare them
+# with the tensor programs on the CPU too. Read when triton is first imported (torch._dynamo imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch._dynamo  # noqa: E402
+from hypothesis import settings  # noqa: E402
 
 # Past the recompile limit flex_attention silently runs eager (DESIGN.md §3): fail instead, and allow the suite's
 # shapes (each compiled shape is one cache entry of the shared compiled flex_attention).

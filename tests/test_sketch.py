@@ -191,20 +191,24 @@ def test_compiled_search_with_sketch_equals_eager(device):
         torch.testing.assert_close(got.log_kept_lb, want.log_kept_lb, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the sketch kernel runs on CUDA")
 @settings(max_examples=30)
-@given(case=index_cases(), G=st.sampled_from([1, 3, 4]), S=st.integers(1, 2), seed=st.integers(0, 2**31 - 1))
-def test_sketch_kernel_equals_the_tensor_program(case, G, S, seed):
+@given(case=index_cases(), G=st.sampled_from([1, 3, 4]), S=st.integers(1, 4), seed=st.integers(0, 2**31 - 1))
+def test_sketch_kernel_equals_the_tensor_program(device, case, G, S, seed):
     """The Triton kernel's per-block max and log-sum-exp of q·k̃ equal the tensor program's (any block size, head
-    dims that are multiples of 8, padding, empty blocks)."""
-    from hira.index.sketch import _KERNEL, key_scores
+    dims that are multiples of 8, padding, empty blocks, more rows than one program takes). On the CPU the kernel
+    runs in triton's interpreter (conftest.py), where triton is installed."""
+    try:
+        from hira.index.sketch_kernel import sketch_block_stats
+    except ImportError:
+        pytest.skip("triton is not installed")
+    from hira.index.sketch import key_scores
 
     case = dataclasses.replace(case, key_sketch=True, D=8 * max(1, case.D // 8))
-    keys, values, key_mask = case.tensors("cuda")
+    keys, values, key_mask = case.tensors(device)
     index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=case.N + case.slack)
     gen = torch.Generator().manual_seed(seed)
-    rows = torch.randn(case.B, case.H, G * S, case.D, generator=gen).cuda()
-    top, lse = _KERNEL(rows, index.sketch.codes, index.sketch.lo, index.sketch.step, index.valid)
+    rows = torch.randn(case.B, case.H, G * S, case.D, generator=gen).to(device)
+    top, lse = sketch_block_stats(rows, index.sketch.codes, index.sketch.lo, index.sketch.step, index.valid)
     est = key_scores(rows, index.sketch, index.valid)
     scale = est.abs().masked_fill(torch.isinf(est), 0).amax().item() + 1
     torch.testing.assert_close(top, est.amax(-1), rtol=0, atol=1e-5 * scale)

@@ -38,8 +38,13 @@ def rounding_margin(qn: torch.Tensor, magnitude: torch.Tensor, D: int, is_cuda: 
     term times ‖q‖·magnitude (magnitude ≥ ‖x‖ and each term's size), plus TF32 input rounding where CUDA allows it.
     Each product term carries up to 2× its inputs' rounding: TF32 inputs add 4·2^-10 of ‖q‖·magnitude (with slack).
     """
+    return margin_factor(D, is_cuda) * qn * magnitude
+
+
+def margin_factor(D: int, is_cuda: bool) -> float:
+    """``rounding_margin`` per unit of ‖q‖·magnitude."""
     input_rounding = _cuda_matmul_input_rounding() if is_cuda else 0.0
-    return (_REL_EPS_PER_DIM * (D + 2) + 4 * input_rounding) * qn * magnitude
+    return _REL_EPS_PER_DIM * (D + 2) + 4 * input_rounding
 
 
 @dataclass

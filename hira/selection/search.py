@@ -208,10 +208,13 @@ def search_rows(
     q: torch.Tensor,
     threshold: Threshold,
     select=local_select,
+    kernel: bool = True,
 ) -> Selection:
     """Select the leaves to read for the given query rows.
 
-    Tensor program (no validation, no host sync): compile-able with ``fullgraph=True``.
+    Tensor program (no validation, no host sync): compile-able with ``fullgraph=True``. On CUDA the ball path of
+    ``Fixed``, ``TopK`` and ``TopP`` runs as two Triton kernels instead (``hira.selection.search_kernel``), with the
+    same choice.
 
     Args:
         index: the layer's index.
@@ -219,12 +222,29 @@ def search_rows(
         threshold: the mode.
         select: ``(bounds, top_leaf, m, forced, live, threshold) -> (keep, tau)``, the choice of leaves
             from their bounds (before the exact score m is folded in); default ``local_select``.
+        kernel: use the Triton kernels where they apply (False: the tensor program, the kernels' reference).
     """
     if isinstance(threshold, Dense):
         return every_leaf(index, q)
+    if kernel and select is local_select and q.is_cuda and _KERNELS is not None and _KERNELS.applies(index, q, threshold):
+        return Selection(*_KERNELS.ball_search(index, q, threshold))
     live = index.levels[0].count > 0  # [B, H, NB]
     bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
     top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the leaf with the largest bound per row
     m = exact_leaf_score(index, q, top_leaf[..., 0])[..., None]  # [B, H, R, 1] exact score of one of its keys
     keep, tau = select(bounds, top_leaf, m, index.forced_leaves(), live, threshold)
     return selection_from_keep(keep, live, fold_exact_score(bounds, top_leaf, m), tau)
+
+
+def _load_kernels():
+    """``hira.selection.search_kernel`` where CUDA and triton are present, else None."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        from hira.selection import search_kernel
+    except ImportError:
+        return None
+    return search_kernel
+
+
+_KERNELS = _load_kernels()

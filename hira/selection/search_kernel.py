@@ -1,0 +1,289 @@
+"""The ball-path search in two Triton kernels (CUDA): ``search_rows``'s choice of leaves for ``Fixed``, ``TopK`` and
+``TopP``, written straight into FlexAttention's block lists.
+
+The compiled tensor program is about eighteen small kernels per step (a product, a row softmax, a top-k, a gather
+of the top leaf's keys, two log-sum-exps, prefix sums, …); each costs a launch and a wait even inside a CUDA graph.
+Here:
+
+1. ``_leaf_bounds_kernel``, one program per (batch·KV head, chunk of leaves): reads the chunk's centres once for all
+   query rows, writes every leaf's bound and estimate ([B, H, R, NB]) and per chunk and row the partial reductions
+   the selection needs: the estimate's max and Σ exp(est − max), the bound's max and its first argmax.
+2. ``_select_kernel``, one program per (batch·KV head): combines the partials (each row's log-sum-exp and top
+   leaf), scores the top leaf's keys exactly, picks the leaves with the mode's rule in registers (``TopK``: the
+   k-th largest share by bisection over its float bits; ``TopP``: per row, the smallest estimate whose leaves
+   ranked above it carry less than p, by bisection; ``Fixed``: bound ≥ τ), adds the forced leaves, and writes the
+   keep table, ``kv_num_blocks``/``kv_indices`` (kept leaves first, ascending, then the rest), τ and both mass
+   bounds of the certificate.
+
+The rules are the tensor program's (``hira.selection.threshold``) restated without a sort; ties are broken by
+index (the tensor program's ``topk`` leaves them unspecified). The tests compare the two bit for bit on CUDA.
+``Certified``, the key sketch and the sharded search keep the tensor program.
+
+Shapes: B batch, H KV heads, R query rows, NB leaves, BS block size, D head dim.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from hira.index.bounds import margin_factor
+from hira.index.index import HiraIndex
+from hira.selection.threshold import Fixed, Threshold, TopK, TopP
+
+FIXED, TOPK, TOPP = 0, 1, 2  # the modes this search covers, as the kernels' MODE
+MODES = {Fixed: FIXED, TopK: TOPK, TopP: TOPP}
+MAX_ROWS = 16  # query rows per KV head the kernels take (a decode step: G·S ≤ 16)
+MAX_LEAVES = 16384  # leaves per KV head the selection program holds in registers
+_CHUNK = 64  # leaves per program of the bounds kernel
+
+
+@triton.jit
+def _leaf_bounds_kernel(
+    q_ptr, center_ptr, radius_ptr, count_ptr, var_ptr, mag_ptr, weight_ptr,
+    ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
+    NB, NCH, margin_coef,
+    R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Bounds and estimates of one chunk of leaves for every row of one (batch, KV head), as
+    ``hira.index.bounds.bound_and_estimate``, and the chunk's partial reductions."""
+    bh = tl.program_id(0).to(tl.int64)
+    ch = tl.program_id(1)
+    r = tl.arange(0, R_PAD)
+    n = ch * CHUNK + tl.arange(0, CHUNK)
+    rmask = r < R
+    nmask = n < NB
+    qc = tl.zeros([R_PAD, CHUNK], dtype=tl.float32)
+    q2 = tl.zeros([R_PAD], dtype=tl.float32)
+    for d0 in tl.static_range(0, D, D_CHUNK):
+        d = d0 + tl.arange(0, D_CHUNK)
+        dmask = d < D
+        qd = tl.load(q_ptr + (bh * R + r)[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        cd = tl.load(center_ptr + (bh * NB + n)[:, None] * D + d[None, :], mask=nmask[:, None] & dmask[None, :],
+                     other=0.0)
+        qc += tl.sum(qd[:, None, :] * cd[None, :, :], axis=2)
+        q2 += tl.sum(qd * qd, axis=1)
+    qn = tl.sqrt(q2)
+    leaf = bh * NB + n
+    radius = tl.load(radius_ptr + leaf, mask=nmask, other=0.0)
+    count = tl.load(count_ptr + leaf, mask=nmask, other=0)
+    var = tl.load(var_ptr + leaf, mask=nmask, other=0.0)
+    mag = tl.load(mag_ptr + leaf, mask=nmask, other=0.0)
+    w = tl.load(weight_ptr + bh)
+    empty = (count == 0)[None, :]
+    margin = (margin_coef * qn)[:, None] * mag[None, :]
+    ub = tl.where(empty, float("-inf"), qc + qn[:, None] * radius[None, :] + margin)
+    log_n = tl.log(tl.maximum(count, 1).to(tl.float32))
+    est = tl.where(empty, float("-inf"), log_n[None, :] + qc + (0.5 * q2)[:, None] * var[None, :] * w)
+    out = (bh * R + r)[:, None] * NB + n[None, :]
+    both = rmask[:, None] & nmask[None, :]
+    tl.store(ub_ptr + out, ub, mask=both)
+    tl.store(est_ptr + out, est, mask=both)
+    e_max = tl.max(est, axis=1)  # [R_PAD]
+    e_ref = tl.where(e_max == float("-inf"), 0.0, e_max)
+    e_sum = tl.sum(tl.exp(est - e_ref[:, None]), axis=1)
+    u_max = tl.max(ub, axis=1)
+    u_arg = tl.argmax(ub, axis=1) + ch * CHUNK
+    part = (bh * R + r) * NCH + ch
+    tl.store(est_max_ptr + part, e_max, mask=rmask)
+    tl.store(est_sum_ptr + part, e_sum, mask=rmask)
+    tl.store(ub_max_ptr + part, u_max, mask=rmask)
+    tl.store(ub_arg_ptr + part, u_arg, mask=rmask)
+
+
+@triton.jit
+def _ordered(x):
+    """float32 -> int32 with the same order (-inf lowest)."""
+    bits = x.to(tl.int32, bitcast=True)
+    return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+
+
+@triton.jit
+def _select_kernel(
+    q_ptr, keys_ptr, valid_ptr, count_ptr, first_ptr, last_ptr, n_valid_ptr,
+    ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
+    keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, kept_lb_ptr, frac_ptr,
+    H, NB, NCH, C, value, k, sink_tokens, window_tokens,
+    MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_CHUNK: tl.constexpr,
+    BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr,
+):
+    """The mode's choice of leaves for one (batch, KV head), its block lists and its certificate."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    n = tl.arange(0, NB_PAD)
+    nmask = n < NB
+    leaf = bh * NB + n
+    count = tl.load(count_ptr + leaf, mask=nmask, other=0)
+    live = count > 0
+    first = tl.load(first_ptr + leaf, mask=nmask, other=-1)
+    last = tl.load(last_ptr + leaf, mask=nmask, other=-1)
+    n_valid = tl.load(n_valid_ptr + b)
+    forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
+    c = tl.arange(0, NCH_PAD)
+    cmask = c < NCH
+    s = tl.arange(0, BS)
+    rows = tl.arange(0, R_PAD)
+    tops = tl.zeros([R_PAD], dtype=tl.int32)  # each row's top leaf
+    exacts = tl.full([R_PAD], float("-inf"), dtype=tl.float32)  # the exact score of its best real key
+    keep = forced
+    share = tl.zeros([NB_PAD], dtype=tl.float32)
+    for r in tl.static_range(R):
+        row = bh * R + r
+        # The row's log-sum-exp of the estimates and its top leaf, from the chunks' partials.
+        p_max = tl.load(est_max_ptr + row * NCH + c, mask=cmask, other=float("-inf"))
+        p_sum = tl.load(est_sum_ptr + row * NCH + c, mask=cmask, other=0.0)
+        m_all = tl.max(p_max, axis=0)
+        m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+        lse = m_ref + tl.log(tl.sum(p_sum * tl.exp(p_max - m_ref), axis=0))
+        u_max = tl.load(ub_max_ptr + row * NCH + c, mask=cmask, other=float("-inf"))
+        u_arg = tl.load(ub_arg_ptr + row * NCH + c, mask=cmask, other=0)
+        best = tl.max(u_max, axis=0)
+        top = tl.min(tl.where(u_max == best, u_arg, 2147483647), axis=0)  # the first leaf of largest bound
+        # The exact score of the top leaf's best real key, in float64 (as ``exact_leaf_score``).
+        slot = top.to(tl.int64) * BS + s
+        dot = tl.zeros([BS], dtype=tl.float64)
+        for d0 in tl.static_range(0, D, D_CHUNK):
+            d = d0 + tl.arange(0, D_CHUNK)
+            dmask = d < D
+            qd = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float64)
+            kd = tl.load(keys_ptr + (bh * C + slot)[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0)
+            dot += tl.sum(kd.to(tl.float64) * qd[None, :], axis=1)
+        real = tl.load(valid_ptr + b * C + slot) != 0
+        exact = tl.max(tl.where(real, dot.to(tl.float32), float("-inf")), axis=0)
+        tops = tl.where(rows == r, top, tops)
+        exacts = tl.where(rows == r, exact, exacts)
+        if MODE == 0:  # Fixed: a bound reaching τ
+            ub = tl.load(ub_ptr + row * NB + n, mask=nmask, other=float("-inf"))
+            keep = keep | (live & (ub >= value))
+        else:
+            est = tl.load(est_ptr + row * NB + n, mask=nmask, other=float("-inf"))
+            frac = tl.where(lse == float("-inf"), 0.0, tl.exp(est - lse))
+            if MODE == 1:  # TopK: the group's share of mass
+                share += frac
+            else:  # TopP: keep a leaf if the leaves ranked above it (forced first) carry less than p
+                key = _ordered(est)
+                rest = live & ~forced
+                mass_forced = tl.sum(tl.where(forced, frac, 0.0), axis=0)
+                lo = tl.full([], -2147483649, tl.int64)  # mass above lo ≥ p (or lo is below every key)
+                hi = tl.full([], 2147483647, tl.int64)  # mass above hi < p, if the forced mass is
+                for _ in tl.static_range(33):
+                    mid = lo + (hi - lo) // 2
+                    above = mass_forced + tl.sum(tl.where(rest & (key > mid), frac, 0.0), axis=0)
+                    lo = tl.where(above < value, lo, mid)
+                    hi = tl.where(above < value, mid, hi)
+                keep = tl.where(mass_forced < value, keep | (rest & (key >= hi)), keep)
+    if MODE == 1:
+        # The k largest shares among live leaves: the k-th largest by bisection over the float bits (shares ≥ 0),
+        # then those above it and, of those equal to it, the first ones by index.
+        bits = tl.where(live, share.to(tl.int32, bitcast=True), -1)
+        n_live = tl.sum(live.to(tl.int32), axis=0)
+        kk = tl.minimum(k, n_live)
+        lo = tl.full([], 0, tl.int32)  # at least kk shares are ≥ lo
+        hi = tl.full([], 0x7F800001, tl.int32)  # fewer than kk are ≥ hi
+        for _ in tl.static_range(31):
+            mid = lo + (hi - lo) // 2
+            enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= kk
+            lo = tl.where(enough, mid, lo)
+            hi = tl.where(enough, hi, mid)
+        above = bits > lo
+        tied = bits == lo
+        room = kk - tl.sum(above.to(tl.int32), axis=0)
+        chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
+        keep = tl.where(kk > 0, keep | chosen, keep)
+    # Block lists: kept leaves first, ascending, then the others.
+    keep_i = keep.to(tl.int32)
+    num = tl.sum(keep_i, axis=0)
+    dest = tl.where(keep, tl.cumsum(keep_i, axis=0) - 1, num + tl.cumsum(1 - keep_i, axis=0) - 1)
+    tl.store(idx_ptr + bh * NB + dest, n.to(tl.int32), mask=nmask)
+    tl.store(keep_ptr + leaf, keep, mask=nmask)
+    tl.store(num_ptr + bh, num)
+    n_live = tl.sum(live.to(tl.int32), axis=0)
+    tl.store(frac_ptr + bh, num.to(tl.float32) / tl.maximum(n_live, 1).to(tl.float32))
+    # The certificate: an upper bound on the skipped leaves' mass (count·exp(bound)) and the kept top leaf's score.
+    skipped = live & ~keep
+    log_n = tl.log(tl.maximum(count, 1).to(tl.float32))
+    for r in tl.static_range(R):
+        row = bh * R + r
+        ub = tl.load(ub_ptr + row * NB + n, mask=nmask, other=float("-inf"))
+        mass = tl.where(skipped, ub + log_n, float("-inf"))
+        m = tl.max(mass, axis=0)
+        m_ref = tl.where(m == float("-inf"), 0.0, m)
+        tl.store(skip_ptr + row, m_ref + tl.log(tl.sum(tl.exp(mass - m_ref), axis=0)))
+        top = tl.max(tl.where(rows == r, tops, -1), axis=0)
+        exact = tl.max(tl.where(rows == r, exacts, float("-inf")), axis=0)
+        top_kept = tl.sum(tl.where(n == top, keep_i, 0), axis=0) > 0
+        tl.store(kept_lb_ptr + row, tl.where(top_kept, exact, float("-inf")))
+        if MODE == 0:
+            tl.store(tau_ptr + row, value)
+        else:
+            tl.store(tau_ptr + row, float("-inf"))
+
+
+@triton_op("hira::ball_search", mutates_args=())
+def ball_search_op(
+    q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, center: torch.Tensor, radius: torch.Tensor,
+    count: torch.Tensor, var: torch.Tensor, magnitude: torch.Tensor, spread_weight: torch.Tensor,
+    leaf_first: torch.Tensor, leaf_last: torch.Tensor, n_valid: torch.Tensor, mode: int, value: float,
+    margin_coef: float, sink_tokens: int, window_tokens: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``Selection``'s tensors (keep, kv_num_blocks, kv_indices, tau, log_skip_ub, log_kept_lb, kept_fraction) for
+    scaled query rows q [B, H, R, D] float32 over the leaf balls (``search_rows`` on an index without a sketch).
+
+    ``mode`` is FIXED (``value`` τ), TOPK (``value`` k) or TOPP (``value`` p); ``margin_coef`` the rounding margin's
+    factor (``hira.index.bounds.rounding_margin``).
+    """
+    B, H, R, D = q.shape
+    NB = center.shape[2]
+    C = keys.shape[2]
+    nch = triton.cdiv(NB, _CHUNK)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    ub = torch.empty(B, H, R, NB, **f32)
+    est = torch.empty_like(ub)
+    est_max = torch.empty(B, H, R, nch, **f32)
+    est_sum = torch.empty_like(est_max)
+    ub_max = torch.empty_like(est_max)
+    ub_arg = torch.empty(B, H, R, nch, device=q.device, dtype=torch.int32)
+    q = q.contiguous()
+    d_chunk = min(32, triton.next_power_of_2(D))
+    wrap_triton(_leaf_bounds_kernel)[(B * H, nch)](
+        q, center.contiguous(), radius.contiguous(), count.contiguous(), var.contiguous(), magnitude.contiguous(),
+        spread_weight.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, NB, nch, margin_coef,
+        R=R, R_PAD=triton.next_power_of_2(R), D=D, D_CHUNK=d_chunk, CHUNK=_CHUNK, num_warps=4,
+    )
+    keep = torch.empty(B, H, NB, device=q.device, dtype=torch.bool)
+    num = torch.empty(B, H, 1, device=q.device, dtype=torch.int32)
+    idx = torch.empty(B, H, 1, NB, device=q.device, dtype=torch.int32)
+    tau = torch.empty(B, H, R, **f32)
+    skip = torch.empty_like(tau)
+    kept_lb = torch.empty_like(tau)
+    frac = torch.empty(B, H, **f32)
+    k = int(value) if mode == TOPK else 0
+    nb_pad = triton.next_power_of_2(NB)
+    wrap_triton(_select_kernel)[(B * H,)](
+        q, keys.contiguous(), valid.contiguous(), count.contiguous(), leaf_first.contiguous(),
+        leaf_last.contiguous(), n_valid.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg,
+        keep, num, idx, tau, skip, kept_lb, frac, H, NB, nch, C, value, k, sink_tokens, window_tokens,
+        MODE=mode, R=R, R_PAD=triton.next_power_of_2(R), D=D, D_CHUNK=d_chunk, BS=C // NB, NB_PAD=nb_pad, NCH_PAD=triton.next_power_of_2(nch),
+        num_warps=4 if nb_pad <= 2048 else 8,
+    )
+    return keep, num, idx, tau, skip, kept_lb, frac
+
+
+def applies(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> bool:
+    """Whether these kernels take the search: no key sketch, a covered mode, a decode step's rows, leaves that fit
+    the selection program."""
+    return (index.sketch is None and type(threshold) in MODES and q.shape[2] <= MAX_ROWS
+            and index.num_leaves <= MAX_LEAVES)
+
+
+def ball_search(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> tuple[torch.Tensor, ...]:
+    """``Selection``'s tensors for scaled query rows q [B, H, R, D] float32 (where ``applies``)."""
+    leaves = index.levels[0]
+    value = float(getattr(threshold, {Fixed: "tau", TopK: "k", TopP: "p"}[type(threshold)]))
+    return ball_search_op(
+        q, index.keys, index.valid, leaves.center, leaves.radius, leaves.count, leaves.var, leaves.scale,
+        index.spread_weight, index.leaf_first, index.leaf_last, index.n_valid, MODES[type(threshold)], value,
+        margin_factor(q.shape[-1], q.is_cuda), index.sink_tokens, index.window_tokens,
+    )

@@ -1,0 +1,84 @@
+"""The search's Triton kernels (``hira.selection.search_kernel``) make the tensor program's choice.
+
+On CUDA the compiled kernels are compared with ``search_rows``'s tensor program; on the CPU, where triton is
+installed, the same kernels run in triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py). Ties are the
+one freedom: the tensor program's ``topk`` leaves the choice among equal shares unspecified, and its ``TopP`` sort
+the order of equal estimates; the kernels break the first by index and keep every tied estimate.
+"""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import Q_KINDS, index_cases, make_queries
+
+import hira
+from hira import Fixed, TopK, TopP
+from hira.selection.search import Selection, leaf_bounds, search_rows
+
+
+def _kernel_search(index, rows, threshold) -> Selection:
+    """The kernels' selection: through ``search_rows`` on CUDA, straight from the module in the interpreter."""
+    if rows.is_cuda:
+        return search_rows(index, rows, threshold)
+    try:
+        from hira.selection import search_kernel
+    except ImportError:
+        pytest.skip("triton is not installed: the kernels cannot run in its interpreter")
+    assert search_kernel.applies(index, rows, threshold)
+    return Selection(*search_kernel.ball_search(index, rows, threshold))
+
+
+def _thresholds():
+    return st.one_of(
+        st.integers(1, 40).map(TopK),
+        st.sampled_from([0.5, 0.9, 0.99, 1.0]).map(TopP),
+        st.one_of(st.floats(-20, 40), st.just(-math.inf)).map(Fixed),
+    )
+
+
+@settings(max_examples=40)
+@given(case=index_cases(), G=st.sampled_from([1, 3, 4]), q_kind=st.sampled_from(Q_KINDS), threshold=_thresholds(),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, seed):
+    """Same kept leaves, block lists, τ and certificate as ``search_rows``'s tensor program, up to ties."""
+    case = dataclasses.replace(case, key_sketch=False)
+    keys, values, key_mask = case.tensors(device)
+    index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=case.N + case.slack)
+    gen = torch.Generator().manual_seed(seed)
+    rows = make_queries(q_kind, keys, case.H * G, 1, gen).to(device).view(case.B, case.H, G, case.D)
+    want = search_rows(index, rows, threshold, kernel=False)
+    got = _kernel_search(index, rows, threshold)
+    differ = got.keep != want.keep
+    est = leaf_bounds(index, rows).est  # [B, H, R, NB]
+    if isinstance(threshold, TopK):
+        # Where the choices differ, the shares tie (the forced leaves make the counts differ then too).
+        share = est.softmax(-1).nan_to_num(nan=0.0).sum(dim=2)
+        for b, h in differ.any(-1).nonzero().tolist():
+            tied = share[b, h][differ[b, h]]
+            torch.testing.assert_close(tied, tied.amax().expand_as(tied), rtol=1e-5, atol=1e-7)
+    elif isinstance(threshold, TopP):
+        # A superset, and each extra leaf is at the cut in some row: its estimate ties another's, or the mass of
+        # the leaves ranked above it is p up to float32 rounding.
+        assert not (want.keep & ~got.keep).any()
+        frac = est.double().softmax(-1).nan_to_num(nan=0.0)  # [B, H, R, NB]
+        forced = index.forced_leaves()
+        for b, h, n in differ.nonzero().tolist():
+            e, f = est[b, h], frac[b, h]
+            above = f[:, forced[b, h]].sum(-1) + (f * ((e > e[:, n : n + 1]) & ~forced[b, h])).sum(-1)  # [R]
+            others = e.clone()
+            others[:, n] = math.nan
+            tie = torch.isclose(others, e[:, n : n + 1], rtol=1e-6, atol=0.0).any(-1)
+            assert (tie | ((above - threshold.p).abs() <= 1e-5)).any(), f"leaf {n} of head ({b}, {h}) at no cut"
+    else:
+        assert not differ.any()
+    same = ~differ.any(-1)  # [B, H] heads with the same choice: every other output equal too
+    assert torch.equal(got.kv_num_blocks[same], want.kv_num_blocks[same])
+    assert torch.equal(got.kv_indices[same], want.kv_indices[same])
+    for name in ("tau", "log_skip_ub", "log_kept_lb"):
+        a, b = getattr(got, name)[same], getattr(want, name)[same]
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * (1 + rows.abs().amax().item()), msg=name)
+    torch.testing.assert_close(got.kept_fraction[same], want.kept_fraction[same])

@@ -3,11 +3,13 @@
 On CUDA the compiled kernels are compared with ``search_rows``'s tensor program; on the CPU, where triton is
 installed, the same kernels run in triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py). Ties are the
 one freedom: the tensor program's ``topk`` leaves the choice among equal shares unspecified, and its ``TopP`` sort
-the order of equal estimates; the kernels break the first by index and keep every tied estimate.
+the order of equal estimates; the kernels break the first by index and keep every tied estimate. So does float32
+rounding where a leaf's mass-above is p itself.
 """
 
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -24,6 +26,8 @@ def _kernel_search(index, rows, threshold) -> Selection:
     """The kernels' selection: through ``search_rows`` on CUDA, straight from the module in the interpreter."""
     if rows.is_cuda:
         return search_rows(index, rows, threshold)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CUDA is present: the kernels run on it, not in the interpreter")
     try:
         from hira.selection import search_kernel
     except ImportError:
@@ -61,9 +65,8 @@ def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold
             tied = share[b, h][differ[b, h]]
             torch.testing.assert_close(tied, tied.amax().expand_as(tied), rtol=1e-5, atol=1e-7)
     elif isinstance(threshold, TopP):
-        # A superset, and each extra leaf is at the cut in some row: its estimate ties another's, or the mass of
-        # the leaves ranked above it is p up to float32 rounding.
-        assert not (want.keep & ~got.keep).any()
+        # Each leaf kept by one side alone is at the cut in some row: its estimate ties another's (the kernels keep
+        # every tied leaf), or the mass of the leaves ranked above it is p up to float32 rounding.
         frac = est.double().softmax(-1).nan_to_num(nan=0.0)  # [B, H, R, NB]
         forced = index.forced_leaves()
         for b, h, n in differ.nonzero().tolist():
@@ -72,7 +75,7 @@ def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold
             others = e.clone()
             others[:, n] = math.nan
             tie = torch.isclose(others, e[:, n : n + 1], rtol=1e-6, atol=0.0).any(-1)
-            assert (tie | ((above - threshold.p).abs() <= 1e-5)).any(), f"leaf {n} of head ({b}, {h}) at no cut"
+            assert (tie | ((above - threshold.p).abs() <= 1e-5)).any(), f"leaf {n} of head ({b}, {h}): no cut there"
     else:
         assert not differ.any()
     same = ~differ.any(-1)  # [B, H] heads with the same choice: every other output equal too

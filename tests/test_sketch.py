@@ -3,6 +3,7 @@ than the ball bound; it makes the certified mode selective while the skipped mas
 the tensor program."""
 
 import dataclasses
+import os
 
 import pytest
 import torch
@@ -197,6 +198,8 @@ def test_sketch_kernel_equals_the_tensor_program(device, case, G, S, seed):
     """The Triton kernel's per-block max and log-sum-exp of q·k̃ equal the tensor program's (any block size, head
     dims that are multiples of 8, padding, empty blocks, more rows than one program takes). On the CPU the kernel
     runs in triton's interpreter (conftest.py), where triton is installed."""
+    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("CUDA is present: the kernel runs on it, not in the interpreter")
     try:
         from hira.index.sketch_kernel import sketch_block_stats
     except ImportError:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 
 @triton.jit
@@ -59,7 +58,7 @@ def _block_stats_kernel(
             tl.store(lse_ptr + out, lse, mask=rmask)
 
 
-@triton_op("hira::sketch_block_stats", mutates_args=())
+@torch.library.custom_op("hira::sketch_block_stats", mutates_args=())
 def sketch_block_stats(
     q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,10 +79,17 @@ def sketch_block_stats(
     out_lse = torch.empty_like(out_max)
     blocks = 4  # blocks per program
     r_tile = min(8, triton.next_power_of_2(R))  # rows per program: the [rows, keys, words] tile stays in registers
-    wrap_triton(_block_stats_kernel)[(B * H, triton.cdiv(NB, blocks), triton.cdiv(R, r_tile))](
+    _block_stats_kernel[(B * H, triton.cdiv(NB, blocks), triton.cdiv(R, r_tile))](
         q.contiguous(), words, lo.contiguous(), step.contiguous(), valid.contiguous(),
         out_max, out_lse, H, NB, C, R,
         R_TILE=r_tile, D=D, W=W, BS=C // NB, BLOCK_W=triton.next_power_of_2(W), BLOCKS=blocks,
         num_warps=4 if r_tile <= 4 else 8,
     )
     return out_max, out_lse
+
+
+@sketch_block_stats.register_fake
+def _(q, codes, lo, step, valid):
+    B, H, R, _ = q.shape
+    out = q.new_empty(B, H, R, lo.shape[2])
+    return out, torch.empty_like(out)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import triton_op, wrap_triton
 
 from hira.index.bounds import margin_factor
 from hira.index.index import HiraIndex
@@ -36,8 +35,11 @@ from hira.selection.threshold import Fixed, Threshold, TopK, TopP
 FIXED, TOPK, TOPP = 0, 1, 2  # the modes this search covers, as the kernels' MODE
 MODES = {Fixed: FIXED, TopK: TOPK, TopP: TOPP}
 MAX_ROWS = 16  # query rows per KV head the kernels take (a decode step: G·S ≤ 16)
-MAX_LEAVES = 16384  # leaves per KV head the selection program holds in registers
-_CHUNK = 64  # leaves per program of the bounds kernel
+_CHUNK = 32  # leaves per program of the bounds kernel
+# Where the kernels beat the compiled tensor program (H200, benchmarks/NOTES.md §17): batch · KV heads · rows · leaves
+# ≤ 64K (128K tokens at batch 1 with 8 KV heads, 4 rows). Past it the selection program's work per KV head (TopP at
+# 512K: 114 against 98 µs) or the bounds kernel's bandwidth (batch 8: 106 against 99 µs) loses.
+_MAX_SIZE = 65536
 
 
 @triton.jit
@@ -48,7 +50,8 @@ def _leaf_bounds_kernel(
     R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Bounds and estimates of one chunk of leaves for every row of one (batch, KV head), as
-    ``hira.index.bounds.bound_and_estimate``, and the chunk's partial reductions."""
+    ``hira.index.bounds.bound_and_estimate``, and the chunk's partial reductions. The product runs as float32
+    FMAs over [rows, leaves, channels] tiles (a ``tl.dot`` of 16-row tiles ran 1.7× slower at 128K)."""
     bh = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1)
     r = tl.arange(0, R_PAD)
@@ -106,10 +109,11 @@ def _select_kernel(
     ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
     keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, kept_lb_ptr, frac_ptr,
     H, NB, NCH, C, value, k, sink_tokens, window_tokens,
-    MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_CHUNK: tl.constexpr,
+    MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr,
     BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr,
 ):
-    """The mode's choice of leaves for one (batch, KV head), its block lists and its certificate."""
+    """The mode's choice of leaves for one (batch, KV head), its block lists and its certificate. Every row is
+    handled at once ([rows, leaves] tiles): a block-wide reduction is the unit of latency here, not arithmetic."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     n = tl.arange(0, NB_PAD)
@@ -121,107 +125,110 @@ def _select_kernel(
     last = tl.load(last_ptr + leaf, mask=nmask, other=-1)
     n_valid = tl.load(n_valid_ptr + b)
     forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
+    r = tl.arange(0, R_PAD)
+    rmask = r < R
+    row = bh * R + r  # [R_PAD]
+    tile = row[:, None] * NB + n[None, :]
+    tmask = rmask[:, None] & nmask[None, :]
+    ub = tl.load(ub_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD], loaded early: no dependency
+    # Each row's log-sum-exp of the estimates and its top leaf, from the chunks' partials.
     c = tl.arange(0, NCH_PAD)
-    cmask = c < NCH
+    part = row[:, None] * NCH + c[None, :]
+    pmask = rmask[:, None] & (c < NCH)[None, :]
+    p_max = tl.load(est_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
+    p_sum = tl.load(est_sum_ptr + part, mask=pmask, other=0.0)
+    m_all = tl.max(p_max, axis=1)
+    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+    lse = m_ref + tl.log(tl.sum(p_sum * tl.exp(p_max - m_ref[:, None]), axis=1))  # [R_PAD]
+    u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))
+    u_arg = tl.load(ub_arg_ptr + part, mask=pmask, other=0)
+    best = tl.max(u_max, axis=1)
+    top = tl.min(tl.where(u_max == best[:, None], u_arg, 2147483647), axis=1)  # the first leaf of largest bound
+    # The exact score of each row's top leaf's best real key, in float64 (as ``exact_leaf_score``).
     s = tl.arange(0, BS)
-    rows = tl.arange(0, R_PAD)
-    tops = tl.zeros([R_PAD], dtype=tl.int32)  # each row's top leaf
-    exacts = tl.full([R_PAD], float("-inf"), dtype=tl.float32)  # the exact score of its best real key
+    slot = top.to(tl.int64)[:, None] * BS + s[None, :]  # [R_PAD, BS]
+    dot = tl.zeros([R_PAD, BS], dtype=tl.float64)
+    for d0 in tl.static_range(0, D, EXACT_D):  # [rows, BS, EXACT_D] tiles of keys
+        d = d0 + tl.arange(0, EXACT_D)
+        dmask = d < D
+        qd = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        kd = tl.load(keys_ptr + (bh * C + slot)[:, :, None] * D + d[None, None, :],
+                     mask=rmask[:, None, None] & dmask[None, None, :], other=0.0)
+        dot += tl.sum(kd.to(tl.float64) * qd.to(tl.float64)[:, None, :], axis=2)
+    real = tl.load(valid_ptr + b * C + slot, mask=rmask[:, None], other=0) != 0
+    exact = tl.max(tl.where(real, dot.to(tl.float32), float("-inf")), axis=1)  # [R_PAD]
     keep = forced
-    share = tl.zeros([NB_PAD], dtype=tl.float32)
-    for r in tl.static_range(R):
-        row = bh * R + r
-        # The row's log-sum-exp of the estimates and its top leaf, from the chunks' partials.
-        p_max = tl.load(est_max_ptr + row * NCH + c, mask=cmask, other=float("-inf"))
-        p_sum = tl.load(est_sum_ptr + row * NCH + c, mask=cmask, other=0.0)
-        m_all = tl.max(p_max, axis=0)
-        m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
-        lse = m_ref + tl.log(tl.sum(p_sum * tl.exp(p_max - m_ref), axis=0))
-        u_max = tl.load(ub_max_ptr + row * NCH + c, mask=cmask, other=float("-inf"))
-        u_arg = tl.load(ub_arg_ptr + row * NCH + c, mask=cmask, other=0)
-        best = tl.max(u_max, axis=0)
-        top = tl.min(tl.where(u_max == best, u_arg, 2147483647), axis=0)  # the first leaf of largest bound
-        # The exact score of the top leaf's best real key, in float64 (as ``exact_leaf_score``).
-        slot = top.to(tl.int64) * BS + s
-        dot = tl.zeros([BS], dtype=tl.float64)
-        for d0 in tl.static_range(0, D, D_CHUNK):
-            d = d0 + tl.arange(0, D_CHUNK)
-            dmask = d < D
-            qd = tl.load(q_ptr + row * D + d, mask=dmask, other=0.0).to(tl.float64)
-            kd = tl.load(keys_ptr + (bh * C + slot)[:, None] * D + d[None, :], mask=dmask[None, :], other=0.0)
-            dot += tl.sum(kd.to(tl.float64) * qd[None, :], axis=1)
-        real = tl.load(valid_ptr + b * C + slot) != 0
-        exact = tl.max(tl.where(real, dot.to(tl.float32), float("-inf")), axis=0)
-        tops = tl.where(rows == r, top, tops)
-        exacts = tl.where(rows == r, exact, exacts)
-        if MODE == 0:  # Fixed: a bound reaching τ
-            ub = tl.load(ub_ptr + row * NB + n, mask=nmask, other=float("-inf"))
-            keep = keep | (live & (ub >= value))
+    if MODE == 0:  # Fixed: a bound reaching τ in any row
+        keep = keep | (live & (tl.max((ub >= value).to(tl.int32), axis=0) > 0))
+    else:
+        est = tl.load(est_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
+        frac = tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(est - lse[:, None]))
+        if MODE == 1:
+            # TopK: the k largest shares of the group among live leaves. The k-th largest by bisection over the
+            # float bits (shares ≥ 0), then the shares above it and, of those equal to it, the first by index.
+            share = tl.sum(frac, axis=0)
+            bits = tl.where(live, share.to(tl.int32, bitcast=True), -1)
+            kk = tl.minimum(k, tl.sum(live.to(tl.int32), axis=0))
+            lo = tl.full([], 0, tl.int32)  # at least kk shares are ≥ lo
+            hi = tl.full([], 0x7F800001, tl.int32)  # fewer than kk are ≥ hi
+            for _ in range(31):
+                mid = lo + (hi - lo) // 2
+                enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= kk
+                lo = tl.where(enough, mid, lo)
+                hi = tl.where(enough, hi, mid)
+            above = bits > lo
+            tied = bits == lo
+            room = kk - tl.sum(above.to(tl.int32), axis=0)
+            chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
+            keep = tl.where(kk > 0, keep | chosen, keep)
         else:
-            est = tl.load(est_ptr + row * NB + n, mask=nmask, other=float("-inf"))
-            frac = tl.where(lse == float("-inf"), 0.0, tl.exp(est - lse))
-            if MODE == 1:  # TopK: the group's share of mass
-                share += frac
-            else:  # TopP: keep a leaf if the leaves ranked above it (forced first) carry less than p
-                key = _ordered(est)
-                rest = live & ~forced
-                mass_forced = tl.sum(tl.where(forced, frac, 0.0), axis=0)
-                lo = tl.full([], -2147483649, tl.int64)  # mass above lo ≥ p (or lo is below every key)
-                hi = tl.full([], 2147483647, tl.int64)  # mass above hi < p, if the forced mass is
-                for _ in tl.static_range(33):
-                    mid = lo + (hi - lo) // 2
-                    above = mass_forced + tl.sum(tl.where(rest & (key > mid), frac, 0.0), axis=0)
-                    lo = tl.where(above < value, lo, mid)
-                    hi = tl.where(above < value, mid, hi)
-                keep = tl.where(mass_forced < value, keep | (rest & (key >= hi)), keep)
-    if MODE == 1:
-        # The k largest shares among live leaves: the k-th largest by bisection over the float bits (shares ≥ 0),
-        # then those above it and, of those equal to it, the first ones by index.
-        bits = tl.where(live, share.to(tl.int32, bitcast=True), -1)
-        n_live = tl.sum(live.to(tl.int32), axis=0)
-        kk = tl.minimum(k, n_live)
-        lo = tl.full([], 0, tl.int32)  # at least kk shares are ≥ lo
-        hi = tl.full([], 0x7F800001, tl.int32)  # fewer than kk are ≥ hi
-        for _ in tl.static_range(31):
-            mid = lo + (hi - lo) // 2
-            enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= kk
-            lo = tl.where(enough, mid, lo)
-            hi = tl.where(enough, hi, mid)
-        above = bits > lo
-        tied = bits == lo
-        room = kk - tl.sum(above.to(tl.int32), axis=0)
-        chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
-        keep = tl.where(kk > 0, keep | chosen, keep)
+            # TopP: per row, keep a leaf if the leaves ranked above it (forced first) carry less than p: the
+            # smallest estimate with that property, by bisection over the estimates' ordered bits, every row at once.
+            key = _ordered(est)
+            rest = (live & ~forced)[None, :]
+            mass_forced = tl.sum(tl.where(forced[None, :], frac, 0.0), axis=1)  # [R_PAD]
+            lo = tl.full([R_PAD], -2147483649, tl.int64)  # the mass above lo is ≥ p (or lo is below every key)
+            hi = tl.full([R_PAD], 2147483647, tl.int64)  # the mass above hi is < p, if the forced mass is
+            for _ in range(33):
+                mid = lo + (hi - lo) // 2
+                above = mass_forced + tl.sum(tl.where(rest & (key > mid[:, None]), frac, 0.0), axis=1)
+                lo = tl.where(above < value, lo, mid)
+                hi = tl.where(above < value, mid, hi)
+            rows_keep = rest & (key >= hi[:, None]) & ((mass_forced < value) & rmask)[:, None]
+            keep = keep | (tl.max(rows_keep.to(tl.int32), axis=0) > 0)
     # Block lists: kept leaves first, ascending, then the others.
     keep_i = keep.to(tl.int32)
     num = tl.sum(keep_i, axis=0)
     dest = tl.where(keep, tl.cumsum(keep_i, axis=0) - 1, num + tl.cumsum(1 - keep_i, axis=0) - 1)
     tl.store(idx_ptr + bh * NB + dest, n.to(tl.int32), mask=nmask)
-    tl.store(keep_ptr + leaf, keep, mask=nmask)
+    tl.store(keep_ptr + leaf, keep_i.to(tl.int8), mask=nmask)
     tl.store(num_ptr + bh, num)
     n_live = tl.sum(live.to(tl.int32), axis=0)
     tl.store(frac_ptr + bh, num.to(tl.float32) / tl.maximum(n_live, 1).to(tl.float32))
-    # The certificate: an upper bound on the skipped leaves' mass (count·exp(bound)) and the kept top leaf's score.
-    skipped = live & ~keep
+    # The certificate: an upper bound on the skipped leaves' mass (count·exp(bound)), the kept top leaf's score.
+    skipped = (live & ~keep)[None, :]
     log_n = tl.log(tl.maximum(count, 1).to(tl.float32))
-    for r in tl.static_range(R):
-        row = bh * R + r
-        ub = tl.load(ub_ptr + row * NB + n, mask=nmask, other=float("-inf"))
-        mass = tl.where(skipped, ub + log_n, float("-inf"))
-        m = tl.max(mass, axis=0)
-        m_ref = tl.where(m == float("-inf"), 0.0, m)
-        tl.store(skip_ptr + row, m_ref + tl.log(tl.sum(tl.exp(mass - m_ref), axis=0)))
-        top = tl.max(tl.where(rows == r, tops, -1), axis=0)
-        exact = tl.max(tl.where(rows == r, exacts, float("-inf")), axis=0)
-        top_kept = tl.sum(tl.where(n == top, keep_i, 0), axis=0) > 0
-        tl.store(kept_lb_ptr + row, tl.where(top_kept, exact, float("-inf")))
-        if MODE == 0:
-            tl.store(tau_ptr + row, value)
-        else:
-            tl.store(tau_ptr + row, float("-inf"))
+    mass = tl.where(skipped, ub + log_n[None, :], float("-inf"))
+    m = tl.max(mass, axis=1)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    tl.store(skip_ptr + row, m_ref + tl.log(tl.sum(tl.exp(mass - m_ref[:, None]), axis=1)), mask=rmask)
+    top_kept = tl.max(((n[None, :] == top[:, None]) & keep[None, :]).to(tl.int32), axis=1) > 0
+    tl.store(kept_lb_ptr + row, tl.where(top_kept, exact, float("-inf")), mask=rmask)
+    if MODE == 0:
+        tl.store(tau_ptr + row, tl.full([R_PAD], value, tl.float32), mask=rmask)
+    else:
+        tl.store(tau_ptr + row, tl.full([R_PAD], float("-inf"), tl.float32), mask=rmask)
 
 
-@triton_op("hira::ball_search", mutates_args=())
+def select_launch(R: int, NB: int, D: int, BS: int) -> dict:
+    """The selection kernel's launch parameters: 8 warps, 16 from 8K leaves on (measured best at 128K and 1M,
+    benchmarks/bench_search_kernel.py), and key tiles of all channels for the exact score where ≤ 64K values."""
+    r_pad, nb_pad = triton.next_power_of_2(R), triton.next_power_of_2(NB)
+    exact_d = max(1, min(triton.next_power_of_2(D), 65536 // (r_pad * BS)))
+    return dict(EXACT_D=exact_d, num_warps=8 if r_pad * nb_pad <= 16384 else 16)
+
+
+@torch.library.custom_op("hira::ball_search", mutates_args=())
 def ball_search_op(
     q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, center: torch.Tensor, radius: torch.Tensor,
     count: torch.Tensor, var: torch.Tensor, magnitude: torch.Tensor, spread_weight: torch.Tensor,
@@ -246,13 +253,13 @@ def ball_search_op(
     ub_max = torch.empty_like(est_max)
     ub_arg = torch.empty(B, H, R, nch, device=q.device, dtype=torch.int32)
     q = q.contiguous()
-    d_chunk = min(32, triton.next_power_of_2(D))
-    wrap_triton(_leaf_bounds_kernel)[(B * H, nch)](
+    _leaf_bounds_kernel[(B * H, nch)](
         q, center.contiguous(), radius.contiguous(), count.contiguous(), var.contiguous(), magnitude.contiguous(),
         spread_weight.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, NB, nch, margin_coef,
-        R=R, R_PAD=triton.next_power_of_2(R), D=D, D_CHUNK=d_chunk, CHUNK=_CHUNK, num_warps=4,
+        R=R, R_PAD=triton.next_power_of_2(R), D=D, D_CHUNK=min(32, triton.next_power_of_2(D)), CHUNK=_CHUNK,
+        num_warps=4,
     )
-    keep = torch.empty(B, H, NB, device=q.device, dtype=torch.bool)
+    keep = torch.empty(B, H, NB, device=q.device, dtype=torch.int8)
     num = torch.empty(B, H, 1, device=q.device, dtype=torch.int32)
     idx = torch.empty(B, H, 1, NB, device=q.device, dtype=torch.int32)
     tau = torch.empty(B, H, R, **f32)
@@ -260,22 +267,32 @@ def ball_search_op(
     kept_lb = torch.empty_like(tau)
     frac = torch.empty(B, H, **f32)
     k = int(value) if mode == TOPK else 0
-    nb_pad = triton.next_power_of_2(NB)
-    wrap_triton(_select_kernel)[(B * H,)](
+    _select_kernel[(B * H,)](
         q, keys.contiguous(), valid.contiguous(), count.contiguous(), leaf_first.contiguous(),
         leaf_last.contiguous(), n_valid.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg,
         keep, num, idx, tau, skip, kept_lb, frac, H, NB, nch, C, value, k, sink_tokens, window_tokens,
-        MODE=mode, R=R, R_PAD=triton.next_power_of_2(R), D=D, D_CHUNK=d_chunk, BS=C // NB, NB_PAD=nb_pad, NCH_PAD=triton.next_power_of_2(nch),
-        num_warps=4 if nb_pad <= 2048 else 8,
+        MODE=mode, R=R, R_PAD=triton.next_power_of_2(R), D=D, BS=C // NB, NB_PAD=triton.next_power_of_2(NB),
+        NCH_PAD=triton.next_power_of_2(nch), **select_launch(R, NB, D, C // NB),
     )
-    return keep, num, idx, tau, skip, kept_lb, frac
+    return keep.view(torch.bool), num, idx, tau, skip, kept_lb, frac
+
+
+@ball_search_op.register_fake
+def _(q, keys, valid, center, *rest):
+    B, H, R, _ = q.shape
+    NB = center.shape[2]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    return (q.new_empty(B, H, NB, dtype=torch.bool), q.new_empty(B, H, 1, dtype=torch.int32),
+            q.new_empty(B, H, 1, NB, dtype=torch.int32), torch.empty(B, H, R, **f32), torch.empty(B, H, R, **f32),
+            torch.empty(B, H, R, **f32), torch.empty(B, H, **f32))
 
 
 def applies(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> bool:
     """Whether these kernels take the search: no key sketch, a covered mode, a decode step's rows, leaves that fit
     the selection program."""
-    return (index.sketch is None and type(threshold) in MODES and q.shape[2] <= MAX_ROWS
-            and index.num_leaves <= MAX_LEAVES)
+    B, H, R, _ = q.shape
+    size = B * H * triton.next_power_of_2(R) * triton.next_power_of_2(index.num_leaves)
+    return index.sketch is None and type(threshold) in MODES and R <= MAX_ROWS and size <= _MAX_SIZE
 
 
 def ball_search(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> tuple[torch.Tensor, ...]:

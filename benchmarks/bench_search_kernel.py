@@ -1,0 +1,125 @@
+#!/usr/bin/env python3
+"""Sweep the search kernels' launch parameters on CUDA: the bounds kernel (leaves per program, warps, channels per
+load) and the selection kernel (per mode: warps, channels per key tile of the exact score), each replayed alone
+from a CUDA graph, on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks).
+
+    python3 benchmarks/bench_search_kernel.py --out $OUT/search_kernel.md
+
+A floor row times one tiny kernel the same way (graph replay, L2 flushed before each rep).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+import triton
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from harness import HKV, D, device_name, fmt_size, graph_ms, md_table, write_report  # noqa: E402
+from hira.index.bounds import margin_factor  # noqa: E402
+from hira.selection import search_kernel as sk  # noqa: E402
+
+R, BS = 4, 128
+
+
+def leaves(B: int, NB: int, dev):
+    """Synthetic full leaves: centres, radii, counts, spreads, rank ranges, keys and query rows."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    C = NB * BS
+    f = dict(device=dev, dtype=torch.float32)
+    center = torch.randn(B, HKV, NB, D, generator=g, **f)
+    radius = torch.rand(B, HKV, NB, generator=g, **f) * 4
+    count = torch.full((B, HKV, NB), BS, device=dev, dtype=torch.int32)
+    var = torch.rand(B, HKV, NB, generator=g, **f)
+    mag = center.norm(dim=-1) + radius
+    first = (torch.arange(NB, device=dev, dtype=torch.int32) * BS).expand(B, HKV, NB).contiguous()
+    return dict(
+        q=torch.randn(B, HKV, R, D, generator=g, **f) * 0.2, keys=torch.randn(B, HKV, C, D, device=dev).bfloat16(),
+        valid=torch.ones(B, C, device=dev, dtype=torch.bool), center=center, radius=radius, count=count, var=var,
+        mag=mag, weight=torch.ones(B, HKV, **f), first=first, last=first + BS - 1,
+        n_valid=torch.full((B,), C, device=dev, dtype=torch.int64),
+    )
+
+
+def bounds_fn(t, chunk: int, warps: int):
+    B, H, _, _ = t["q"].shape
+    NB = t["center"].shape[2]
+    nch = triton.cdiv(NB, chunk)
+    f = dict(device=t["q"].device, dtype=torch.float32)
+    out = [torch.empty(B, H, R, NB, **f) for _ in range(2)] + [torch.empty(B, H, R, nch, **f) for _ in range(3)]
+    out.append(torch.empty(B, H, R, nch, device=t["q"].device, dtype=torch.int32))
+
+    def fn():
+        sk._leaf_bounds_kernel[(B * H, nch)](
+            t["q"], t["center"], t["radius"], t["count"], t["var"], t["mag"], t["weight"], *out, NB, nch,
+            margin_factor(D, True), R=R, R_PAD=16, D=D, D_PAD=D, CHUNK=chunk, num_warps=warps)
+        return out
+
+    return fn, out, nch
+
+
+def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int):
+    B, H, _, _ = t["q"].shape
+    NB = t["center"].shape[2]
+    C = NB * BS
+    dev = t["q"].device
+    f = dict(device=dev, dtype=torch.float32)
+    res = [torch.empty(B, H, NB, device=dev, dtype=torch.int8), torch.empty(B, H, 1, device=dev, dtype=torch.int32),
+           torch.empty(B, H, 1, NB, device=dev, dtype=torch.int32), torch.empty(B, H, R, **f),
+           torch.empty(B, H, R, **f), torch.empty(B, H, R, **f), torch.empty(B, H, **f)]
+
+    def fn():
+        sk._select_kernel[(B * H,)](
+            t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts, *res, H, NB, nch,
+            C, value, int(value) if mode == sk.TOPK else 0, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, EXACT_D=exact_d,
+            BS=BS, NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), num_warps=warps)
+        return res
+
+    return fn
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shapes", default="1024:1,8192:1,1024:8", help="leaves:batch list (1024 leaves = 128K)")
+    ap.add_argument("--rep-ms", type=float, default=20.0)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    rows = []
+    small = torch.zeros(16, device=dev)
+    floor = graph_ms(lambda: small.add_(1), dev, args.rep_ms)
+    rows.append(["—", "—", "floor: one tiny kernel", "—", f"{floor * 1e3:.1f}"])
+    print(f"floor {floor * 1e3:.1f} us", flush=True)
+    for shape in args.shapes.split(","):
+        NB, B = (int(x) for x in shape.split(":"))
+        t = leaves(B, NB, dev)
+        ctx = fmt_size(NB * BS)
+        for chunk, warps in itertools.product((16, 32, 64), (2, 4, 8)):
+            fn, _, _ = bounds_fn(t, chunk, warps)
+            us = graph_ms(fn, dev, args.rep_ms) * 1e3
+            rows.append([ctx, B, "bounds", f"chunk {chunk}, warps {warps}", f"{us:.1f}"])
+            print(rows[-1], flush=True)
+        fn, parts, nch = bounds_fn(t, sk._CHUNK, 4)
+        fn()
+        for (mode, value), warps in itertools.product(((sk.FIXED, 5.0), (sk.TOPK, NB // 100), (sk.TOPP, 0.99)),
+                                                      (4, 8, 16)):
+            for exact_d in ((32, 128) if mode == sk.FIXED else (sk.select_launch(R, NB, D, BS)["EXACT_D"],)):
+                us = graph_ms(select_fn(t, parts, nch, mode, value, warps, exact_d), dev, args.rep_ms) * 1e3
+                name = ("fixed", "topk", "topp")[mode]
+                rows.append([ctx, B, f"select {name}", f"warps {warps}, exact D {exact_d}", f"{us:.1f}"])
+                print(rows[-1], flush=True)
+    text = (f"# Search kernel sweep ({device_name(dev)}, torch {torch.__version__}, triton {triton.__version__})\n\n"
+            + md_table(["context", "B", "kernel", "launch", "µs (graph replay)"], rows) + "\n")
+    print(text)
+    if args.out:
+        write_report(args.out, text, {"rows": rows})
+
+
+if __name__ == "__main__":
+    main()

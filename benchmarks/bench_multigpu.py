@@ -10,6 +10,8 @@ For every context N (the whole sequence) and mode (dense; topk keeping 1% and 5%
     tokens; the time is the slowest rank's median;
   - Hira on one GPU (rank 0): ``hira.step.select`` + ``hira.api.attend_selection`` over an index of all N
     tokens, the ``HiraCache`` decode step without its append, and the largest difference of its output from the sharded one;
+  - dense context parallel on W ranks: ``hira.dense_sharded_attention`` (each rank SDPA's flash kernel over its
+    slice, one all-gather of output and LSE, exact merge), what W GPUs do without Hira; slowest rank;
   - SDPA dense (rank 0, ``enable_gqa=True``) over the N tokens.
 Each is timed eagerly (flex_attention compiled, the rest eager, host overhead included) and, where W = 1 (no
 collective to capture) or with ``--graph-collectives``, replayed from a CUDA graph. Timing: CUDA events around each
@@ -52,7 +54,9 @@ from harness import (  # noqa: E402
 )
 from hira.api import attend_selection, build_index_unchecked  # noqa: E402
 from hira.config import HiraConfig  # noqa: E402
-from hira.parallel import SequenceShard, build_shard_index, sharded_decode_attention  # noqa: E402
+from hira.parallel import (  # noqa: E402
+    SequenceShard, build_shard_index, dense_sharded_attention, sharded_decode_attention,
+)
 from hira.step import select  # noqa: E402
 from hira.selection.threshold import Dense, TopK  # noqa: E402
 
@@ -69,11 +73,14 @@ def slowest(ms: float | None, device) -> float | None:
 
 
 def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: dict, log) -> None:
+    dense_rows = {}
     cfg = HiraConfig(block_size=args.block_size)
     room = args.block_size  # decode room past the prompt
     k, v, q = topic_kv(N, device, seed=N)
     local = build_shard_index(k, v, None, cfg, shard, N + room)
     single = build_index_unchecked(k, v, None, cfg, N + room) if shard.is_first else None
+    start, end = shard.slices(N, args.block_size)[shard.rank]
+    k_local, v_local = k[:, :, start:end].clone(), v[:, :, start:end].clone()  # the dense baseline's slice
     if not shard.is_first:
         del k, v
     memory["hira"] = (local.index.kv_nbytes() + local.index.index_nbytes()) / local.index.capacity
@@ -99,6 +106,20 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
                 ms = None
             row["sharded_graph"] = slowest(ms, device)
         out_sharded = sharded()
+        if fraction is None:  # the dense context-parallel baseline, once per context
+
+            def dense_cp():
+                return dense_sharded_attention(q, k_local, v_local, shard, scale)
+
+            dense_rows[N] = {"eager": slowest(timed_ms(dense_cp, device, args.reps), device), "graph": None}
+            if use_graph:
+                try:
+                    ms = timed_ms(capture_graph(dense_cp)[0].replay, device, args.reps)
+                except RuntimeError as e:
+                    log(f"  graph capture of the dense context-parallel step failed: {str(e)[:160]}")
+                    ms = None
+                dense_rows[N]["graph"] = slowest(ms, device)
+            dense_out = dense_cp()
         if shard.is_first:
 
             def one_gpu():
@@ -113,6 +134,8 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
             row["single_graph"] = timed_ms(capture_graph(one_gpu)[0].replay, device, args.reps) if cuda else None
             row["sdpa_graph"] = timed_ms(capture_graph(sdpa)[0].replay, device, args.reps) if cuda else None
             row["diff"] = (out_sharded.float() - one_gpu().float()).abs().max().item()
+            row["dense_cp"], row["dense_cp_graph"] = dense_rows[N]["eager"], dense_rows[N]["graph"]
+            row["dense_cp_diff"] = (dense_out.float() - sdpa().float()).abs().max().item()
             row["kept"] = float(select(single, q, thr, scale).kept_fraction.mean())
             rows.append(row)
             timings = ", ".join(f"{key}={val}" for key, val in row.items() if key not in ("context", "mode"))
@@ -130,20 +153,26 @@ def markdown(args, rows: list, memory: dict, meta: dict) -> str:
         "One decode attention step of one layer (32/8 heads, D 128, bf16, batch 1, block size "
         f"{args.block_size}), ms, median of {args.reps} calls. Hira on W ranks: slowest rank, search + sparse "
         "attention + exact merge; Hira on 1 GPU and SDPA: rank 0. Eager: host overhead included; graph: CUDA-graph "
-        "replay. Speedup: SDPA ÷ Hira on W ranks (graph where measured, else eager).",
+        "replay. Dense CP: ``hira.dense_sharded_attention``, each rank attends densely over its slice (SDPA's flash "
+        "kernel on CUDA) and one all-gather merges the partials exactly (slowest rank). Speedups: dense CP or "
+        "SDPA ÷ Hira on W ranks (graph where measured, else eager).",
         "",
     ]
     table = []
     for r in rows:
         hira_ms = r["sharded_graph"] if r["sharded_graph"] is not None else r["sharded"]
         sdpa_ms = r["sdpa_graph"] if r["sdpa_graph"] is not None and r["sharded_graph"] is not None else r["sdpa"]
+        cp_ms = r["dense_cp_graph"] if r["dense_cp_graph"] is not None and r["sharded_graph"] is not None \
+            else r["dense_cp"]
         table.append([fmt_size(r["context"], approx=True), r["mode"], f"{r['kept']:.1%}",
-                      *(fmt_num(r[k], 3) for k in ("sharded", "sharded_graph", "single", "single_graph", "sdpa",
-                                                   "sdpa_graph")),
-                      f"{sdpa_ms / hira_ms:.2f}×", f"{r['diff']:.2e}"])
-    lines.append(md_table(["context", "mode", "kept", f"Hira W={W} eager", f"Hira W={W} graph", "Hira 1 GPU eager",
-                           "Hira 1 GPU graph", "SDPA eager", "SDPA graph", "speedup vs SDPA", "max diff W vs 1"],
-                          table))
+                      *(fmt_num(r[k], 3) for k in ("sharded", "sharded_graph", "dense_cp", "dense_cp_graph",
+                                                   "single", "single_graph", "sdpa", "sdpa_graph")),
+                      f"{cp_ms / hira_ms:.2f}×", f"{sdpa_ms / hira_ms:.2f}×", f"{r['diff']:.2e}",
+                      f"{r['dense_cp_diff']:.2e}"])
+    lines.append(md_table(["context", "mode", "kept", f"Hira W={W} eager", f"Hira W={W} graph",
+                           f"dense CP W={W} eager", f"dense CP W={W} graph", "Hira 1 GPU eager", "Hira 1 GPU graph",
+                           "SDPA eager", "SDPA graph", "speedup vs dense CP", "speedup vs SDPA", "max diff W vs 1",
+                           "max diff dense CP vs SDPA"], table))
     if "hira" in memory:
         usable = meta["gpu_bytes"] - MODEL_WEIGHT_BYTES - args.reserve_gb * 1e9
         plain = 2 * HKV * D * torch.finfo(DTYPE).bits // 8

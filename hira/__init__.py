@@ -11,7 +11,7 @@ from hira.compat import CACHE_ARG
 from hira.config import HiraConfig
 from hira.index.index import HiraIndex
 from hira.modeling import HiraAttention, convert, revert
-from hira.parallel import SequenceShard, sharded_decode_attention
+from hira.parallel import SequenceShard, dense_sharded_attention, sharded_decode_attention
 from hira.selection.search import Selection
 from hira.selection.threshold import Certified, Dense, Fixed, Threshold, TopK, TopP
 
@@ -36,5 +36,6 @@ __all__ = [
     "decode_attention",
     "revert",
     "search",
+    "dense_sharded_attention",
     "sharded_decode_attention",
 ]

@@ -36,7 +36,7 @@ import torch.distributed as dist
 from hira.api import AttentionStats, attend_rows, build_index_unchecked
 from hira.cache import HiraLayer
 from hira.config import HiraConfig
-from hira.flex.attention import fold_gqa, merge_partials, unfold_gqa
+from hira.flex.attention import dense_attention_lse, fold_gqa, merge_partials, unfold_gqa
 from hira.index.index import HiraIndex, append
 from hira.selection.search import LeafBounds, Selection, fold_exact_score, local_select, search_rows, select_leaves
 from hira.selection.threshold import Threshold
@@ -286,9 +286,7 @@ def sharded_attend(
         -1,
     )  # [B, H, R, D + 7]
     every = _all_gather(packed, local.shard)  # [W, B, H, R, D + 7]
-    out, lse = every[0, ..., :D], every[0, ..., D]
-    for part in every[1:]:
-        out, lse = merge_partials(out, lse, part[..., :D], part[..., D])
+    out, lse = _merge_ranks(every, D)
     log_skip_ub = every[..., D + 1].logsumexp(0)  # [B, H, R]
     log_kept_lb = every[..., D + 2].logsumexp(0)
     tokens_read, tokens, kept, live = every[:, :, :, 0, D + 3 :].sum(0).unbind(-1)  # [B, H] each
@@ -299,6 +297,49 @@ def sharded_attend(
         prior_skip_bound=unfold_gqa(torch.sigmoid(log_skip_ub - log_kept_lb).nan_to_num(nan=0.0), Hq),
     )
     return unfold_gqa(out, Hq).to(q.dtype), stats
+
+
+def _merge_ranks(every: torch.Tensor, D: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact merge of every rank's partial attention, ``every`` [W, ..., ≥ D + 1] holding each rank's output in
+    [..., :D] and its LSE in [..., D]: (out [..., D] float32, lse [...])."""
+    out, lse = every[0, ..., :D], every[0, ..., D]
+    for part in every[1:]:
+        out, lse = merge_partials(out, lse, part[..., :D], part[..., D])
+    return out, lse
+
+
+def dense_sharded_attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, shard: SequenceShard, scale: float | None = None,
+    key_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense context-parallel decode attention, the baseline Hira's sharded step is measured against: every rank
+    attends densely over its own slice of the sequence, then one all-gather of (output, LSE) merges the partials
+    exactly (ring-attention-style decode, what several GPUs do without Hira). A collective.
+
+    On CUDA, for 16-bit K and V without a key mask, each rank's part is SDPA's flash kernel (GQA folded into the
+    query rows, so K and V are read once per KV head); otherwise plain attention in float32.
+
+    Args:
+        q: [B, Hq, S, D] post-RoPE queries (the same on every rank); keys, values: [B, H, n, D] this rank's slice;
+            key_mask: [B, n] bool real tokens of the slice (None: all real).
+        shard: the process group.
+        scale: softmax scale; default 1/sqrt(D).
+    Returns:
+        [B, Hq, S, D] in q's dtype, the same on every rank.
+    """
+    H, D = keys.shape[1], keys.shape[-1]
+    if q.ndim != 4 or q.shape[1] % H or q.shape[-1] != D or values.shape != keys.shape:
+        raise ValueError(f"q must be [B, Hq, S, {D}] with Hq a multiple of {H} KV heads and values shaped as keys "
+                         f"{tuple(keys.shape)}, got q {tuple(q.shape)} and values {tuple(values.shape)}")
+    scale = D**-0.5 if scale is None else scale
+    rows = fold_gqa(q, H).to(keys.dtype)  # [B, H, R, D]
+    if rows.is_cuda and key_mask is None and keys.shape[2] > 0 and keys.dtype in (torch.float16, torch.bfloat16):
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(rows, keys, values, scale=scale)[:2]
+    else:
+        mask = key_mask if key_mask is not None else keys.new_ones(keys.shape[0], keys.shape[2], dtype=torch.bool)
+        out, lse = dense_attention_lse(rows, keys, values, mask, scale)
+    every = _all_gather(torch.cat([out.float(), lse.float()[..., None]], -1), shard)  # [W, B, H, R, D + 1]
+    return unfold_gqa(_merge_ranks(every, D)[0], q.shape[1]).to(q.dtype)
 
 
 def sharded_decode_attention(

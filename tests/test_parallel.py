@@ -22,6 +22,7 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 from reference import kept_tokens
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -32,6 +33,7 @@ from hira.index.index import append
 from hira.parallel import (
     SequenceShard,
     build_shard_index,
+    dense_sharded_attention,
     shard_append,
     sharded_attend,
     sharded_decode_attention,
@@ -136,6 +138,23 @@ def _check_functional(device: str, modes: list[hira.Threshold]) -> None:
     out, _ = sharded_decode_attention(q[-1], local, MODES[-1], scale)
     ref, _ = sharded_attend(q[-1], local, sharded_search(local, fold_gqa(q[-1], HKV) * scale, MODES[-1]), scale)
     torch.testing.assert_close(out, ref, atol=0, rtol=0)
+    _check_dense_baseline(shard, k, v, q[-1], scale, start, end)
+
+
+def _check_dense_baseline(shard, k, v, q, scale, start, end, atol=1e-5) -> None:
+    """The dense context-parallel baseline over each rank's slice equals dense attention over the whole sequence, with
+    padding masked (a rank may hold only padding) or without a mask."""
+    n = k.shape[2]
+    stop = n if shard.is_last else end
+    ref = F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)
+    out = dense_sharded_attention(q, k[:, :, start:stop], v[:, :, start:stop], shard, scale)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+    _same_on_every_rank(out)
+    mask = torch.ones(B, n, dtype=torch.bool, device=k.device)
+    mask[:, : shard.slices(N, BS)[0][1]] = False  # the first rank's slice is all padding
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None, None, :], scale=scale, enable_gqa=True)
+    out = dense_sharded_attention(q, k[:, :, start:stop], v[:, :, start:stop], shard, scale, mask[:, start:stop])
+    torch.testing.assert_close(out, ref, atol=atol, rtol=0)
 
 
 PROMPT = 160  # 10 blocks of 16: slices 80 + 80 on 2 ranks, 64 + 48 + 48 on 3; (PROMPT - 32) / 16 middle blocks
@@ -207,6 +226,20 @@ def _check_all(device: str, modes: list[hira.Threshold]) -> None:
 @pytest.mark.parametrize("world", [2, 3])
 def test_sharded_matches_single_process(world):
     _spawn(world, _check_all, MODES if world == 2 else [MODES[0], MODES[2], MODES[4]])
+
+
+def _check_dense_baseline_alone(device: str) -> None:
+    shard = SequenceShard()
+    k, v, q = _data(device)
+    start, end = shard.slices(N, BS)[shard.rank]
+    bf16 = [t.bfloat16() for t in (k, v, q[-1])]  # SDPA's flash kernel takes 16-bit inputs
+    _check_dense_baseline(shard, *bf16, D**-0.5, start, end, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the flash path of the dense baseline runs on CUDA")
+def test_dense_baseline_flash_path_on_one_gpu():
+    """On CUDA the dense context-parallel baseline's unmasked part is SDPA's flash kernel with its LSE."""
+    _spawn(1, _check_dense_baseline_alone, device="cuda")
 
 
 def test_bad_shard_arguments():

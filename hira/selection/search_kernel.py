@@ -16,8 +16,13 @@ Here:
    bounds of the certificate.
 
 The rules are the tensor program's (``hira.selection.threshold``) restated without a sort; ties are broken by
-index (the tensor program's ``topk`` leaves them unspecified). The tests compare the two bit for bit on CUDA.
-``Certified``, the key sketch and the sharded search keep the tensor program.
+index (the tensor program's ``topk`` leaves them unspecified) and ``TopP`` keeps every leaf tied at its cut. The
+tests compare the two on CUDA and, in triton's interpreter, on the CPU: the same selection up to ties. ``Certified``,
+the key sketch and the sharded search keep the tensor program, and so do sizes past ``_MAX_SIZE``, where it is
+faster.
+
+Both kernels are one opaque custom operator, ``hira::ball_search``: inductor does not analyse them (as a
+``triton_op`` inside the compiled step, the attention read the block lists with wrong dependencies).
 
 Shapes: B batch, H KV heads, R query rows, NB leaves, BS block size, D head dim.
 """

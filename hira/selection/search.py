@@ -213,8 +213,8 @@ def search_rows(
     """Select the leaves to read for the given query rows.
 
     Tensor program (no validation, no host sync): compile-able with ``fullgraph=True``. On CUDA the ball path of
-    ``Fixed``, ``TopK`` and ``TopP`` runs as two Triton kernels instead (``hira.selection.search_kernel``), with the
-    same choice.
+    ``Fixed``, ``TopK`` and ``TopP`` runs as two Triton kernels instead, where they are faster
+    (``hira.selection.search_kernel``): the same choice up to ties.
 
     Args:
         index: the layer's index.
@@ -226,8 +226,9 @@ def search_rows(
     """
     if isinstance(threshold, Dense):
         return every_leaf(index, q)
-    if kernel and select is local_select and q.is_cuda and _KERNELS is not None and _KERNELS.applies(index, q, threshold):
-        return Selection(*_KERNELS.ball_search(index, q, threshold))
+    kernels = _KERNELS if kernel and select is local_select and q.is_cuda else None
+    if kernels is not None and kernels.applies(index, q, threshold):
+        return Selection(*kernels.ball_search(index, q, threshold))
     live = index.levels[0].count > 0  # [B, H, NB]
     bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
     top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the leaf with the largest bound per row

@@ -42,8 +42,9 @@ MODES = {Fixed: FIXED, TopK: TOPK, TopP: TOPP}
 MAX_ROWS = 16  # query rows per KV head the kernels take (a decode step: G·S ≤ 16)
 _CHUNK = 32  # leaves per program of the bounds kernel
 # Where the kernels beat the compiled tensor program (H200, benchmarks/NOTES.md §17): batch · KV heads · rows ·
-# leaves ≤ 64K (128K tokens at batch 1 with 8 KV heads, 4 rows). Past it the selection program's work per KV head
-# (TopP at 512K: 114 against 98 µs) or the bounds kernel's bandwidth (batch 8: 106 against 99 µs) loses.
+# leaves ≤ 64K: 256K tokens at batch 1 with 8 KV heads and 4 rows, between 128K (the kernels won: 31 against 51 µs)
+# and 512K, where the selection program's work per KV head lost (TopP: 114 against 98 µs), as the bounds kernel's
+# bandwidth did at batch 8 (106 against 99 µs).
 _MAX_SIZE = 65536
 
 

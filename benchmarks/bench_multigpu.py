@@ -73,7 +73,6 @@ def slowest(ms: float | None, device) -> float | None:
 
 
 def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: dict, log) -> None:
-    dense_rows = {}
     cfg = HiraConfig(block_size=args.block_size)
     room = args.block_size  # decode room past the prompt
     k, v, q = topic_kv(N, device, seed=N)
@@ -106,19 +105,19 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
                 ms = None
             row["sharded_graph"] = slowest(ms, device)
         out_sharded = sharded()
-        if fraction is None:  # the dense context-parallel baseline, once per context
+        if fraction is None:  # the dense context-parallel baseline, once per context (MODES lists dense first)
 
             def dense_cp():
                 return dense_sharded_attention(q, k_local, v_local, shard, scale)
 
-            dense_rows[N] = {"eager": slowest(timed_ms(dense_cp, device, args.reps), device), "graph": None}
+            dense_cp_ms, dense_cp_graph_ms = slowest(timed_ms(dense_cp, device, args.reps), device), None
             if use_graph:
                 try:
                     ms = timed_ms(capture_graph(dense_cp)[0].replay, device, args.reps)
                 except RuntimeError as e:
                     log(f"  graph capture of the dense context-parallel step failed: {str(e)[:160]}")
                     ms = None
-                dense_rows[N]["graph"] = slowest(ms, device)
+                dense_cp_graph_ms = slowest(ms, device)
             dense_out = dense_cp()
         if shard.is_first:
 
@@ -134,7 +133,7 @@ def run_context(args, shard: SequenceShard, device, N: int, rows: list, memory: 
             row["single_graph"] = timed_ms(capture_graph(one_gpu)[0].replay, device, args.reps) if cuda else None
             row["sdpa_graph"] = timed_ms(capture_graph(sdpa)[0].replay, device, args.reps) if cuda else None
             row["diff"] = (out_sharded.float() - one_gpu().float()).abs().max().item()
-            row["dense_cp"], row["dense_cp_graph"] = dense_rows[N]["eager"], dense_rows[N]["graph"]
+            row["dense_cp"], row["dense_cp_graph"] = dense_cp_ms, dense_cp_graph_ms
             row["dense_cp_diff"] = (dense_out.float() - sdpa().float()).abs().max().item()
             row["kept"] = float(select(single, q, thr, scale).kept_fraction.mean())
             rows.append(row)

@@ -35,7 +35,7 @@ import triton.language as tl
 
 from hira.index.bounds import margin_factor
 from hira.index.index import HiraIndex
-from hira.selection.threshold import Fixed, Threshold, TopK, TopP
+from hira.selection.threshold import Fixed, Threshold, TopK, TopP, name_and_value
 
 FIXED, TOPK, TOPP = 0, 1, 2  # the modes this search covers, as the kernels' MODE
 MODES = {Fixed: FIXED, TopK: TOPK, TopP: TOPP}
@@ -127,6 +127,7 @@ def _select_kernel(
     leaf = bh * NB + n
     count = tl.load(count_ptr + leaf, mask=nmask, other=0)
     live = count > 0
+    n_live = tl.sum(live.to(tl.int32), axis=0)
     first = tl.load(first_ptr + leaf, mask=nmask, other=-1)
     last = tl.load(last_ptr + leaf, mask=nmask, other=-1)
     n_valid = tl.load(n_valid_ptr + b)
@@ -174,7 +175,7 @@ def _select_kernel(
             # float bits (shares ≥ 0), then the shares above it and, of those equal to it, the first by index.
             share = tl.sum(frac, axis=0)
             bits = tl.where(live, share.to(tl.int32, bitcast=True), -1)
-            kk = tl.minimum(k, tl.sum(live.to(tl.int32), axis=0))
+            kk = tl.minimum(k, n_live)
             lo = tl.full([], 0, tl.int32)  # at least kk shares are ≥ lo
             hi = tl.full([], 0x7F800001, tl.int32)  # fewer than kk are ≥ hi
             for _ in range(31):
@@ -209,7 +210,6 @@ def _select_kernel(
     tl.store(idx_ptr + bh * NB + dest, n.to(tl.int32), mask=nmask)
     tl.store(keep_ptr + leaf, keep_i.to(tl.int8), mask=nmask)
     tl.store(num_ptr + bh, num)
-    n_live = tl.sum(live.to(tl.int32), axis=0)
     tl.store(frac_ptr + bh, num.to(tl.float32) / tl.maximum(n_live, 1).to(tl.float32))
     # The certificate: an upper bound on the skipped leaves' mass (count·exp(bound)), the kept top leaf's score.
     skipped = (live & ~keep)[None, :]
@@ -304,7 +304,7 @@ def applies(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> bool:
 def ball_search(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> tuple[torch.Tensor, ...]:
     """``Selection``'s tensors for scaled query rows q [B, H, R, D] float32 (where ``applies``)."""
     leaves = index.levels[0]
-    value = float(getattr(threshold, {Fixed: "tau", TopK: "k", TopP: "p"}[type(threshold)]))
+    value = name_and_value(threshold)[1]  # τ, k or p
     return ball_search_op(
         q, index.keys, index.valid, leaves.center, leaves.radius, leaves.count, leaves.var, leaves.scale,
         index.spread_weight, index.leaf_first, index.leaf_last, index.n_valid, MODES[type(threshold)], value,

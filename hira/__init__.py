@@ -8,7 +8,7 @@ D head dim.
 from hira.api import AttentionStats, attend, build_index, decode_attention, search
 from hira.cache import HiraCache
 from hira.compat import CACHE_ARG
-from hira.config import HiraConfig
+from hira.config import HiraConfig, Offload
 from hira.index.index import HiraIndex
 from hira.modeling import HiraAttention, convert, revert
 from hira.parallel import SequenceShard, dense_sharded_attention, sharded_decode_attention
@@ -25,6 +25,7 @@ __all__ = [
     "HiraCache",
     "HiraConfig",
     "HiraIndex",
+    "Offload",
     "Selection",
     "SequenceShard",
     "Threshold",

@@ -19,9 +19,10 @@ import torch
 
 from hira.config import HiraConfig
 from hira.flex.attention import block_attention, dense_attention_lse, fold_gqa, merge_partials, unfold_gqa
-from hira.flex.mask import selection_block_mask
+from hira.flex.mask import block_lists, selection_block_mask
 from hira.index.index import HiraIndex
 from hira.index.index import build_index as _build_index
+from hira.offload.block_cache import BlockCache, fetch
 from hira.selection.search import Selection, search_rows
 from hira.selection.threshold import Threshold, TopP
 
@@ -178,14 +179,31 @@ def search(
 
 
 def attend_rows(
-    rows: torch.Tensor, index: HiraIndex, selection: Selection, scale: float
+    rows: torch.Tensor, index: HiraIndex, selection: Selection, scale: float, cache: BlockCache | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Compiled flex attention of folded query rows [B, H, R, D] (the index's dtype) over the selected blocks:
-    (out [B, H, R, D], lse [B, H, R] float32)."""
-    mask = selection_block_mask(
-        selection.kv_num_blocks, selection.kv_indices, selection.keep, index.valid, index.block_size, rows.shape[2]
-    )
-    return block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
+    (out [B, H, R, D], lse [B, H, R] float32).
+
+    With a block ``cache`` (K and V in the host tier, ``hira.offload``) the selection is fetched into it first; the
+    blocks in slots are read from the cache, any left without a slot from the host tier, and the two parts merged.
+    """
+    if cache is None:
+        mask = selection_block_mask(
+            selection.kv_num_blocks, selection.kv_indices, selection.keep, index.valid, index.block_size, rows.shape[2]
+        )
+        return block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
+    slot_keep, host_keep = fetch(index, cache, selection.keep)
+    R, BS = rows.shape[2], index.block_size
+    num, idx = block_lists(slot_keep)
+    mask = selection_block_mask(num[..., None], idx[:, :, None], slot_keep, index.valid, BS, R, cache.slot_block)
+    # Only the CPU path reads the slots' validity (for the LSE): gathered there alone.
+    slot_valid = None if rows.is_cuda else index.valid[:, None, :].expand(*cache.slot_block.shape[:2], -1).gather(
+        2, (cache.slot_block.clamp_min(0).long()[..., None] * BS + torch.arange(BS, device=rows.device)).flatten(2))
+    out, lse = block_attention(rows, cache.keys, cache.values, mask, slot_valid, scale, return_lse=True)
+    num, idx = block_lists(host_keep)
+    mask = selection_block_mask(num[..., None], idx[:, :, None], host_keep, index.valid, BS, R)
+    out_h, lse_h = block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
+    return merge_partials(out, lse, out_h, lse_h)
 
 
 def attend_selection(
@@ -194,11 +212,13 @@ def attend_selection(
     selection: Selection,
     scale: float,
     extra: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    cache: BlockCache | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
-    """``attend`` without validation: the tensor program a compiled decode step calls."""
+    """``attend`` without validation: the tensor program a compiled decode step calls (through the block ``cache``
+    when K and V are in the host tier)."""
     B, Hq, S, D = q.shape
     rows = fold_gqa(q, index.keys.shape[1]).to(index.keys.dtype)  # [B, H, G*S, D]
-    out, lse = attend_rows(rows, index, selection, scale)
+    out, lse = attend_rows(rows, index, selection, scale, cache)
     if extra is not None:
         k_x, v_x, m_x = extra
         out_x, lse_x = dense_attention_lse(rows, k_x.to(rows.dtype), v_x.to(rows.dtype), m_x, scale)

@@ -30,6 +30,8 @@ from hira.api import AttentionStats, build_index_unchecked
 from hira.config import HiraConfig
 from hira.flex.attention import chunk_attention, fold_gqa
 from hira.index.index import HiraIndex, append, refresh_bounds
+from hira.offload.block_cache import BlockCache, new_block_cache
+from hira.offload.host import to_host_tier
 from hira.selection.calibrate import calibrate_spread
 from hira.selection.threshold import Dense, Threshold, TopK, TopP
 from hira.step import run_decode_step
@@ -71,6 +73,8 @@ class HiraLayer(CacheLayerMixin):
         self.length = torch.zeros((), dtype=torch.int64)  # tokens seen, a 0-d tensor advanced in place
         self.last_stats: AttentionStats | None = None  # buffers the decode step overwrites
         self.threshold = config.threshold  # the decode steps' mode, chosen at each prefill (``_choose_threshold``)
+        self.block_cache: BlockCache | None = None  # with HiraConfig.offload: the GPU slots in front of the host tier
+        self.offload_share = 1.0  # this layer's part of ``Offload.bytes`` (set by HiraCache)
 
     # --- transformers' CacheLayerMixin contract -------------------------------------------------------------
     def lazy_initialization(self, key_states, value_states) -> None:
@@ -147,9 +151,14 @@ class HiraLayer(CacheLayerMixin):
         old = self.index
         if old is not None and [t.shape for t in old.tensors()] == [t.shape for t in index.tensors()]:
             for dst, src in zip(old.tensors(), index.tensors()):
-                dst.copy_(src)
+                dst.copy_(src)  # K and V into the host tier where they are there
             self._clear_stats()
+            if self.block_cache is not None:
+                self.block_cache.clear()
             return
+        if self.config.offload is not None:
+            index.keys, index.values = to_host_tier(index.keys), to_host_tier(index.values)
+            self.block_cache = new_block_cache(index, self._cache_slots(index))
         self.index = index
         dev = index.keys.device
         self.length = self.length.to(dev)
@@ -157,8 +166,24 @@ class HiraLayer(CacheLayerMixin):
         shapes = ((B, H), (B, H), (B, Hq, 1), (B, Hq, 1))  # kept / read fraction, posterior / prior skip bound
         self.last_stats = AttentionStats(*(torch.empty(shape, device=dev) for shape in shapes))
         self._clear_stats()
-        for t in (*index.tensors(), self.length, *self.last_stats.tensors()):
+        cache = self.block_cache.tensors() if self.block_cache is not None else ()
+        for t in (*index.tensors(), *cache, self.length, *self.last_stats.tensors()):
             torch._dynamo.mark_static_address(t)
+
+    def _cache_slots(self, index: HiraIndex) -> int:
+        """Slots per batch row and KV head of the layer's block cache, from ``HiraConfig.offload``."""
+        offload = self.config.offload
+        if offload.blocks is not None:
+            return min(offload.blocks, index.num_leaves)
+        B, H, _, D = index.keys.shape
+        per_slot = 2 * B * H * index.block_size * D * index.keys.element_size()
+        slots = int(offload.bytes * self.offload_share) // per_slot
+        if slots < 1:
+            raise ValueError(
+                f"Offload(bytes={offload.bytes}) leaves layer {self.layer_idx} less than one block per batch row and "
+                f"KV head ({per_slot} bytes at batch {B}): give it more bytes, or blocks=n"
+            )
+        return min(slots, index.num_leaves)
 
     def _clear_stats(self) -> None:
         """NaN stats: no decode step since the last prefill (a flag in a tensor, so the step never reads a Python
@@ -195,6 +220,8 @@ class HiraLayer(CacheLayerMixin):
         if isinstance(self.threshold, Dense) and not self.config.recluster_on_prefill:
             refresh_bounds(index)  # the dense decode steps since the last prefill left the bounds stale
         append(index, k, v)
+        if self.block_cache is not None:
+            self.block_cache.clear()  # the blocks the chunk wrote may be resident
         rank_range = (index.rank, index.leaf_first, index.leaf_last, index.levels[0].count)
         out = chunk_attention(q, index.keys, index.values, index.n_valid, rank_range, scale)
         if self.config.recluster_on_prefill:
@@ -250,7 +277,7 @@ class HiraLayer(CacheLayerMixin):
         return self._build(k, v, key_mask)
 
     def _decode(self, q, k, v, scale):
-        return run_decode_step(self.index, q, k, v, self.threshold, scale, self.last_stats)
+        return run_decode_step(self.index, q, k, v, self.threshold, scale, self.last_stats, self.block_cache)
 
 
 class HiraCache(Cache):
@@ -276,6 +303,8 @@ class HiraCache(Cache):
             raise ValueError(f"shard must be a hira.SequenceShard or None, got {type(shard).__name__}")
         self.hira_config = config or HiraConfig()
         self.shard = shard
+        if shard is not None and self.hira_config.offload is not None:
+            raise ValueError("HiraConfig.offload does not combine with a SequenceShard yet: use one or the other")
         text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
         capacity = self.hira_config.max_cache_len
         if capacity == -1:
@@ -291,6 +320,9 @@ class HiraCache(Cache):
                 layers[i] = HiraLayer(i, capacity, self.hira_config) if shard is None else shard.cache_layer(
                     i, capacity, self.hira_config
                 )
+        hira_layers = [layer for layer in layers if isinstance(layer, HiraLayer)]
+        for layer in hira_layers:
+            layer.offload_share = 1.0 / len(hira_layers)
         super().__init__(layers=layers)
 
     @contextlib.contextmanager
@@ -312,9 +344,11 @@ class HiraCache(Cache):
     def stats(self) -> list[dict[str, float] | None]:
         """Per layer, what the last decode step read: ``read_fraction`` (real keys in the blocks read over all real
         keys), ``kept_fraction`` (blocks), and ``skip_bound`` (certified bound on the softmax mass not read, max over
-        batch, heads and rows). ``None`` for a layer that has not decoded yet, and for a sliding-window layer (it
-        reads its whole window). Reads tensors to the host (a sync): call it between steps, not inside a compiled
-        step.
+        batch, heads and rows). With ``HiraConfig.offload`` also, per batch row and KV head on average, the blocks
+        the step kept (``blocks_kept``), copied in from host memory (``blocks_fetched``) and read from host memory
+        directly for want of a free slot (``blocks_from_host``). ``None`` for a layer that has not decoded yet, and
+        for a sliding-window layer (it reads its whole window). Reads tensors to the host (a sync): call it between
+        steps, not inside a compiled step.
         """
         out = []
         for layer in self.layers:
@@ -322,13 +356,16 @@ class HiraCache(Cache):
             if s is None or bool(s.read_fraction.isnan().all()):
                 out.append(None)
                 continue
-            out.append(
-                {
-                    "read_fraction": float(s.read_fraction.mean()),
-                    "kept_fraction": float(s.kept_fraction.mean()),
-                    "skip_bound": float(s.skip_bound.max()),
-                }
-            )
+            row = {
+                "read_fraction": float(s.read_fraction.mean()),
+                "kept_fraction": float(s.kept_fraction.mean()),
+                "skip_bound": float(s.skip_bound.max()),
+            }
+            if layer.block_cache is not None:
+                c = layer.block_cache
+                row.update(blocks_kept=float(c.kept.float().mean()), blocks_fetched=float(c.fetched.float().mean()),
+                           blocks_from_host=float(c.from_host.float().mean()))
+            out.append(row)
         return out
 
     def summary(self) -> dict[str, float]:

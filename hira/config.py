@@ -9,6 +9,33 @@ from hira.selection.threshold import Threshold, TopP
 CLUSTERINGS = ("pca", "kmeans", "none")
 
 
+@dataclass(frozen=True)
+class Offload:
+    """``HiraConfig.offload``: keep each layer's K and V in pinned host memory and read them through a GPU block cache
+    (``hira.offload``). The index (bounds, ranks, the sketch) stays on the GPU, so the search is unchanged; each
+    decode step copies in the selected blocks that are not resident. Give the cache's size one way:
+
+    Attributes:
+        blocks: slots per layer, batch row and KV head (each holds one block of K and V).
+        bytes: GPU bytes for the block caches of all the model's Hira layers together, split evenly.
+
+    A step whose selection outgrows the cache still reads every selected block: those left without a slot are read
+    from host memory directly. On the CPU the host tier is emulated (the same memory): the results are the same and
+    nothing is saved.
+    """
+
+    blocks: int | None = None
+    bytes: int | None = None
+
+    def __post_init__(self):
+        given = [name for name in ("blocks", "bytes") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"Offload needs exactly one of blocks= or bytes=, got {given or 'neither'}")
+        v = getattr(self, given[0])
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"Offload.{given[0]} must be an integer >= 1, got {v!r}")
+
+
 @dataclass
 class HiraConfig:
     """Configuration of Hira. Validated in ``__post_init__``; a bad value raises a ValueError naming the field.
@@ -40,6 +67,7 @@ class HiraConfig:
         calibration_queries: with a budgeted threshold (``TopK``, ``TopP``) and no key sketch, the last this many
             queries of each prefill choose, per batch row and KV head, the weight of the spread term in the mass
             estimate (``hira.selection.calibrate``): W rows of exact attention at prefill. 0: no calibration.
+        offload: an ``Offload`` to keep K and V in host memory behind a GPU block cache, or None (all on the GPU).
     """
 
     block_size: int = 128
@@ -55,6 +83,7 @@ class HiraConfig:
     recluster_on_prefill: bool = True
     dense_layers: tuple[int, ...] = ()
     calibration_queries: int = 32
+    offload: Offload | None = None
 
     def __post_init__(self):
         bs = self.block_size
@@ -78,6 +107,8 @@ class HiraConfig:
                 raise ValueError(f"HiraConfig.{name} must be an integer >= 0, got {v!r}")
         if not isinstance(self.max_cache_len, int) or (self.max_cache_len < 1 and self.max_cache_len != -1):
             raise ValueError(f"HiraConfig.max_cache_len must be -1 (from the model) or >= 1, got {self.max_cache_len!r}")
+        if self.offload is not None and not isinstance(self.offload, Offload):
+            raise ValueError(f"HiraConfig.offload must be a hira.Offload or None, got {self.offload!r}")
         self.dense_layers = tuple(self.dense_layers)
         if any(not isinstance(i, int) or i < 0 for i in self.dense_layers):
             raise ValueError(f"HiraConfig.dense_layers must hold layer indices >= 0, got {self.dense_layers!r}")

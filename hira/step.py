@@ -26,6 +26,7 @@ from hira.flex.attention import fold_gqa
 from hira.index.bounds import NodeBounds
 from hira.index.index import HiraIndex, append, check_room
 from hira.index.sketch import KeySketch
+from hira.offload.block_cache import BlockCache, write_newest
 from hira.selection.search import Selection, search_rows
 from hira.selection.threshold import Dense, Threshold, from_name, name_and_value
 
@@ -54,9 +55,11 @@ def select(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: float
     return search_rows(index, rows, threshold, kernel=kernel)
 
 
-def run(q: torch.Tensor, index: HiraIndex, selection: Selection, scale: float, stats: AttentionStats) -> torch.Tensor:
-    """Attend over the selected blocks and overwrite ``stats`` in place; returns [B, Hq, 1, D] in q's dtype."""
-    out, new = attend_selection(q, index, selection, scale)
+def run(q: torch.Tensor, index: HiraIndex, selection: Selection, scale: float, stats: AttentionStats,
+        cache: BlockCache | None = None) -> torch.Tensor:
+    """Attend over the selected blocks (through the block ``cache`` when K and V are in the host tier) and
+    overwrite ``stats`` in place; returns [B, Hq, 1, D] in q's dtype."""
+    out, new = attend_selection(q, index, selection, scale, cache=cache)
     for dst, src in zip(stats.tensors(), new.tensors()):
         dst.copy_(src)
     return out
@@ -70,6 +73,7 @@ def decode_step(
     threshold: Threshold,
     scale: float,
     stats: AttentionStats,
+    cache: BlockCache | None = None,
 ) -> torch.Tensor:
     """One decode step of one layer.
 
@@ -78,10 +82,14 @@ def decode_step(
         q: [B, Hq, 1, D] post-RoPE query; k, v: [B, H, 1, D] the new token's key and value.
         threshold: the search mode; scale: the softmax scale.
         stats: buffers overwritten in place with this step's ``AttentionStats``.
+        cache: the layer's block cache when its K and V are in the host tier (``hira.offload``), else None.
     Returns:
         [B, Hq, 1, D] attention output in q's dtype.
     """
-    return run(q, index, plan(index, q, k, v, threshold, scale), scale, stats)
+    selection = plan(index, q, k, v, threshold, scale)
+    if cache is not None:
+        write_newest(index, cache, k, v)
+    return run(q, index, selection, scale, stats, cache)
 
 
 def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, branching: int, sink_tokens: int,
@@ -96,11 +104,16 @@ def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, bran
                      block_size, branching, sink_tokens, window_tokens, sketch)
 
 
-def _flat_step(tensors, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size, branching,
-               sink_tokens, window_tokens):
+def _flat_step(tensors, cache, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size,
+               branching, sink_tokens, window_tokens):
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
     threshold = from_name(threshold_name, threshold_value)
-    return decode_step(index, q, k, v, threshold, scale, AttentionStats(*stats))
+    return decode_step(index, q, k, v, threshold, scale, AttentionStats(*stats), _cache(cache))
+
+
+def _cache(tensors: list[torch.Tensor]) -> BlockCache | None:
+    """The ``BlockCache`` whose ``tensors()`` are ``tensors`` (None for none)."""
+    return BlockCache(*tensors) if tensors else None
 
 
 def _flat_plan(tensors, q, k, v, threshold_name, threshold_value, scale, n_levels, block_size, branching,
@@ -115,39 +128,41 @@ _compiled_step = torch.compile(_flat_step, fullgraph=True, dynamic=False)
 _compiled_plan = torch.compile(_flat_plan, fullgraph=True, dynamic=False)
 
 
-def _step(tensors, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
+def _step(tensors, cache, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
     """On CUDA the whole step compiled as one graph; elsewhere the compiled plan, then ``run`` as it is. On the CPU
     (torch 2.13) flex_attention compiled in one graph with the BlockMask's construction returns wrong values
     (benchmarks/NOTES.md §11), while the process-wide compiled flex_attention that ``run`` calls is exact."""
     if q.is_cuda:
-        return _compiled_step(tensors, q, k, v, stats, *setting_and_layout)
+        return _compiled_step(tensors, cache, q, k, v, stats, *setting_and_layout)
     n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[3:]
     selection = Selection(*_compiled_plan(tensors, q, k, v, *setting_and_layout))
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    return run(q, index, selection, setting_and_layout[2], AttentionStats(*stats))
+    if cache:
+        write_newest(index, _cache(cache), k, v)
+    return run(q, index, selection, setting_and_layout[2], AttentionStats(*stats), _cache(cache))
 
 
-@torch.library.custom_op("hira::decode_step", mutates_args=("tensors", "stats"))
+@torch.library.custom_op("hira::decode_step", mutates_args=("tensors", "cache", "stats"))
 def _decode_step_op(
-    tensors: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: list[torch.Tensor],
+    tensors: list[torch.Tensor], cache: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: list[torch.Tensor],
     threshold_name: str, threshold_value: float, scale: float, n_levels: int, block_size: int, branching: int,
     sink_tokens: int, window_tokens: int,
 ) -> torch.Tensor:
-    return _step(tensors, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size, branching,
-                 sink_tokens, window_tokens)
+    return _step(tensors, cache, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size,
+                 branching, sink_tokens, window_tokens)
 
 
 @_decode_step_op.register_fake
-def _(tensors, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size, branching, sink_tokens,
+def _(tensors, cache, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size, branching, sink_tokens,
       window_tokens):
     return torch.empty_like(q)
 
 
-def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: float,
-                    stats: AttentionStats) -> torch.Tensor:
+def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: float, stats: AttentionStats,
+                    cache: BlockCache | None = None) -> torch.Tensor:
     """``decode_step`` as the module docstring says: inside a compiled model one operator, else the same compiled
     code called directly."""
-    args = (list(index.tensors()), q, k, v, list(stats.tensors()), *name_and_value(threshold), float(scale),
+    args = (list(index.tensors()), list(cache.tensors()) if cache is not None else [], q, k, v, list(stats.tensors()), *name_and_value(threshold), float(scale),
             len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
     if torch.compiler.is_compiling():
         return _decode_step_op(*args)

@@ -56,7 +56,7 @@ def _masked_lse(q_rows, keys, block_mask: BlockMask, valid, scale) -> torch.Tens
     listed = torch.arange(nb, device=keys.device) < num  # [B, H, NB]
     # kv_indices is a permutation of the blocks (kept first), so this scatter has no duplicate targets.
     read = torch.zeros(B, H, nb, dtype=torch.bool, device=keys.device).scatter_(2, idx, listed)
-    read_slots = read.repeat_interleave(bs, dim=-1) & valid[:, None, :]  # [B, H, C]
+    read_slots = read.repeat_interleave(bs, dim=-1) & (valid[:, None, :] if valid.ndim == 2 else valid)  # [B, H, C]
     s = (q_rows.float() @ keys.float().transpose(-1, -2)) * scale  # [B, H, R, C]
     return s.masked_fill(~read_slots[:, :, None, :], -math.inf).logsumexp(-1)
 
@@ -76,7 +76,8 @@ def block_attention(
         q_rows: [B, H, R, D] (R = G·S) in the storage dtype.
         keys, values: [B, H, C, D] storage.
         block_mask: from ``selection_block_mask``.
-        valid: [B, C] bool real-token slots (the mask's mask_mod reads the same tensor).
+        valid: [B, C] (or per head [B, H, C]) bool real-token slots of ``keys``: only the CPU path reads it, for the
+            LSE compiled flex_attention cannot return there.
         scale: softmax scale.
         return_lse: also return the log-sum-exp of the scaled scores read, [B, H, R] float32.
     Returns:

@@ -29,19 +29,29 @@ def block_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, torch.empty_like(ids).scatter_(-1, slot, ids)
 
 
-def selected_slots_mask(valid: torch.Tensor, keep: torch.Tensor, block_size: int):
+def selected_slots_mask(valid: torch.Tensor, keep: torch.Tensor, block_size: int, slot_block: torch.Tensor | None = None):
     """mask_mod reading a slot iff it holds a real token and its block was kept.
 
     The block lists already restrict compiled flex_attention to the kept blocks; stating them in the mask_mod too
     keeps eager flex_attention (which ignores block lists, DESIGN.md §3) exact, e.g. past a recompile limit.
 
-    valid: [B, C] bool; keep: [B, H, NB] bool. Both are read at call time, not copied.
+    valid: [B, C] bool real-token slots of the storage; keep: [B, H, M] bool kept blocks of the tensor read. That
+    tensor is the storage itself (M = NB), or, given ``slot_block`` [B, H, M] int32 (the storage block each of its
+    M blocks holds, -1: none), a block cache (``hira.offload.block_cache``) whose tokens' validity is read through
+    it. All are read at call time, not copied.
     """
+    if slot_block is None:
 
-    def hira_selected_slots(b, h, q_idx, kv_idx):
-        return valid[b, kv_idx] & keep[b, h, kv_idx // block_size]
+        def hira_selected_slots(b, h, q_idx, kv_idx):
+            return valid[b, kv_idx] & keep[b, h, kv_idx // block_size]
 
-    return hira_selected_slots
+        return hira_selected_slots
+
+    def hira_cached_slots(b, h, q_idx, kv_idx):
+        block = slot_block[b, h, kv_idx // block_size].clamp_min(0)
+        return valid[b, block * block_size + kv_idx % block_size] & keep[b, h, kv_idx // block_size]
+
+    return hira_cached_slots
 
 
 def selection_block_mask(
@@ -51,21 +61,24 @@ def selection_block_mask(
     valid: torch.Tensor,
     block_size: int,
     num_rows: int,
+    slot_block: torch.Tensor | None = None,
 ) -> BlockMask:
     """BlockMask reading the selected blocks for every query row.
 
     Args:
         kv_num_blocks: [B, H, 1] int32 blocks kept per KV head.
-        kv_indices: [B, H, 1, NB] int32 their indices first.
-        keep: [B, H, NB] bool the same selection as a table.
-        valid: [B, C] bool real-token slots.
-        block_size: KV block size BS (C = NB·BS).
+        kv_indices: [B, H, 1, M] int32 their indices first.
+        keep: [B, H, M] bool the same selection as a table.
+        valid: [B, C] bool real-token slots of the storage.
+        block_size: KV block size BS (the tensor read holds M·BS slots).
         num_rows: R query rows per KV head.
+        slot_block: None when the tensor read is the storage (M = NB, C = NB·BS); for a block cache, [B, H, M]
+            int32 the storage block each cache block holds (``selected_slots_mask``).
     """
     q_blocks = -(-num_rows // Q_BLOCK_SIZE)
-    B, H, _, NB = kv_indices.shape
+    B, H, _, M = kv_indices.shape
     num = kv_num_blocks.expand(B, H, q_blocks).contiguous()
-    idx = kv_indices.expand(B, H, q_blocks, NB).contiguous()
+    idx = kv_indices.expand(B, H, q_blocks, M).contiguous()
     # Empty full-block lists: the CPU decode template needs them present (DESIGN.md §3). On CUDA any full-block
     # list, even empty, makes the decode kernel size its KV splits by the context instead of the kept blocks
     # (measured 6.4x slower at 128K, 5% kept: benchmarks/NOTES.md), so there they are left out.
@@ -76,8 +89,8 @@ def selection_block_mask(
         full_num,
         full_idx,
         BLOCK_SIZE=(Q_BLOCK_SIZE, block_size),
-        mask_mod=selected_slots_mask(valid, keep, block_size),
-        seq_lengths=(num_rows, valid.shape[-1]),
+        mask_mod=selected_slots_mask(valid, keep, block_size, slot_block),
+        seq_lengths=(num_rows, M * block_size),
         compute_q_blocks=False,
     )
 

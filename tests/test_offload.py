@@ -1,0 +1,172 @@
+"""K and V in the host tier behind a block cache (``hira.offload``): the same outputs and stats as without it, for
+the same selection, whatever the cache's size (smaller than one step's selection included); the cache stays a copy
+of the storage; the copy kernel equals its tensor program; a model decodes the same tokens with offload.
+
+On the CPU the host tier is emulated (the same memory), so these tests check the cache's logic; on CUDA the storage
+is pinned host memory read through its device address.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from reference import make_key_mask
+
+import hira
+from hira.api import AttentionStats
+from hira.index.index import build_index
+from hira.offload.block_cache import copy_blocks_reference, new_block_cache
+from hira.offload.host import to_host_tier
+from hira.step import decode_step
+
+B, H, G, N, D, BS = 2, 2, 3, 150, 16, 16
+STEPS = 6
+CAPACITY = -(-N // BS) * BS + STEPS  # appends start at the next whole block
+NB = -(-CAPACITY // BS)  # leaves of the storage
+THRESHOLDS = [hira.TopK(2), hira.TopP(0.9), hira.Certified(1e-3), hira.Fixed(0.5), hira.Fixed(-math.inf)]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _index(seed: int, device, dtype):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(B, H, N, D, generator=gen)
+    v = torch.randn(B, H, N, D, generator=gen)
+    mask = make_key_mask("left", [N, N - 37], N, gen)
+    index = build_index(k.to(device, dtype), v.to(device, dtype), mask.to(device), block_size=BS, branching=2,
+                        sink_tokens=2, window_tokens=BS, capacity=CAPACITY)
+    return index, gen
+
+
+def _stats(device) -> AttentionStats:
+    return AttentionStats(*(torch.empty(s, device=device) for s in ((B, H), (B, H), (B, H * G, 1), (B, H * G, 1))))
+
+
+def _assert_cache_mirrors_storage(index, cache):
+    """Every resident block's slot holds the storage's block, and the two residency tables are inverse."""
+    for b in range(B):
+        for h in range(H):
+            for slot, block in enumerate(cache.slot_block[b, h].tolist()):
+                if block < 0:
+                    continue
+                assert cache.block_slot[b, h, block] == slot
+                s, t = slice(slot * BS, (slot + 1) * BS), slice(block * BS, (block + 1) * BS)
+                assert torch.equal(cache.keys[b, h, s].cpu(), index.keys[b, h, t].cpu())
+                assert torch.equal(cache.values[b, h, s].cpu(), index.values[b, h, t].cpu())
+            resident = (cache.block_slot[b, h] >= 0).sum()
+            assert resident == (cache.slot_block[b, h] >= 0).sum()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("slots", [1, 3, NB])
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), threshold=st.sampled_from(THRESHOLDS), drift=st.sampled_from([0.0, 0.3, 3.0]))
+def test_offloaded_steps_match_the_steps_without_offload(device, seed, slots, threshold, drift):
+    """STEPS decode steps through a block cache of 1 slot (most kept blocks read from the host tier), 3, or every
+    block: the same outputs and the same stats as without offload, and the cache a copy of the storage after each
+    step. ``drift`` moves the queries between steps, so blocks are fetched and evicted."""
+    torch.manual_seed(seed)
+    plain, gen = _index(seed, device, torch.float32)
+    offloaded = copy.deepcopy(plain)
+    offloaded.keys, offloaded.values = to_host_tier(offloaded.keys), to_host_tier(offloaded.values)
+    cache = new_block_cache(offloaded, slots)
+    stats_a, stats_b = _stats(device), _stats(device)
+    q = torch.randn(B, H * G, 1, D, generator=gen)
+    for _ in range(STEPS):
+        q = q + drift * torch.randn(q.shape, generator=gen)
+        k, v = torch.randn(B, H, 1, D, generator=gen), torch.randn(B, H, 1, D, generator=gen)
+        q, k, v = q.to(device), k.to(device), v.to(device)
+        out_a = decode_step(plain, q, k, v, threshold, D**-0.5, stats_a)
+        out_b = decode_step(offloaded, q, k, v, threshold, D**-0.5, stats_b, cache)
+        torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+        for a, b in zip(stats_a.tensors(), stats_b.tensors()):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, equal_nan=True)
+        live = (plain.levels[0].count > 0).sum(-1)
+        assert torch.equal(cache.kept, (stats_a.kept_fraction * live).round().int())  # the selection's blocks
+        assert bool((cache.fetched + cache.from_host <= cache.kept).all())
+        assert bool((cache.from_host == 0).all()) or slots < NB  # only a cache too small reads from the host tier
+        _assert_cache_mirrors_storage(offloaded, cache)
+
+
+def test_a_cache_of_every_block_fetches_each_block_once():
+    """With a slot per block and the same query every step, the first step fetches its selection and the later
+    ones fetch only blocks they did not read before (none, once the newest block is resident)."""
+    index, gen = _index(0, "cpu", torch.float32)
+    cache = new_block_cache(index, NB)
+    stats = _stats("cpu")
+    q = torch.randn(B, H * G, 1, D, generator=gen)
+    fetched = []
+    for _ in range(3):
+        k, v = torch.randn(B, H, 1, D, generator=gen), torch.randn(B, H, 1, D, generator=gen)
+        decode_step(index, q, k, v, hira.TopK(2), D**-0.5, stats, cache)
+        fetched.append(cache.fetched.clone())
+    assert torch.equal(fetched[0], cache.kept)  # a cold cache misses everything it keeps
+    assert int(fetched[2].sum()) == 0
+    assert int(cache.from_host.sum()) == 0
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), L=st.integers(1, 6), bs=st.sampled_from([16, 32]), d=st.sampled_from([8, 64]))
+def test_copy_kernel_matches_its_tensor_program(seed, L, bs, d):
+    """The Triton copy (in triton's interpreter on the CPU) writes exactly the listed blocks, and only the first
+    ``count`` of each list."""
+    from hira.offload.copy_kernel import copy_blocks_kernel
+
+    gen = torch.Generator().manual_seed(seed)
+    nb, m = 7, 6
+    src_k, src_v = (torch.randn(B, H, nb * bs, d, generator=gen).to(torch.bfloat16) for _ in range(2))
+    src_block = torch.stack([torch.stack([torch.randperm(nb, generator=gen)[:L] for _ in range(H)]) for _ in range(B)])
+    dst_slot = torch.stack([torch.stack([torch.randperm(m, generator=gen)[:L] for _ in range(H)]) for _ in range(B)])
+    count = torch.randint(0, L + 1, (B, H), generator=gen, dtype=torch.int32)
+    want_k, want_v = torch.zeros(B, H, m * bs, d, dtype=torch.bfloat16), torch.zeros(B, H, m * bs, d, dtype=torch.bfloat16)
+    got_k, got_v = want_k.clone(), want_v.clone()
+    args = (src_block.int(), dst_slot.int(), count, bs)
+    copy_blocks_reference(src_k, src_v, want_k, want_v, *args)
+    copy_blocks_kernel(src_k, src_v, got_k, got_v, *args)
+    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    assert int((want_k != 0).any(-1).sum()) == int(count.sum()) * bs  # the reference wrote count blocks, no more
+
+
+def test_offload_config_is_validated():
+    with pytest.raises(ValueError, match="exactly one of blocks= or bytes="):
+        hira.Offload()
+    with pytest.raises(ValueError, match="exactly one of blocks= or bytes="):
+        hira.Offload(blocks=2, bytes=10)
+    with pytest.raises(ValueError, match="Offload.blocks must be an integer >= 1"):
+        hira.Offload(blocks=0)
+    with pytest.raises(ValueError, match="HiraConfig.offload must be a hira.Offload"):
+        hira.HiraConfig(offload=4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("offload", [hira.Offload(blocks=2), hira.Offload(bytes=2 * 2 * 2 * 16 * 16 * 4 * 5)])
+def test_a_model_decodes_the_same_tokens_with_offload(offload):
+    """A converted tiny Llama generates the same tokens with K and V behind a block cache of 2 slots (fewer than a
+    step keeps) or of 5 slots set in bytes (2 layers, 2 KV heads, 16-token blocks of 16 float32 channels, K and
+    V), and reports what its caches fetched."""
+    from test_model import SPARSE, _greedy, _ids, _tiny
+
+    model = hira.convert(_tiny("llama"), SPARSE)
+    want = _greedy(model, _ids())
+    config = dataclasses.replace(SPARSE, offload=offload)
+    cache = hira.HiraCache(model.config, config)
+    assert torch.equal(_greedy(model, _ids(), **{hira.CACHE_ARG: cache}), want)
+    slots = 2 if offload.blocks else 5
+    for layer, stats in zip(cache.layers, cache.stats()):
+        assert layer.block_cache.slots == slots
+        assert stats["blocks_kept"] > 0 and stats["blocks_fetched"] + stats["blocks_from_host"] <= stats["blocks_kept"]
+        assert (stats["blocks_from_host"] > 0) == (slots < stats["blocks_kept"])
+
+
+def test_a_cache_too_small_for_one_block_is_refused():
+    from test_model import SPARSE, _greedy, _ids, _tiny
+
+    model = hira.convert(_tiny("llama"), SPARSE)
+    cache = hira.HiraCache(model.config, dataclasses.replace(SPARSE, offload=hira.Offload(bytes=1000)))
+    with pytest.raises(ValueError, match="less than one block per batch row and KV head"):
+        _greedy(model, _ids(), **{hira.CACHE_ARG: cache})

@@ -79,8 +79,9 @@ DEFAULT_GPU_COMBOS = "128:128K:1,128:512K:1,128:32K:1,128:1M:1,128:128K:8,64:128
 
 
 def build_batch(N: int, B: int, block_size: int, device, seed: int, clustering: str = "pca",
-                key_sketch: bool = False) -> tuple[HiraIndex, torch.Tensor, float]:
-    """Build the index one batch row at a time (peak memory of one row's clustering), stacked into one index."""
+                key_sketch: bool = False, capacity_slack: int = 0) -> tuple[HiraIndex, torch.Tensor, float]:
+    """Build the index one batch row at a time (peak memory of one row's clustering), stacked into one index, with
+    room for ``capacity_slack`` appended tokens."""
     if key_sketch and B > 1:
         raise ValueError("--key-sketch runs batch 1 combos only")
     full = None
@@ -92,7 +93,8 @@ def build_batch(N: int, B: int, block_size: int, device, seed: int, clustering: 
         sync(device)
         t0 = time.perf_counter()
         idx = build_index(keys, values, None, block_size=block_size, clustering=clustering, sink_tokens=SINKS,
-                          window_tokens=WINDOW, key_sketch=key_sketch)
+                          window_tokens=WINDOW, key_sketch=key_sketch,
+                          capacity=-(-N // block_size) * block_size + capacity_slack)
         sync(device)
         t_build += time.perf_counter() - t0
         del keys, values

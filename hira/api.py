@@ -19,10 +19,11 @@ import torch
 
 from hira.config import HiraConfig
 from hira.flex.attention import block_attention, dense_attention_lse, fold_gqa, merge_partials, unfold_gqa
-from hira.flex.mask import block_lists, selection_block_mask
+from hira.flex.mask import selection_block_mask
 from hira.index.index import HiraIndex
 from hira.index.index import build_index as _build_index
-from hira.offload.block_cache import BlockCache, fetch
+from hira.offload.attend import attend_offloaded
+from hira.offload.block_cache import BlockCache
 from hira.selection.search import Selection, search_rows
 from hira.selection.threshold import Threshold, TopP
 
@@ -192,18 +193,8 @@ def attend_rows(
             selection.kv_num_blocks, selection.kv_indices, selection.keep, index.valid, index.block_size, rows.shape[2]
         )
         return block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
-    slot_keep, host_keep = fetch(index, cache, selection.keep)
-    R, BS = rows.shape[2], index.block_size
-    num, idx = block_lists(slot_keep)
-    mask = selection_block_mask(num[..., None], idx[:, :, None], slot_keep, index.valid, BS, R, cache.slot_block)
-    # Only the CPU path reads the slots' validity (for the LSE): gathered there alone.
-    slot_valid = None if rows.is_cuda else index.valid[:, None, :].expand(*cache.slot_block.shape[:2], -1).gather(
-        2, (cache.slot_block.clamp_min(0).long()[..., None] * BS + torch.arange(BS, device=rows.device)).flatten(2))
-    out, lse = block_attention(rows, cache.keys, cache.values, mask, slot_valid, scale, return_lse=True)
-    num, idx = block_lists(host_keep)
-    mask = selection_block_mask(num[..., None], idx[:, :, None], host_keep, index.valid, BS, R)
-    out_h, lse_h = block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
-    return merge_partials(out, lse, out_h, lse_h)
+    return attend_offloaded(rows, index.keys, index.values, index.valid, cache, selection.keep, scale,
+                            index.block_size)
 
 
 def attend_selection(

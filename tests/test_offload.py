@@ -23,7 +23,7 @@ from hira.api import AttentionStats
 from hira.index.index import build_index
 from hira.offload.block_cache import copy_blocks_reference, new_block_cache
 from hira.offload.host import to_host_tier
-from hira.step import decode_step
+from hira.step import decode_step, run_decode_step
 
 B, H, G, N, D, BS = 2, 2, 3, 150, 16, 16
 STEPS = 6
@@ -76,11 +76,11 @@ def test_offloaded_steps_match_the_steps_without_offload(device, seed, slots, th
     offloaded.keys, offloaded.values = to_host_tier(offloaded.keys), to_host_tier(offloaded.values)
     cache = new_block_cache(offloaded, slots)
     stats_a, stats_b = _stats(device), _stats(device)
-    q = torch.randn(B, H * G, 1, D, generator=gen)
+    walk = torch.randn(B, H * G, 1, D, generator=gen)
     for _ in range(STEPS):
-        q = q + drift * torch.randn(q.shape, generator=gen)
+        walk = walk + drift * torch.randn(walk.shape, generator=gen)
         k, v = torch.randn(B, H, 1, D, generator=gen), torch.randn(B, H, 1, D, generator=gen)
-        q, k, v = q.to(device), k.to(device), v.to(device)
+        q, k, v = walk.to(device), k.to(device), v.to(device)
         out_a = decode_step(plain, q, k, v, threshold, D**-0.5, stats_a)
         out_b = decode_step(offloaded, q, k, v, threshold, D**-0.5, stats_b, cache)
         torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
@@ -91,6 +91,24 @@ def test_offloaded_steps_match_the_steps_without_offload(device, seed, slots, th
         assert bool((cache.fetched + cache.from_host <= cache.kept).all())
         assert bool((cache.from_host == 0).all()) or slots < NB  # only a cache too small reads from the host tier
         _assert_cache_mirrors_storage(offloaded, cache)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("threshold", [hira.TopK(2), hira.TopP(0.9), hira.Certified(1e-3)])
+def test_compiled_offloaded_step_matches_the_eager_step_without_offload(device, threshold):
+    """The decode step as a converted model runs it (``run_decode_step``: compiled, the offloaded attention one
+    opaque operator inside it) equals the eager step without offload, step after step."""
+    plain, gen = _index(1, device, torch.float32)
+    offloaded = copy.deepcopy(plain)
+    offloaded.keys, offloaded.values = to_host_tier(offloaded.keys), to_host_tier(offloaded.values)
+    cache = new_block_cache(offloaded, 3)
+    stats_a, stats_b = _stats(device), _stats(device)
+    for _ in range(STEPS):
+        q, k, v = (torch.randn(B, h, 1, D, generator=gen).to(device) for h in (H * G, H, H))
+        out_a = decode_step(plain, q, k, v, threshold, D**-0.5, stats_a)
+        out_b = run_decode_step(offloaded, q, k, v, threshold, D**-0.5, stats_b, cache)
+        torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+    _assert_cache_mirrors_storage(offloaded, cache)
 
 
 def test_a_cache_of_every_block_fetches_each_block_once():
@@ -113,22 +131,26 @@ def test_a_cache_of_every_block_fetches_each_block_once():
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), L=st.integers(1, 6), bs=st.sampled_from([16, 32]), d=st.sampled_from([8, 64]))
 def test_copy_kernel_matches_its_tensor_program(seed, L, bs, d):
-    """The Triton copy (in triton's interpreter on the CPU) writes exactly the listed blocks, and only the first
-    ``count`` of each list."""
+    """The Triton copy (on CUDA, else in triton's interpreter on the CPU) writes exactly the listed blocks, and only
+    the first ``count`` of each list."""
     from hira.offload.copy_kernel import copy_blocks_kernel
 
     gen = torch.Generator().manual_seed(seed)
     nb, m = 7, 6
     src_k, src_v = (torch.randn(B, H, nb * bs, d, generator=gen).to(torch.bfloat16) for _ in range(2))
-    src_block = torch.stack([torch.stack([torch.randperm(nb, generator=gen)[:L] for _ in range(H)]) for _ in range(B)])
-    dst_slot = torch.stack([torch.stack([torch.randperm(m, generator=gen)[:L] for _ in range(H)]) for _ in range(B)])
+    # The lists are slices of longer ones, as ``fetch`` passes them.
+    src_block = torch.stack([torch.stack([torch.randperm(nb, generator=gen) for _ in range(H)]) for _ in range(B)])
+    dst_slot = torch.stack([torch.stack([torch.randperm(m, generator=gen) for _ in range(H)]) for _ in range(B)])
+    src_block, dst_slot = src_block.int()[..., :L], dst_slot.int()[..., :L]
     count = torch.randint(0, L + 1, (B, H), generator=gen, dtype=torch.int32)
     want_k, want_v = torch.zeros(B, H, m * bs, d, dtype=torch.bfloat16), torch.zeros(B, H, m * bs, d, dtype=torch.bfloat16)
     got_k, got_v = want_k.clone(), want_v.clone()
-    args = (src_block.int(), dst_slot.int(), count, bs)
+    args = (src_block, dst_slot, count, bs)
     copy_blocks_reference(src_k, src_v, want_k, want_v, *args)
-    copy_blocks_kernel(src_k, src_v, got_k, got_v, *args)
-    assert torch.equal(got_k, want_k) and torch.equal(got_v, want_v)
+    dev = DEVICES[-1]
+    got = [t.to(dev) for t in (src_k, src_v, got_k, got_v, src_block, dst_slot, count)]
+    copy_blocks_kernel(*got, bs)
+    assert torch.equal(got[2].cpu(), want_k) and torch.equal(got[3].cpu(), want_v)
     assert int((want_k != 0).any(-1).sum()) == int(count.sum()) * bs  # the reference wrote count blocks, no more
 
 

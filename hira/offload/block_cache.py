@@ -142,11 +142,13 @@ def write_newest(index: HiraIndex, cache: BlockCache, k: torch.Tensor, v: torch.
         dst.scatter_(2, at, torch.where(resident, new.to(dst.dtype), dst.gather(2, at)))
 
 
-def fetch(index: HiraIndex, cache: BlockCache, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def fetch(cache: BlockCache, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_size: int
+          ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bring the kept blocks into the cache (in place) and say where each is read.
 
     Args:
         keep: [B, H, NB] bool the step's selection.
+        keys, values: [B, H, C, D] the storage (the host tier), in blocks of ``block_size`` slots.
     Returns:
         slot_keep [B, H, M] bool: slots holding a kept block (read from the cache);
         host_keep [B, H, NB] bool: kept blocks left without a slot (read from the host tier).
@@ -173,7 +175,7 @@ def fetch(index: HiraIndex, cache: BlockCache, keep: torch.Tensor) -> tuple[torc
     slot_block.scatter_(2, torch.where(placed, dst, M).long(), src)
     cache.block_slot.copy_(block_slot[..., :NB])
     cache.slot_block.copy_(slot_block[..., :M])
-    copy_blocks(index.keys, index.values, cache.keys, cache.values, src, dst, count, index.block_size)
+    copy_blocks(keys, values, cache.keys, cache.values, src, dst, count, block_size)
 
     slot_keep = keep.gather(2, cache.slot_block.clamp_min(0).long()) & (cache.slot_block >= 0)
     host_keep = keep & (cache.block_slot < 0)

@@ -39,12 +39,13 @@ def copy_blocks_kernel(
     src_keys: torch.Tensor, src_values: torch.Tensor, dst_keys: torch.Tensor, dst_values: torch.Tensor,
     src_block: torch.Tensor, dst_slot: torch.Tensor, count: torch.Tensor, block_size: int,
 ) -> None:
-    """``hira.offload.block_cache.copy_blocks`` on CUDA: the same arguments, all contiguous."""
+    """``hira.offload.block_cache.copy_blocks`` on CUDA: the same arguments (K and V contiguous; the lists may be
+    slices)."""
     B, H, C, D = src_keys.shape
     K = src_block.shape[-1]
     block = block_size * D
     _copy_blocks_kernel[(B * H, K)](
-        src_keys, src_values, dst_keys, dst_values, src_block, dst_slot, count,
+        src_keys, src_values, dst_keys, dst_values, src_block.contiguous(), dst_slot.contiguous(), count.contiguous(),
         K, C * D, dst_keys.shape[2] * D,
         BLOCK=block, CHUNK=min(_CHUNK, triton.next_power_of_2(block)), num_warps=4,
     )

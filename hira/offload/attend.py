@@ -1,0 +1,51 @@
+"""A decode step's attention through the block cache, as one opaque operator: fetch the selection, attend over the
+kept blocks in their slots and over those left in host memory, merge the two exactly.
+
+Opaque (``torch.library.custom_op``) so that inductor compiles the step around it, not into it: compiled into the
+step, this code met two inductor lowering errors on CUDA (torch 2.11; benchmarks/NOTES.md §18). Inside, the fetch
+runs as eager tensor ops and the two flex_attention calls as the process-wide compiled flex_attention: all device
+work without a host sync, so the step stays capturable in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hira.flex.attention import block_attention, merge_partials
+from hira.flex.mask import block_lists, selection_block_mask
+from hira.offload.block_cache import BlockCache, fetch
+
+
+def attend_offloaded(
+    rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, cache: BlockCache,
+    keep: torch.Tensor, scale: float, block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of query rows [B, H, R, D] over the kept blocks [B, H, NB] of the storage ``keys``/``values``
+    [B, H, C, D] (in the host tier, real slots ``valid`` [B, C]) through ``cache``: (out [B, H, R, D], lse
+    [B, H, R] float32). The cache is updated in place (``fetch``)."""
+    return _attend_offloaded(rows, keys, values, valid, list(cache.tensors()), keep, scale, block_size)
+
+
+@torch.library.custom_op("hira::attend_offloaded", mutates_args=("cache",))
+def _attend_offloaded(
+    rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, cache: list[torch.Tensor],
+    keep: torch.Tensor, scale: float, block_size: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    slots = BlockCache(*cache)
+    slot_keep, host_keep = fetch(slots, keep, keys, values, block_size)
+    R, BS = rows.shape[2], block_size
+    num, idx = block_lists(slot_keep)
+    mask = selection_block_mask(num[..., None], idx[:, :, None], slot_keep, valid, BS, R, slots.slot_block)
+    # Only the CPU path reads the slots' validity (for the LSE): gathered there alone.
+    slot_valid = None if rows.is_cuda else valid[:, None, :].expand(*slots.slot_block.shape[:2], -1).gather(
+        2, (slots.slot_block.clamp_min(0).long()[..., None] * BS + torch.arange(BS, device=rows.device)).flatten(2))
+    out, lse = block_attention(rows, slots.keys, slots.values, mask, slot_valid, scale, return_lse=True)
+    num, idx = block_lists(host_keep)
+    mask = selection_block_mask(num[..., None], idx[:, :, None], host_keep, valid, BS, R)
+    out_h, lse_h = block_attention(rows, keys, values, mask, valid, scale, return_lse=True)
+    return merge_partials(out, lse, out_h, lse_h)
+
+
+@_attend_offloaded.register_fake
+def _(rows, keys, values, valid, cache, keep, scale, block_size):
+    return torch.empty_like(rows), rows.new_empty(rows.shape[:3], dtype=torch.float32)

@@ -12,6 +12,10 @@ On CUDA the compiled code is the whole step in one graph; on the CPU it is ``pla
 (its flex_attention is compiled on its own), because compiled flex_attention in one graph with the BlockMask's
 construction returns wrong values there (``_step``).
 
+With K and V in host memory (``HiraConfig.offload``) the step also takes the layer's block cache: the new token is
+written to its resident slot (``write_newest``) and ``run`` attends through the cache (``hira.offload``), whose
+attention is one opaque operator inside the compiled step.
+
 Shapes: B batch, Hq query heads, H KV heads, G = Hq / H, D head dim.
 """
 

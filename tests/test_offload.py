@@ -192,3 +192,25 @@ def test_a_cache_too_small_for_one_block_is_refused():
     cache = hira.HiraCache(model.config, dataclasses.replace(SPARSE, offload=hira.Offload(bytes=1000)))
     with pytest.raises(ValueError, match="less than one block per batch row and KV head"):
         _greedy(model, _ids(), **{hira.CACHE_ARG: cache})
+
+
+@torch.no_grad()
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: generate compiles and graph-replays there")
+def test_generate_on_cuda_with_offload_is_compiled_and_decodes_the_same_tokens():
+    """On CUDA, generate with K and V in pinned host memory compiles and replays the decode (no CUDA graph skipped),
+    decodes the tokens of the same model without offload, and takes a second prompt on the reset cache."""
+    import torch._dynamo.utils as dynamo_utils
+    from test_model import _greedy, _tiny
+
+    config = hira.HiraConfig(block_size=64, threshold=hira.TopK(3), min_context=0, window_tokens=64,
+                             max_cache_len=768)
+    model = hira.convert(_tiny("llama").cuda(), config)
+    ids = torch.randint(3, 96, (2, 700), generator=torch.Generator().manual_seed(3)).cuda()
+    want = _greedy(model, ids, steps=24)
+    cache = hira.HiraCache(model.config, dataclasses.replace(config, offload=hira.Offload(blocks=4)))
+    dynamo_utils.counters.clear()
+    assert torch.equal(_greedy(model, ids, steps=24, **{hira.CACHE_ARG: cache}), want)
+    assert dynamo_utils.counters["inductor"]["cudagraph_skips"] == 0
+    assert all(s["blocks_from_host"] > 0 for s in cache.stats())  # 4 slots: fewer than a step keeps
+    cache.reset()
+    assert torch.equal(_greedy(model, ids, steps=24, **{hira.CACHE_ARG: cache}), want)

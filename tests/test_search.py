@@ -334,3 +334,25 @@ def test_prior_bound_is_one_when_a_rows_best_block_is_dropped(device):
     d = Searched(k.to(device), index, q, real_mask(None, 1, 2 * BS, device), 1.0, sel)
     assert_skip_bounds_hold(d)  # head 0 skipped mass = 1 / (1 + e^-10)
     assert sel.skip_bound[0, 0, 0] == 1.0
+
+
+def test_selections_past_the_scan_limit_are_the_tensor_programs():
+    """Past ``MAX_SCAN_BLOCKS`` leaves the block lists are a stable sort and the ``TopP`` and ``Certified`` rules
+    run as opaque operators (inductor failed to compile their prefix sums there on CUDA): the same results as the
+    tensor programs, eager and compiled."""
+    from hira.flex.mask import MAX_SCAN_BLOCKS, block_lists
+    from hira.selection import threshold as modes
+
+    gen = torch.Generator().manual_seed(0)
+    NB = MAX_SCAN_BLOCKS + 9
+    est = torch.randn(1, 2, 4, NB, generator=gen) * 3
+    forced = torch.rand(1, 2, NB, generator=gen) < 0.01
+    first = torch.rand(1, 2, 4, NB, generator=gen) < 0.01
+    keep = modes._topp_keep_program(est, forced, 0.9)
+    certified = modes._certified_keep_program(est, est - 1.0, first, 0.01)
+    for run in (lambda f: f, lambda f: torch.compile(f, fullgraph=True, dynamic=False)):
+        assert torch.equal(run(modes._topp_keep)(est, forced, 0.9), keep)
+        assert torch.equal(run(modes._certified_keep)(est, est - 1.0, first, 0.01), certified)
+        num, idx = run(block_lists)(keep)
+        assert torch.equal(num, keep.sum(-1, dtype=torch.int32))
+        assert torch.equal(idx, torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).int())

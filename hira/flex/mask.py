@@ -17,11 +17,18 @@ from torch.nn.attention.flex_attention import BlockMask
 Q_BLOCK_SIZE = 128
 
 
+# Past this many blocks, inductor (torch 2.11, CUDA) failed to compile a prefix sum along the blocks that feeds a
+# scatter (8,193 to 16,384 measured, benchmarks/NOTES.md §18): code with that pattern takes another form there.
+MAX_SCAN_BLOCKS = 8192
+
+
 def block_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FlexAttention's block lists of a keep table [..., NB] bool: (count [...] int32, indices [..., NB] int32:
     the kept blocks first in ascending order, then the others), by a stable compaction through prefix sums (no
-    sort)."""
+    sort), or a stable sort past ``MAX_SCAN_BLOCKS``."""
     num = keep.sum(-1, dtype=torch.int32)
+    if keep.shape[-1] > MAX_SCAN_BLOCKS:
+        return num, torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
     kept_pos = keep.cumsum(-1) - 1
     rest_pos = num[..., None] + (~keep).cumsum(-1) - 1
     slot = torch.where(keep, kept_pos, rest_pos)  # destination of each block

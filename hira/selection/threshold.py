@@ -35,6 +35,8 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from hira.flex.mask import MAX_SCAN_BLOCKS
+
 if TYPE_CHECKING:
     from hira.selection.search import LeafBounds
 
@@ -188,7 +190,15 @@ def from_name(name: str, value: float = 0.0) -> Threshold:
 
 def _topp_keep(est: torch.Tensor, forced: torch.Tensor, p: float) -> torch.Tensor:
     """Per row, the fewest leaves (forced first, then by estimated mass) whose estimated mass reaches p; union
-    over the rows of a KV head. est: [B, H, R, NB] log-mass estimates; forced: [B, H, NB]."""
+    over the rows of a KV head. est: [B, H, R, NB] log-mass estimates; forced: [B, H, NB].
+
+    Past ``MAX_SCAN_BLOCKS`` leaves, an opaque operator running the same code eagerly (not compiled by inductor)."""
+    if est.shape[-1] > MAX_SCAN_BLOCKS:
+        return _topp_keep_op(est, forced, p)
+    return _topp_keep_program(est, forced, p)
+
+
+def _topp_keep_program(est: torch.Tensor, forced: torch.Tensor, p: float) -> torch.Tensor:
     frac = est.softmax(-1).nan_to_num(nan=0.0)  # [B, H, R, NB] estimated share of each leaf
     order = est.masked_fill(forced[:, :, None, :], math.inf).argsort(dim=-1, descending=True)
     sorted_frac = torch.gather(frac, -1, order)
@@ -202,8 +212,15 @@ def _certified_keep(log_mass_ub: torch.Tensor, log_mass_lb: torch.Tensor, first:
     rest is at most ε of the total: U_rest / (U_rest + L_kept) ≤ ε; union over the rows of a KV head.
 
     Growing a row's list only lowers U_rest and raises L_kept, so the union keeps every row within ε.
-    log_mass_ub, log_mass_lb: [B, H, R, NB]; first: [B, H, R, NB] bool leaves listed first.
+    log_mass_ub, log_mass_lb: [B, H, R, NB]; first: [B, H, R, NB] bool leaves listed first. Past
+    ``MAX_SCAN_BLOCKS`` leaves, an opaque operator running the same code eagerly.
     """
+    if first.shape[-1] > MAX_SCAN_BLOCKS:
+        return _certified_keep_op(log_mass_ub, log_mass_lb, first, eps)
+    return _certified_keep_program(log_mass_ub, log_mass_lb, first, eps)
+
+
+def _certified_keep_program(log_mass_ub, log_mass_lb, first, eps: float):
     order = log_mass_ub.masked_fill(first, math.inf).argsort(dim=-1, descending=True)
     u = torch.gather(log_mass_ub, -1, order)
     kept_lb = torch.gather(log_mass_lb, -1, order).logcumsumexp(-1)  # L of the first t + 1 leaves
@@ -213,3 +230,25 @@ def _certified_keep(log_mass_ub: torch.Tensor, log_mass_lb: torch.Tensor, first:
     cut = ok.to(torch.int32).argmax(-1, keepdim=True)  # the first t that is enough (the last one always is)
     listed = torch.arange(u.shape[-1], device=u.device) <= cut
     return torch.zeros_like(listed).scatter_(-1, order, listed).any(dim=2)
+
+
+@torch.library.custom_op("hira::topp_keep", mutates_args=())
+def _topp_keep_op(est: torch.Tensor, forced: torch.Tensor, p: float) -> torch.Tensor:
+    return _topp_keep_program(est, forced, p)
+
+
+@_topp_keep_op.register_fake
+def _(est, forced, p):
+    return torch.empty_like(forced)
+
+
+@torch.library.custom_op("hira::certified_keep", mutates_args=())
+def _certified_keep_op(log_mass_ub: torch.Tensor, log_mass_lb: torch.Tensor, first: torch.Tensor,
+                       eps: float) -> torch.Tensor:
+    return _certified_keep_program(log_mass_ub, log_mass_lb, first, eps)
+
+
+@_certified_keep_op.register_fake
+def _(log_mass_ub, log_mass_lb, first, eps):
+    return first.new_empty(first.shape[:2] + first.shape[3:])
+

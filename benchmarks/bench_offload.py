@@ -135,7 +135,8 @@ def run_mode(mode, indices, w, args, q0, drift, device, log) -> dict:
     used = int(indices[0].next_slot)
     if used + args.steps + 8 > indices[0].capacity:
         raise ValueError(f"capacity {indices[0].capacity} too small for {args.steps} steps after {used} slots")
-    res = {"mode": mode, "drift": drift, "k": k if mode != "dense" else None, "slots": layers.caches[0].slots if mode == "offload" else None}
+    res = {"mode": mode, "drift": drift, "k": k if mode != "dense" else None,
+           "slots": layers.caches[0].slots if mode == "offload" else None}
     for label, wts in (("token", w), ("attention", None)):
         if label == "attention" and mode != "offload":
             continue

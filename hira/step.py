@@ -148,7 +148,8 @@ def _step(tensors, cache, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
 
 @torch.library.custom_op("hira::decode_step", mutates_args=("tensors", "cache", "stats"))
 def _decode_step_op(
-    tensors: list[torch.Tensor], cache: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, stats: list[torch.Tensor],
+    tensors: list[torch.Tensor], cache: list[torch.Tensor], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    stats: list[torch.Tensor],
     threshold_name: str, threshold_value: float, scale: float, n_levels: int, block_size: int, branching: int,
     sink_tokens: int, window_tokens: int,
 ) -> torch.Tensor:
@@ -157,8 +158,8 @@ def _decode_step_op(
 
 
 @_decode_step_op.register_fake
-def _(tensors, cache, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size, branching, sink_tokens,
-      window_tokens):
+def _(tensors, cache, q, k, v, stats, threshold_name, threshold_value, scale, n_levels, block_size, branching,
+      sink_tokens, window_tokens):
     return torch.empty_like(q)
 
 
@@ -166,8 +167,8 @@ def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: floa
                     cache: BlockCache | None = None) -> torch.Tensor:
     """``decode_step`` as the module docstring says: inside a compiled model one operator, else the same compiled
     code called directly."""
-    args = (list(index.tensors()), list(cache.tensors()) if cache is not None else [], q, k, v, list(stats.tensors()), *name_and_value(threshold), float(scale),
-            len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
+    args = (list(index.tensors()), list(cache.tensors()) if cache is not None else [], q, k, v, list(stats.tensors()),
+            *name_and_value(threshold), float(scale), len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
     if torch.compiler.is_compiling():
         return _decode_step_op(*args)
     check_room(index, q.shape[2])  # the compiled step cannot raise: one host read before it

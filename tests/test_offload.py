@@ -143,7 +143,7 @@ def test_copy_kernel_matches_its_tensor_program(seed, L, bs, d):
     dst_slot = torch.stack([torch.stack([torch.randperm(m, generator=gen) for _ in range(H)]) for _ in range(B)])
     src_block, dst_slot = src_block.int()[..., :L], dst_slot.int()[..., :L]
     count = torch.randint(0, L + 1, (B, H), generator=gen, dtype=torch.int32)
-    want_k, want_v = torch.zeros(B, H, m * bs, d, dtype=torch.bfloat16), torch.zeros(B, H, m * bs, d, dtype=torch.bfloat16)
+    want_k, want_v = (torch.zeros(B, H, m * bs, d, dtype=torch.bfloat16) for _ in range(2))
     got_k, got_v = want_k.clone(), want_v.clone()
     args = (src_block, dst_slot, count, bs)
     copy_blocks_reference(src_k, src_v, want_k, want_v, *args)

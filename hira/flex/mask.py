@@ -36,7 +36,9 @@ def block_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return num, torch.empty_like(ids).scatter_(-1, slot, ids)
 
 
-def selected_slots_mask(valid: torch.Tensor, keep: torch.Tensor, block_size: int, slot_block: torch.Tensor | None = None):
+def selected_slots_mask(
+    valid: torch.Tensor, keep: torch.Tensor, block_size: int, slot_block: torch.Tensor | None = None
+):
     """mask_mod reading a slot iff it holds a real token and its block was kept.
 
     The block lists already restrict compiled flex_attention to the kept blocks; stating them in the mask_mod too

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from hira.index.bounds import rounding_margin
+from hira.kernels import cuda_kernels
 
 LEVELS = 15  # codes 0..15: 4 bits
 # Quantisation error per channel, in steps: 1/2, plus a float32 allowance for the code's rounding.
@@ -164,23 +165,12 @@ def block_score_stats(
     On CUDA a Triton kernel reads each block's codes once (``hira.index.sketch_kernel``; head dims that are a
     multiple of 8); elsewhere the tensor program of ``key_scores``.
     """
-    if q.is_cuda and _KERNEL is not None and q.shape[-1] % 8 == 0:
-        top, lse = _KERNEL(q, sketch.codes, sketch.lo, sketch.step, valid)
+    if q.is_cuda and _KERNELS is not None and q.shape[-1] % 8 == 0:
+        top, lse = _KERNELS.sketch_block_stats(q, sketch.codes, sketch.lo, sketch.step, valid)
     else:
         est = key_scores(q, sketch, valid)
         top, lse = est.amax(-1), est.logsumexp(-1)
     return top, lse, _half_width(q, sketch)
 
 
-def _load_kernel():
-    """The Triton kernel where CUDA and triton are present, else None."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from hira.index.sketch_kernel import sketch_block_stats
-    except ImportError:
-        return None
-    return sketch_block_stats
-
-
-_KERNEL = _load_kernel()
+_KERNELS = cuda_kernels("hira.index.sketch_kernel")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from hira.flex.mask import block_lists
 from hira.index.index import HiraIndex
+from hira.kernels import cuda_kernels
 
 
 @dataclass
@@ -106,8 +107,9 @@ def copy_blocks(
         src_keys, src_values: [B, H, C, D] the storage; dst_keys, dst_values: [B, H, M·BS, D] the slots.
         src_block, dst_slot: [B, H, L] int32; count: [B, H] int32 (≤ L).
     """
-    if dst_keys.is_cuda and _KERNEL is not None:
-        _KERNEL(src_keys, src_values, dst_keys, dst_values, src_block, dst_slot, count, block_size)
+    if dst_keys.is_cuda and _KERNELS is not None:
+        kernel = _KERNELS.copy_blocks_kernel
+        kernel(src_keys, src_values, dst_keys, dst_values, src_block, dst_slot, count, block_size)
         return
     copy_blocks_reference(src_keys, src_values, dst_keys, dst_values, src_block, dst_slot, count, block_size)
 
@@ -187,15 +189,4 @@ def fetch(cache: BlockCache, keep: torch.Tensor, keys: torch.Tensor, values: tor
     return slot_keep, host_keep
 
 
-def _load_kernel():
-    """The Triton copy where CUDA and triton are present, else None."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from hira.offload.copy_kernel import copy_blocks_kernel
-    except ImportError:
-        return None
-    return copy_blocks_kernel
-
-
-_KERNEL = _load_kernel()
+_KERNELS = cuda_kernels("hira.offload.copy_kernel")

@@ -28,6 +28,7 @@ from hira.flex.mask import block_lists
 from hira.index.bounds import NodeBounds, bound_and_estimate, upper_bound
 from hira.index.index import HiraIndex
 from hira.index.sketch import block_score_stats
+from hira.kernels import cuda_kernels
 from hira.selection.threshold import Dense, Threshold
 
 
@@ -237,15 +238,4 @@ def search_rows(
     return selection_from_keep(keep, live, fold_exact_score(bounds, top_leaf, m), tau)
 
 
-def _load_kernels():
-    """``hira.selection.search_kernel`` where CUDA and triton are present, else None."""
-    if not torch.cuda.is_available():
-        return None
-    try:
-        from hira.selection import search_kernel
-    except ImportError:
-        return None
-    return search_kernel
-
-
-_KERNELS = _load_kernels()
+_KERNELS = cuda_kernels("hira.selection.search_kernel")

@@ -18,9 +18,11 @@ Reported per mode: tok/s (and ms per token), GPU memory beyond the weights, and 
 hit rate (1 − fetched or host-read blocks over kept blocks), the blocks and bytes moved from host memory per token,
 and the same token with the layers' attention alone (weights left out).
 
---share-host: every layer's index shares one host K/V storage (its GPU index is its own). For contexts whose
-distinct K/V would not fit the host's memory (1M tokens, 32 layers: 137 GB against the H200 machine's 128 GiB): the
-bytes each step moves are the same, the values the layers append overwrite one another.
+--share-kv: every layer's index shares one K/V storage (its GPU index and its block cache are its own): on the GPU
+for ``dense`` and ``hira``, in host memory for ``offload``. For sizes whose distinct K/V would not fit (1M tokens,
+32 layers: 137 GB, more than the H200 and than its machine's 128 GiB of host memory; 128K at batches past dense's
+largest): the bytes each step reads and moves are the same, the values the layers append overwrite one another. The
+GPU bytes reported are those of distinct layers, with whether they and the weights would fit the GPU.
 
 GPU run (one H200, see benchmarks/RESULTS.md):
 
@@ -217,7 +219,7 @@ def main():
     ap.add_argument("--drift", default="0.1", help="query drift per token; a list runs the offload mode at each")
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--modes", default="dense,hira,offload")
-    ap.add_argument("--share-host", action="store_true")
+    ap.add_argument("--share-kv", action="store_true")
     ap.add_argument("--no-weights", action="store_true", help="attention only (no weight matmuls)")
     ap.add_argument("--profile", action="store_true", help="profile the offload mode's attention-only tokens")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -235,12 +237,13 @@ def main():
 
     log(f"bench_offload {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC on {device_name(device)}, "
         f"torch {torch.__version__}: context {fmt_size(N)}, {L} layers, batch {B}, topk {args.k_frac:g}, "
-        f"drift {args.drift}, {args.steps} steps, share_host={args.share_host}")
+        f"drift {args.drift}, {args.steps} steps, share_kv={args.share_kv}")
     w = None if args.no_weights else weights(L, device)
+    weight_bytes = sum(t.numel() * t.element_size() for ws in w or [] for t in ws)
     t0 = time.perf_counter()
     indices, qs = [], []
     for i in range(L):
-        if args.share_host and i > 0:
+        if args.share_kv and i > 0:
             ix = indices[0]
             clone = HiraIndex(*(getattr(ix, f) for f in ("keys", "values")),
                               ix.valid.clone(), ix.rank.clone(), [type(lv)(*(t.clone() for t in lv.tensors()))
@@ -270,9 +273,6 @@ def main():
             if device.type == "cuda":
                 torch.cuda.empty_cache()
             log(f"K and V moved to pinned host memory in {time.perf_counter() - t0:.1f} s")
-        if mode in ("dense", "hira") and args.share_host and L > 1:
-            log(f"{mode}: skipped (--share-host: the layers' K/V are one storage)")
-            continue
         for drift in drifts if mode == "offload" else drifts[:1]:
             try:
                 r = run_mode(mode, indices, w, args, q0, drift, device, log)
@@ -282,21 +282,30 @@ def main():
             r["gpu_attention_bytes"] = gpu_bytes(indices, mode) + (
                 0 if mode != "offload" else sum(new_block_cache_bytes(ix, r["slots"]) for ix in indices))
             r["kv_bytes"] = sum(ix.kv_nbytes() for ix in indices)
+            r["fits"] = fits(r["gpu_attention_bytes"] + weight_bytes, device)
             results.append(r)
     dense = next((r for r in results if r["mode"] == "dense"), None)
     rows = []
     for r in results:
         rows.append([r["mode"], f"{r['drift']:g}", f"{r['token_ms']:.3f}", f"{1e3 / r['token_ms']:.1f}",
+                     f"{B * 1e3 / r['token_ms']:.1f}",
                      f"{dense['token_ms'] / r['token_ms']:.2f}×" if dense else "—",
                      f"{r['attention_ms']:.3f}" if "attention_ms" in r else "—",
                      f"{r['gpu_attention_bytes'] / 1e9:.2f}", f"{r['gpu_attention_bytes'] / r['kv_bytes'] * 100:.1f}%",
                      f"{r['hit_rate']:.3f}" if "hit_rate" in r else "—",
-                     f"{r['host_bytes_per_token'] / 1e6:.1f}" if "host_bytes_per_token" in r else "—"])
-    table = md_table(["mode", "drift", "ms/token", "tok/s", "vs dense", "attention alone ms", "GPU GB (attention state)",
-                      "of dense KV", "hit rate", "host MB/token"], rows)
+                     f"{r['host_bytes_per_token'] / 1e6:.1f}" if "host_bytes_per_token" in r else "—",
+                     {True: "yes", False: "no", None: "—"}[r["fits"]]])
+    table = md_table(["mode", "drift", "ms/token", "tok/s per sequence", "tok/s (batch)", "vs dense",
+                      "attention alone ms", "GPU GB (attention state)", "of dense KV", "hit rate", "host MB/token",
+                      "distinct layers fit the GPU"], rows)
     log("\n" + table)
     if args.out:
         write_report(args.out, "\n".join(lines) + "\n", {"args": vars(args), "results": results})
+
+
+def fits(nbytes: int, device) -> bool | None:
+    """Whether ``nbytes`` fit the GPU's memory (None off CUDA)."""
+    return torch.cuda.mem_get_info(device)[1] >= nbytes if device.type == "cuda" else None
 
 
 def new_block_cache_bytes(ix: HiraIndex, slots: int) -> int:

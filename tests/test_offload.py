@@ -33,13 +33,13 @@ THRESHOLDS = [hira.TopK(2), hira.TopP(0.9), hira.Certified(1e-3), hira.Fixed(0.5
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _index(seed: int, device, dtype):
+def _index(seed: int, device, dtype, key_sketch: bool = False):
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(B, H, N, D, generator=gen)
     v = torch.randn(B, H, N, D, generator=gen)
     mask = make_key_mask("left", [N, N - 37], N, gen)
     index = build_index(k.to(device, dtype), v.to(device, dtype), mask.to(device), block_size=BS, branching=2,
-                        sink_tokens=2, window_tokens=BS, capacity=CAPACITY)
+                        sink_tokens=2, window_tokens=BS, capacity=CAPACITY, key_sketch=key_sketch)
     return index, gen
 
 
@@ -109,6 +109,24 @@ def test_compiled_offloaded_step_matches_the_eager_step_without_offload(device, 
         out_b = run_decode_step(offloaded, q, k, v, threshold, D**-0.5, stats_b, cache)
         torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
     _assert_cache_mirrors_storage(offloaded, cache)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_certified_with_the_key_sketch_through_the_cache(device):
+    """The certified mode on an index with the key sketch (which stays on the device with the bounds): through a
+    block cache of 3 slots, the outputs and the skip bounds of the steps without offload."""
+    plain, gen = _index(2, device, torch.float32, key_sketch=True)
+    offloaded = copy.deepcopy(plain)
+    offloaded.keys, offloaded.values = to_host_tier(offloaded.keys), to_host_tier(offloaded.values)
+    cache = new_block_cache(offloaded, 3)
+    stats_a, stats_b = _stats(device), _stats(device)
+    for _ in range(STEPS):
+        q, k, v = (torch.randn(B, h, 1, D, generator=gen).to(device) for h in (H * G, H, H))
+        out_a = decode_step(plain, q, k, v, hira.Certified(1e-2), D**-0.5, stats_a)
+        out_b = decode_step(offloaded, q, k, v, hira.Certified(1e-2), D**-0.5, stats_b, cache)
+        torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats_b.skip_bound, stats_a.skip_bound, rtol=1e-5, atol=1e-6)
+    assert int(cache.from_host.sum()) > 0  # the selection outgrew the 3 slots: the host part was exercised
 
 
 def test_a_cache_of_every_block_fetches_each_block_once():

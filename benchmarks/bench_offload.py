@@ -138,7 +138,8 @@ def run_mode(mode, indices, w, args, q0, drift, device, log) -> dict:
     if used + args.steps + 8 > indices[0].capacity:
         raise ValueError(f"capacity {indices[0].capacity} too small for {args.steps} steps after {used} slots")
     res = {"mode": mode, "drift": drift, "k": k if mode != "dense" else None,
-           "slots": layers.caches[0].slots if mode == "offload" else None}
+           "slots": layers.caches[0].slots if mode == "offload" else None,
+           "cache_bytes": sum(c.nbytes() for c in layers.caches if c is not None)}
     for label, wts in (("token", w), ("attention", None)):
         if label == "attention" and mode != "offload":
             continue
@@ -279,8 +280,7 @@ def main():
             except torch.OutOfMemoryError as e:
                 log(f"{mode}: out of GPU memory ({str(e)[:120]})")
                 continue
-            r["gpu_attention_bytes"] = gpu_bytes(indices, mode) + (
-                0 if mode != "offload" else sum(new_block_cache_bytes(ix, r["slots"]) for ix in indices))
+            r["gpu_attention_bytes"] = gpu_bytes(indices, mode) + r["cache_bytes"]
             r["kv_bytes"] = sum(ix.kv_nbytes() for ix in indices)
             r["fits"] = fits(r["gpu_attention_bytes"] + weight_bytes, device)
             results.append(r)
@@ -306,11 +306,6 @@ def main():
 def fits(nbytes: int, device) -> bool | None:
     """Whether ``nbytes`` fit the GPU's memory (None off CUDA)."""
     return torch.cuda.mem_get_info(device)[1] >= nbytes if device.type == "cuda" else None
-
-
-def new_block_cache_bytes(ix: HiraIndex, slots: int) -> int:
-    B, H, _, Dh = ix.keys.shape
-    return 2 * B * H * slots * ix.block_size * Dh * ix.keys.element_size()
 
 
 if __name__ == "__main__":

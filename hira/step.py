@@ -12,9 +12,9 @@ On CUDA the compiled code is the whole step in one graph; on the CPU it is ``pla
 (its flex_attention is compiled on its own), because compiled flex_attention in one graph with the BlockMask's
 construction returns wrong values there (``_step``).
 
-With K and V in host memory (``HiraConfig.offload``) the step also takes the layer's block cache: the new token is
-written to its resident slot (``write_newest``) and ``run`` attends through the cache (``hira.offload``), whose
-attention is one opaque operator inside the compiled step.
+With K and V in host memory (``HiraConfig.offload``) the step also takes the layer's block cache: ``run`` writes the
+new token to its resident slot (``write_newest``) and attends through the cache (``hira.offload``), whose attention
+is one opaque operator inside the compiled step.
 
 Shapes: B batch, Hq query heads, H KV heads, G = Hq / H, D head dim.
 """
@@ -59,10 +59,13 @@ def select(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: float
     return search_rows(index, rows, threshold, kernel=kernel)
 
 
-def run(q: torch.Tensor, index: HiraIndex, selection: Selection, scale: float, stats: AttentionStats,
-        cache: BlockCache | None = None) -> torch.Tensor:
-    """Attend over the selected blocks (through the block ``cache`` when K and V are in the host tier) and
-    overwrite ``stats`` in place; returns [B, Hq, 1, D] in q's dtype."""
+def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: HiraIndex, selection: Selection, scale: float,
+        stats: AttentionStats, cache: BlockCache | None = None) -> torch.Tensor:
+    """Attend over the selected blocks and overwrite ``stats`` in place; returns [B, Hq, 1, D] in q's dtype. With a
+    block ``cache`` (K and V in the host tier) the new token k, v, which ``plan`` appended, is first written to its
+    resident slot, and the attention reads through the cache."""
+    if cache is not None:
+        write_newest(index, cache, k, v)
     out, new = attend_selection(q, index, selection, scale, cache=cache)
     for dst, src in zip(stats.tensors(), new.tensors()):
         dst.copy_(src)
@@ -90,10 +93,7 @@ def decode_step(
     Returns:
         [B, Hq, 1, D] attention output in q's dtype.
     """
-    selection = plan(index, q, k, v, threshold, scale)
-    if cache is not None:
-        write_newest(index, cache, k, v)
-    return run(q, index, selection, scale, stats, cache)
+    return run(q, k, v, index, plan(index, q, k, v, threshold, scale), scale, stats, cache)
 
 
 def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, branching: int, sink_tokens: int,
@@ -141,9 +141,7 @@ def _step(tensors, cache, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
     n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[3:]
     selection = Selection(*_compiled_plan(tensors, q, k, v, *setting_and_layout))
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    if cache:
-        write_newest(index, _cache(cache), k, v)
-    return run(q, index, selection, setting_and_layout[2], AttentionStats(*stats), _cache(cache))
+    return run(q, k, v, index, selection, setting_and_layout[2], AttentionStats(*stats), _cache(cache))
 
 
 @torch.library.custom_op("hira::decode_step", mutates_args=("tensors", "cache", "stats"))

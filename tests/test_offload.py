@@ -43,6 +43,13 @@ def _index(seed: int, device, dtype, key_sketch: bool = False):
     return index, gen
 
 
+def _offloaded(plain, slots: int):
+    """A copy of the index ``plain`` with K and V in the host tier, and an empty block cache of ``slots`` for it."""
+    offloaded = copy.deepcopy(plain)
+    offloaded.keys, offloaded.values = to_host_tier(offloaded.keys), to_host_tier(offloaded.values)
+    return offloaded, new_block_cache(offloaded, slots)
+
+
 def _stats(device) -> AttentionStats:
     return AttentionStats(*(torch.empty(s, device=device) for s in ((B, H), (B, H), (B, H * G, 1), (B, H * G, 1))))
 
@@ -72,9 +79,7 @@ def test_offloaded_steps_match_the_steps_without_offload(device, seed, slots, th
     step. ``drift`` moves the queries between steps, so blocks are fetched and evicted."""
     torch.manual_seed(seed)
     plain, gen = _index(seed, device, torch.float32)
-    offloaded = copy.deepcopy(plain)
-    offloaded.keys, offloaded.values = to_host_tier(offloaded.keys), to_host_tier(offloaded.values)
-    cache = new_block_cache(offloaded, slots)
+    offloaded, cache = _offloaded(plain, slots)
     stats_a, stats_b = _stats(device), _stats(device)
     walk = torch.randn(B, H * G, 1, D, generator=gen)
     for _ in range(STEPS):
@@ -99,9 +104,7 @@ def test_compiled_offloaded_step_matches_the_eager_step_without_offload(device, 
     """The decode step as a converted model runs it (``run_decode_step``: compiled, the offloaded attention one
     opaque operator inside it) equals the eager step without offload, step after step."""
     plain, gen = _index(1, device, torch.float32)
-    offloaded = copy.deepcopy(plain)
-    offloaded.keys, offloaded.values = to_host_tier(offloaded.keys), to_host_tier(offloaded.values)
-    cache = new_block_cache(offloaded, 3)
+    offloaded, cache = _offloaded(plain, 3)
     stats_a, stats_b = _stats(device), _stats(device)
     for _ in range(STEPS):
         q, k, v = (torch.randn(B, h, 1, D, generator=gen).to(device) for h in (H * G, H, H))
@@ -116,9 +119,7 @@ def test_certified_with_the_key_sketch_through_the_cache(device):
     """The certified mode on an index with the key sketch (which stays on the device with the bounds): through a
     block cache of 3 slots, the outputs and the skip bounds of the steps without offload."""
     plain, gen = _index(2, device, torch.float32, key_sketch=True)
-    offloaded = copy.deepcopy(plain)
-    offloaded.keys, offloaded.values = to_host_tier(offloaded.keys), to_host_tier(offloaded.values)
-    cache = new_block_cache(offloaded, 3)
+    offloaded, cache = _offloaded(plain, 3)
     stats_a, stats_b = _stats(device), _stats(device)
     for _ in range(STEPS):
         q, k, v = (torch.randn(B, h, 1, D, generator=gen).to(device) for h in (H * G, H, H))

@@ -336,7 +336,10 @@ def test_prior_bound_is_one_when_a_rows_best_block_is_dropped(device):
     assert sel.skip_bound[0, 0, 0] == 1.0
 
 
-def test_selections_past_the_scan_limit_are_the_tensor_programs():
+@pytest.mark.parametrize(
+    "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+)
+def test_selections_past_the_scan_limit_are_the_tensor_programs(device):
     """Past ``MAX_SCAN_BLOCKS`` leaves the block lists are a stable sort and the ``TopP`` and ``Certified`` rules
     run as opaque operators (inductor failed to compile their prefix sums there on CUDA): the same results as the
     tensor programs, eager and compiled."""
@@ -345,9 +348,9 @@ def test_selections_past_the_scan_limit_are_the_tensor_programs():
 
     gen = torch.Generator().manual_seed(0)
     NB = MAX_SCAN_BLOCKS + 9
-    est = torch.randn(1, 2, 4, NB, generator=gen) * 3
-    forced = torch.rand(1, 2, NB, generator=gen) < 0.01
-    first = torch.rand(1, 2, 4, NB, generator=gen) < 0.01
+    est = (torch.randn(1, 2, 4, NB, generator=gen) * 3).to(device)
+    forced = (torch.rand(1, 2, NB, generator=gen) < 0.01).to(device)
+    first = (torch.rand(1, 2, 4, NB, generator=gen) < 0.01).to(device)
     keep = modes._topp_keep_program(est, forced, 0.9)
     certified = modes._certified_keep_program(est, est - 1.0, first, 0.01)
     for run in (lambda f: f, lambda f: torch.compile(f, fullgraph=True, dynamic=False)):

@@ -31,6 +31,11 @@ def _attend_offloaded(
     rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, cache: list[torch.Tensor],
     keep: torch.Tensor, scale: float, block_size: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    body = _COMPILED_BODY if rows.is_cuda else _body
+    return body(rows, keys, values, valid, cache, keep, scale, block_size)
+
+
+def _body(rows, keys, values, valid, cache, keep, scale, block_size):
     slots = BlockCache(*cache)
     slot_keep, host_keep = fetch(slots, keep, keys, values, block_size)
     R, BS = rows.shape[2], block_size
@@ -49,3 +54,10 @@ def _attend_offloaded(
 @_attend_offloaded.register_fake
 def _(rows, keys, values, valid, cache, keep, scale, block_size):
     return torch.empty_like(rows), rows.new_empty(rows.shape[:3], dtype=torch.float32)
+
+
+# On CUDA the operator's body is compiled as a region of its own (its pieces compiled alone on the H200; inside the
+# step they did not). On the CPU compiled flex_attention in one graph with the BlockMask's construction returns wrong
+# values (hira.step), so the body runs as it is there.
+_COMPILED_BODY = torch.compile(_body, fullgraph=True, dynamic=False)
+

@@ -162,9 +162,13 @@ def block_score_stats(
     """Per block and row: (max, log-sum-exp) of q·k̃ over the block's real keys and the half-width, each
     [B, H, R, NB] float32 (-inf for blocks without a real key). Every key's score lies within half-width of q·k̃.
 
-    On CUDA a Triton kernel reads each block's codes once (``hira.index.sketch_kernel``; head dims that are a
-    multiple of 8); elsewhere the tensor program of ``key_scores``.
+    On CUDA a Triton kernel reads each block's codes once (``hira.index.sketch_kernel``): on the tensor cores for
+    head dims that are a power of two of at least 16, its float16 rounding added to the half-width; else with FMAs
+    for multiples of 8. Elsewhere the tensor program of ``key_scores``.
     """
+    if q.is_cuda and _KERNELS is not None and _KERNELS.dot_applies(q.shape[-1]):
+        top, lse = _KERNELS.sketch_block_stats_dot(q, sketch.codes, sketch.lo, sketch.step, valid)
+        return top, lse, _half_width(q, sketch) + _KERNELS.dot_error(q, sketch.step)
     if q.is_cuda and _KERNELS is not None and q.shape[-1] % 8 == 0:
         top, lse = _KERNELS.sketch_block_stats(q, sketch.codes, sketch.lo, sketch.step, valid)
     else:

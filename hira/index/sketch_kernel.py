@@ -55,6 +55,96 @@ def _block_stats_kernel(
         tl.store(lse_ptr + out, lse)
 
 
+# The tensor-core kernel's rounding of q·step to float16, per unit of Σ|c|·|q·step| (c ≤ 15): half an ulp of float16
+# (2^-11) plus the float32 division before it (2^-22 with slack), and per unit of max|q·step| and channel, the
+# subnormal floor (2^-25).
+DOT_REL_ERROR = 2.0**-11 + 2.0**-22
+DOT_ABS_ERROR = 2.0**-25
+
+
+@triton.jit
+def _block_stats_dot_kernel(
+    q_ptr, words_ptr, lo_ptr, step_ptr, valid_ptr, max_ptr, lse_ptr,
+    H, NB, C,
+    R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BS: tl.constexpr,
+):
+    """One program per (b, h, block), every row at once: the codes are unpacked once into a [BS, D] float16 tile
+    (exact: 0..15) and multiplied on the tensor cores by q·step, each row scaled to max 1 and rounded to float16."""
+    pid = tl.program_id(0)
+    n = pid % NB
+    bh = pid // NB
+    b = bh // H
+    s = tl.arange(0, BS)
+    i = tl.arange(0, W)
+    words = tl.load(words_ptr + (bh * C + n * BS + s)[:, None] * W + i[None, :])  # [BS, W] int32
+    p = [((words >> (4 * t)) & 15).to(tl.float16) for t in tl.static_range(8)]
+    # Nibble t of word i is channel 8i + t. join adds a last dimension: joining planes 4 apart first, then 2, then
+    # 1 puts plane t at the flat position 4·a + 2·b + c = t of the last three dimensions.
+    codes = tl.join(tl.join(tl.join(p[0], p[4]), tl.join(p[2], p[6])),
+                    tl.join(tl.join(p[1], p[5]), tl.join(p[3], p[7])))
+    codes = tl.reshape(codes, (BS, D))
+    r = tl.arange(0, R_PAD)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + (bh * R + r)[:, None] * D + d[None, :], mask=(r < R)[:, None], other=0.0)  # [R_PAD, D]
+    plane = (bh * NB + n) * D
+    lo = tl.load(lo_ptr + plane + d).to(tl.float32)
+    step = tl.load(step_ptr + plane + d).to(tl.float32)
+    base = tl.sum(q * lo[None, :], axis=1)  # [R_PAD]
+    w = q * step[None, :]
+    scale = tl.max(tl.abs(w), axis=1)
+    scale = tl.where(scale > 0, scale, 1.0)
+    wn = (w / scale[:, None]).to(tl.float16)
+    dot = tl.dot(codes, tl.trans(wn))  # [BS, R_PAD] float32
+    real = tl.load(valid_ptr + b * C + n * BS + s) != 0
+    est = tl.where(real[:, None], base[None, :] + dot * scale[None, :], float("-inf"))
+    m = tl.max(est, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = m_safe + tl.log(tl.sum(tl.exp(est - m_safe[None, :]), axis=0))
+    out = (bh * R + r) * NB + n
+    tl.store(max_ptr + out, m, mask=r < R)
+    tl.store(lse_ptr + out, lse, mask=r < R)
+
+
+def dot_applies(D: int) -> bool:
+    """Whether ``sketch_block_stats_dot`` takes head dim D: a power of two of at least 16."""
+    return D >= 16 and D & (D - 1) == 0
+
+
+@torch.library.custom_op("hira::sketch_block_stats_dot", mutates_args=())
+def sketch_block_stats_dot(
+    q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sketch_block_stats`` on the tensor cores (``dot_applies(D)``): the same outputs up to ``dot_error``."""
+    B, H, R, D = q.shape
+    NB = lo.shape[2]
+    C = codes.shape[2]
+    words = codes.contiguous().view(torch.int32)
+    out_max = torch.empty(B, H, R, NB, device=q.device, dtype=torch.float32)
+    out_lse = torch.empty_like(out_max)
+    _block_stats_dot_kernel[(B * H * NB,)](
+        q.contiguous(), words, lo.contiguous(), step.contiguous(), valid.contiguous(),
+        out_max, out_lse, H, NB, C,
+        R=R, R_PAD=max(16, triton.next_power_of_2(R)), D=D, W=D // 8, BS=C // NB, num_warps=4,
+    )
+    return out_max, out_lse
+
+
+@sketch_block_stats_dot.register_fake
+def _(q, codes, lo, step, valid):
+    B, H, R, _ = q.shape
+    out = q.new_empty(B, H, R, lo.shape[2])
+    return out, torch.empty_like(out)
+
+
+def dot_error(q: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """[B, H, R, NB]: a bound on |q·k̃ from ``sketch_block_stats_dot`` − q·k̃| for q [B, H, R, D] float32 and the
+    sketch's step [B, H, NB, D]: the float16 rounding of q·step times codes up to 15."""
+    qa, st = q.abs(), step.float()
+    D = q.shape[-1]
+    return 15 * (DOT_REL_ERROR * (qa @ st.transpose(-1, -2))
+                 + DOT_ABS_ERROR * D * qa.amax(-1)[..., None] * st.amax(-1)[:, :, None, :])
+
+
 @torch.library.custom_op("hira::sketch_block_stats", mutates_args=())
 def sketch_block_stats(
     q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, valid: torch.Tensor

@@ -77,11 +77,17 @@ def _block_stats_dot_kernel(
     s = tl.arange(0, BS)
     i = tl.arange(0, W)
     words = tl.load(words_ptr + (bh * C + n * BS + s)[:, None] * W + i[None, :])  # [BS, W] int32
-    p = [((words >> (4 * t)) & 15).to(tl.float16) for t in tl.static_range(8)]
     # Nibble t of word i is channel 8i + t. join adds a last dimension: joining planes 4 apart first, then 2, then
     # 1 puts plane t at the flat position 4·a + 2·b + c = t of the last three dimensions.
-    codes = tl.join(tl.join(tl.join(p[0], p[4]), tl.join(p[2], p[6])),
-                    tl.join(tl.join(p[1], p[5]), tl.join(p[3], p[7])))
+    p0 = (words & 15).to(tl.float16)
+    p1 = ((words >> 4) & 15).to(tl.float16)
+    p2 = ((words >> 8) & 15).to(tl.float16)
+    p3 = ((words >> 12) & 15).to(tl.float16)
+    p4 = ((words >> 16) & 15).to(tl.float16)
+    p5 = ((words >> 20) & 15).to(tl.float16)
+    p6 = ((words >> 24) & 15).to(tl.float16)
+    p7 = ((words >> 28) & 15).to(tl.float16)
+    codes = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
     codes = tl.reshape(codes, (BS, D))
     r = tl.arange(0, R_PAD)
     d = tl.arange(0, D)

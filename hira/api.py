@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from hira.config import HiraConfig
-from hira.flex.attention import block_attention, dense_attention_lse, fold_gqa, merge_partials, unfold_gqa
-from hira.flex.mask import selection_block_mask
+from hira.flex.attention import dense_attention_lse, fold_gqa, merge_partials, selected_attention, unfold_gqa
 from hira.index.index import HiraIndex
 from hira.index.index import build_index as _build_index
 from hira.offload.attend import attend_offloaded
@@ -189,10 +188,8 @@ def attend_rows(
     blocks in slots are read from the cache, any left without a slot from the host tier, and the two parts merged.
     """
     if cache is None:
-        mask = selection_block_mask(
-            selection.kv_num_blocks, selection.kv_indices, selection.keep, index.valid, index.block_size, rows.shape[2]
-        )
-        return block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
+        return selected_attention(rows, index.keys, index.values, selection.kv_num_blocks, selection.kv_indices,
+                                  selection.keep, index.valid, index.block_size, scale)
     return attend_offloaded(rows, index.keys, index.values, index.valid, cache, selection.keep, scale,
                             index.block_size)
 

@@ -280,3 +280,36 @@ def test_decode_attention_is_build_search_attend(case, device):
     torch.testing.assert_close(out, out2, rtol=0, atol=0)
     torch.testing.assert_close(stats.skip_bound, stats2.skip_bound, rtol=0, atol=0)
     assert_attends(out, q, k, v, kept_tokens(index, sel.keep, mask), case.lay.D**-0.5)
+
+
+@pytest.mark.skipif(
+    not torch.cuda.is_available() or torch.cuda.get_device_properties(0).total_memory < 24 * 2**30,
+    reason="needs CUDA with 24 GB: K and V of 2^31 elements each",
+)
+def test_attention_past_int32_indexing():
+    """K/V of 2^31 elements (1M tokens at batch 2, 128K at batch 16, Llama-3-8B shapes): compiled flex_attention
+    failed to compile there (int64 indexing); read one batch row at a time, the output is attention over the listed
+    blocks, the storage's last block among them."""
+    from hira.flex.attention import selected_attention
+    from hira.flex.mask import block_lists
+
+    B, H, G, D, BS = 2, 8, 4, 128, 128
+    C = 2**31 // (B * H * D)
+    NB = C // BS
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    keys = torch.zeros(B, H, C, D, device="cuda", dtype=torch.bfloat16)
+    values = torch.zeros_like(keys)
+    rows = torch.randn(B, H, G, D, device="cuda", generator=gen).bfloat16()
+    picked = torch.tensor([0, 7, NB // 2, NB - 1], device="cuda")
+    keep = torch.zeros(B, H, NB, dtype=torch.bool, device="cuda")
+    keep[:, :, picked] = True
+    for t in (keys, values):
+        t.view(B, H, NB, BS, D)[:, :, picked] = torch.randn(B, H, len(picked), BS, D, device="cuda",
+                                                            generator=gen).bfloat16()
+    valid = torch.ones(B, C, dtype=torch.bool, device="cuda")
+    num, idx = block_lists(keep)
+    out, lse = selected_attention(rows, keys, values, num[..., None], idx[:, :, None], keep, valid, BS, D**-0.5)
+    k_sel, v_sel = (t.view(B, H, NB, BS, D)[:, :, picked].flatten(2, 3).float() for t in (keys, values))
+    s = rows.float() @ k_sel.transpose(-1, -2) * D**-0.5
+    torch.testing.assert_close(out.float(), s.softmax(-1) @ v_sel, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(lse, s.logsumexp(-1), atol=1e-2, rtol=1e-3)

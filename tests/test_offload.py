@@ -259,3 +259,32 @@ def test_chunked_prefill_then_decode_with_offload_matches_the_model_without(recl
                                  for a, b in zip(cuts, cuts[1:])], 1))
     real = mask.bool()
     torch.testing.assert_close(logits[1][real], logits[0][real], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_steps_past_the_index_limit_read_in_groups_of_batch_rows(device, monkeypatch):
+    """K/V past ``INDEX_LIMIT`` elements are read one group of batch rows at a time (here one row per group, the
+    limit lowered to one row of the storage): the same outputs and stats as in one call, with and without offload
+    (its host-tier part grouped). A limit below one row is a clear error."""
+    import hira.flex.attention as flex_attention
+
+    plain, gen = _index(3, device, torch.float32)
+    grouped = copy.deepcopy(plain)
+    offloaded, cache = _offloaded(plain, 1)
+    stats = [_stats(device) for _ in range(3)]
+    for _ in range(STEPS):
+        q, k, v = (torch.randn(B, h, 1, D, generator=gen).to(device) for h in (H * G, H, H))
+        monkeypatch.setattr(flex_attention, "INDEX_LIMIT", 2**31 - 1)
+        out_a = decode_step(plain, q, k, v, hira.TopP(0.9), D**-0.5, stats[0])
+        monkeypatch.setattr(flex_attention, "INDEX_LIMIT", plain.keys.stride(0))
+        out_b = decode_step(grouped, q, k, v, hira.TopP(0.9), D**-0.5, stats[1])
+        out_c = decode_step(offloaded, q, k, v, hira.TopP(0.9), D**-0.5, stats[2], cache)
+        torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out_c, out_a, rtol=1e-5, atol=1e-5)
+        for a, b, c in zip(*(s.tensors() for s in stats)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, equal_nan=True)
+            torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert bool((cache.from_host > 0).any())  # the grouped host-tier part was read
+    monkeypatch.setattr(flex_attention, "INDEX_LIMIT", plain.keys.stride(0) - 1)
+    with pytest.raises(ValueError, match="one batch row of K/V spans"):
+        decode_step(grouped, q, k, v, hira.TopP(0.9), D**-0.5, stats[1])

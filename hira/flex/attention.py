@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import AuxRequest, BlockMask, flex_attention
 
-from hira.flex.mask import chunk_block_mask
+from hira.flex.mask import chunk_block_mask, selection_block_mask
 
 # Created at import (compiling happens at the first call): a global first assigned inside a compiled decode step
 # would fail dynamo's guard on it at the next step and cost one recompile.
@@ -91,6 +91,82 @@ def block_attention(
     if not return_lse:
         return out, None
     return out, _masked_lse(q_rows, keys, block_mask, valid, scale)
+
+
+# Past this many elements from a K/V tensor's storage start to its end, inductor indexes the flex decoding kernel in
+# int64, which fails to compile there (torch 2.11 and 2.13, CUDA: the kernel mixes int64 program ids with int32 block
+# counts and passes int64 offsets to block pointers). 128K tokens at batch 16 or 1M at batch 2 (8 KV heads of 128)
+# reach it.
+INDEX_LIMIT = 2**31 - 1
+
+
+def selected_attention(
+    rows: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor,
+    keep: torch.Tensor,
+    valid: torch.Tensor,
+    block_size: int,
+    scale: float,
+    slot_block: torch.Tensor | None = None,
+    read_valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of folded query rows over the selected blocks of ``keys``/``values`` with its log-sum-exp: (out
+    [B, H, R, D], lse [B, H, R] float32), the arguments as ``selection_block_mask`` and ``block_attention`` take them
+    (``read_valid``: the validity of ``keys``' own slots where it differs from ``valid``, the CPU LSE's).
+
+    K/V past ``INDEX_LIMIT`` elements are read in groups of batch rows, each through a view whose storage starts at
+    its first row, so that every flex_attention call indexes in int32 (``_grouped_attention``).
+    """
+    if max(_storage_extent(keys), _storage_extent(values)) > INDEX_LIMIT:
+        return _grouped_attention(rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale,
+                                  slot_block, read_valid)
+    mask = selection_block_mask(kv_num_blocks, kv_indices, keep, valid, block_size, rows.shape[2], slot_block)
+    return block_attention(rows, keys, values, mask, valid if read_valid is None else read_valid, scale,
+                           return_lse=True)
+
+
+def _storage_extent(t: torch.Tensor) -> int:
+    """Elements from ``t``'s first element to its last: what inductor weighs when it picks 32- or 64-bit indexing
+    for a kernel reading ``t``, for the whole tensors (storage offset 0) this module is given. (A traced graph
+    cannot read the storage offset.)"""
+    return sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+
+
+@torch.library.custom_op("hira::grouped_attention", mutates_args=())
+def _grouped_attention(
+    rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kv_num_blocks: torch.Tensor,
+    kv_indices: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, block_size: int, scale: float,
+    slot_block: torch.Tensor | None, read_valid: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    # Opaque: a view whose storage starts at a batch row (a DLPack alias) cannot be made inside a traced graph, and
+    # a slice of a graph input keeps its storage offset, which inductor counts.
+    # A batch row's stride bounds the extent of any of its views (C·D·H for the storage's layout).
+    row = max(keys.stride(0), values.stride(0))
+    if row > INDEX_LIMIT:
+        raise ValueError(
+            f"one batch row of K/V spans {row:,} elements, past the {INDEX_LIMIT:,} that compiled flex_attention "
+            "can index (torch 2.11–2.13): use fewer tokens per sequence"
+        )
+    per_group = INDEX_LIMIT // row
+    outs, lses = [], []
+    for b0 in range(0, keys.shape[0], per_group):
+        part = slice(b0, b0 + per_group)
+        keys_part, values_part = torch.from_dlpack(keys[part]), torch.from_dlpack(values[part])
+        mask = selection_block_mask(kv_num_blocks[part], kv_indices[part], keep[part], valid[part], block_size,
+                                    rows.shape[2], None if slot_block is None else slot_block[part])
+        out, lse = block_attention(rows[part], keys_part, values_part, mask,
+                                   valid[part] if read_valid is None else read_valid[part], scale, return_lse=True)
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), torch.cat(lses)
+
+
+@_grouped_attention.register_fake
+def _(rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale, slot_block, read_valid):
+    return torch.empty_like(rows), rows.new_empty(rows.shape[:3], dtype=torch.float32)
 
 
 def chunk_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, n_valid: torch.Tensor, rank_range,

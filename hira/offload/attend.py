@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from hira.flex.attention import block_attention, merge_partials
-from hira.flex.mask import block_lists, selection_block_mask
+from hira.flex.attention import merge_partials, selected_attention
+from hira.flex.mask import block_lists
 from hira.offload.block_cache import BlockCache, fetch
 
 
@@ -38,16 +38,15 @@ def _attend_offloaded(
 def _body(rows, keys, values, valid, cache, keep, scale, block_size):
     slots = BlockCache(*cache)
     slot_keep, host_keep = fetch(slots, keep, keys, values, block_size)
-    R, BS = rows.shape[2], block_size
+    BS = block_size
     num, idx = block_lists(slot_keep)
-    mask = selection_block_mask(num[..., None], idx[:, :, None], slot_keep, valid, BS, R, slots.slot_block)
     # Only the CPU path reads the slots' validity (for the LSE): gathered there alone.
     slot_valid = None if rows.is_cuda else valid[:, None, :].expand(*slots.slot_block.shape[:2], -1).gather(
         2, (slots.slot_block.clamp_min(0).long()[..., None] * BS + torch.arange(BS, device=rows.device)).flatten(2))
-    out, lse = block_attention(rows, slots.keys, slots.values, mask, slot_valid, scale, return_lse=True)
+    out, lse = selected_attention(rows, slots.keys, slots.values, num[..., None], idx[:, :, None], slot_keep, valid,
+                                  BS, scale, slots.slot_block, slot_valid)
     num, idx = block_lists(host_keep)
-    mask = selection_block_mask(num[..., None], idx[:, :, None], host_keep, valid, BS, R)
-    out_h, lse_h = block_attention(rows, keys, values, mask, valid, scale, return_lse=True)
+    out_h, lse_h = selected_attention(rows, keys, values, num[..., None], idx[:, :, None], host_keep, valid, BS, scale)
     return merge_partials(out, lse, out_h, lse_h)
 
 

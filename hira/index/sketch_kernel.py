@@ -135,13 +135,6 @@ def sketch_block_stats_dot(
     return out_max, out_lse
 
 
-@sketch_block_stats_dot.register_fake
-def _(q, codes, lo, step, valid):
-    B, H, R, _ = q.shape
-    out = q.new_empty(B, H, R, lo.shape[2])
-    return out, torch.empty_like(out)
-
-
 def dot_error(q: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
     """[B, H, R, NB]: a bound on |q·k̃ from ``sketch_block_stats_dot`` − q·k̃| for q [B, H, R, D] float32 and the
     sketch's step [B, H, NB, D]: the float16 rounding of q·step times codes up to 15."""
@@ -178,8 +171,12 @@ def sketch_block_stats(
     return out_max, out_lse
 
 
-@sketch_block_stats.register_fake
-def _(q, codes, lo, step, valid):
+def _stats_like(q, codes, lo, step, valid):
+    """The fake of both sketch scans: (max, lse) [B, H, R, NB] each."""
     B, H, R, _ = q.shape
     out = q.new_empty(B, H, R, lo.shape[2])
     return out, torch.empty_like(out)
+
+
+sketch_block_stats.register_fake(_stats_like)
+sketch_block_stats_dot.register_fake(_stats_like)

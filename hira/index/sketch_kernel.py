@@ -123,7 +123,8 @@ def dot_applies(D: int) -> bool:
 
 
 # The tensor-core kernel's launch: blocks per program, pipeline stages, warps (one block, no pipelining, 4 warps
-# measured 0.48 TB/s at 128K on the H200, benchmarks/RESULTS.md run 11; bench_search_kernel.py --sketch sweeps them).
+# measured 0.48 TB/s at 128K on the H200, benchmarks/RESULTS.md run 11; `bench_search_kernel.py --kernels sketch`
+# sweeps them).
 DOT_LAUNCH = (1, 1, 4)
 
 

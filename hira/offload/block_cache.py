@@ -14,8 +14,8 @@ the index (bounds, ranks, validity, the sketch) stays on the GPU, so the search 
 Sinks and the recent window are kept at every step, so they stay resident. A decode step writes its new token to the
 host tier (``append``) and, where its block is resident, to that slot (``write_newest``); the step's other reads of
 whole blocks (the touched leaf's bounds, the top leaves' exact score) go through the cache too
-(``cached_key_blocks``). Everything here has fixed
-shapes and no host sync: it runs inside the compiled, graph-replayed decode step.
+(``cached_key_blocks``). Everything here has fixed shapes and no host sync: it runs inside the compiled,
+graph-replayed decode step.
 
 Shapes: B batch, H KV heads, NB storage blocks, M slots, BS block size, D head dim.
 """

@@ -238,7 +238,8 @@ def search_rows(
     live = index.levels[0].count > 0  # [B, H, NB]
     bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
     top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the leaf with the largest bound per row
-    m = exact_leaf_score(index, q, top_leaf[..., 0], key_blocks)[..., None]  # [B, H, R, 1] exact score of one of its keys
+    # [B, H, R, 1] the exact score of one of its keys
+    m = exact_leaf_score(index, q, top_leaf[..., 0], key_blocks)[..., None]
     keep, tau = select(bounds, top_leaf, m, index.forced_leaves(), live, threshold)
     return selection_from_keep(keep, live, fold_exact_score(bounds, top_leaf, m), tau)
 

@@ -26,6 +26,7 @@ Reported (medians over layers × KV heads × steps unless said otherwise):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import statistics
 import sys
@@ -186,6 +187,29 @@ def report(acc: dict, labels: list[str], meta: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+@contextlib.contextmanager
+def widened_by_dot_error(on: bool):
+    """While on, the search's sketch intervals are widened by the tensor-core kernel's rounding bound
+    (``hira.index.sketch_kernel.dot_error``), as they are on CUDA, whatever the device runs."""
+    if not on:
+        yield
+        return
+    from hira.index.sketch_kernel import dot_error
+    from hira.selection import search
+
+    plain = search.block_score_stats
+
+    def widened(q, sketch, valid):
+        top, lse, half = plain(q, sketch, valid)
+        return top, lse, half + dot_error(q, sketch.step)
+
+    search.block_score_stats = widened
+    try:
+        yield
+    finally:
+        search.block_score_stats = plain
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--text", default=str(ROOT / "examples" / "data" / "emma_passage.txt"))
@@ -198,6 +222,9 @@ def main():
     ap.add_argument("--save-capture", default=None,
                     help="save the capture of --layers (float16: an 8K capture of 5 layers is 32 MB) and exit")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dot-error", action="store_true",
+                    help="also each sketch config with the tensor-core sketch kernel's rounding bound added to the "
+                         "score intervals (the certified mode's selectivity with that kernel, emulated on any device)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -223,12 +250,15 @@ def main():
             for sk in (False, True):
                 label = f"BS {bs}, {'position' if cl == 'none' else cl}, {'sketch' if sk else 'planes'}"
                 configs[label] = HiraConfig(block_size=bs, clustering=cl, key_sketch=sk)
+                if sk and args.dot_error:
+                    configs[label + " + tensor-core error"] = configs[label]
     acc: dict = {}
     dev = torch.device(args.device)
     for l in layers:
         Q, K, V = (x[l].to(dev).float() for x in (Qa, Ka, Va))
         for label, cfg in configs.items():
-            measure_config(Q[: args.steps], K, V, scale, cfg, acc, label)
+            with widened_by_dot_error(label.endswith("tensor-core error")):
+                measure_config(Q[: args.steps], K, V, scale, cfg, acc, label)
         print(f"layer {names[l]} done ({time.time() - t0:.0f} s)", flush=True)
     meta = (f"SmolLM2-135M-Instruct, {Ka.shape[2]} tokens of {Path(args.text).name}, {min(args.steps, Qa.shape[1])} "
             f"decode steps, layers {[names[i] for i in layers]}, {args.device}, {time.strftime('%Y-%m-%d')}, {time.time() - t0:.0f} s")

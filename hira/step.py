@@ -166,7 +166,8 @@ def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: floa
     """``decode_step`` as the module docstring says: inside a compiled model one operator, else the same compiled
     code called directly."""
     args = (list(index.tensors()), list(cache.tensors()) if cache is not None else [], q, k, v, list(stats.tensors()),
-            *name_and_value(threshold), float(scale), len(index.levels), index.block_size, index.branching, index.sink_tokens, index.window_tokens)
+            *name_and_value(threshold), float(scale), len(index.levels), index.block_size, index.branching,
+            index.sink_tokens, index.window_tokens)
     if torch.compiler.is_compiling():
         return _decode_step_op(*args)
     check_room(index, q.shape[2])  # the compiled step cannot raise: one host read before it

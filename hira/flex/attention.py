@@ -120,9 +120,14 @@ def selected_attention(
     K/V past ``INDEX_LIMIT`` elements are read in groups of batch rows, each through a view whose storage starts at
     its first row, so that every flex_attention call indexes in int32 (``_grouped_attention``).
     """
+    args = (rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale, slot_block, read_valid)
     if max(_storage_extent(keys), _storage_extent(values)) > INDEX_LIMIT:
-        return _grouped_attention(rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale,
-                                  slot_block, read_valid)
+        return _grouped_attention(*args)
+    return _one_call(*args)
+
+
+def _one_call(rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale, slot_block, read_valid):
+    """``selected_attention`` as one flex_attention call."""
     mask = selection_block_mask(kv_num_blocks, kv_indices, keep, valid, block_size, rows.shape[2], slot_block)
     return block_attention(rows, keys, values, mask, valid if read_valid is None else read_valid, scale,
                            return_lse=True)
@@ -154,11 +159,11 @@ def _grouped_attention(
     outs, lses = [], []
     for b0 in range(0, keys.shape[0], per_group):
         part = slice(b0, b0 + per_group)
-        keys_part, values_part = torch.from_dlpack(keys[part]), torch.from_dlpack(values[part])
-        mask = selection_block_mask(kv_num_blocks[part], kv_indices[part], keep[part], valid[part], block_size,
-                                    rows.shape[2], None if slot_block is None else slot_block[part])
-        out, lse = block_attention(rows[part], keys_part, values_part, mask,
-                                   valid[part] if read_valid is None else read_valid[part], scale, return_lse=True)
+        out, lse = _one_call(
+            rows[part], torch.from_dlpack(keys[part]), torch.from_dlpack(values[part]), kv_num_blocks[part],
+            kv_indices[part], keep[part], valid[part], block_size, scale,
+            None if slot_block is None else slot_block[part], None if read_valid is None else read_valid[part],
+        )
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), torch.cat(lses)

@@ -157,8 +157,7 @@ def fetch(cache: BlockCache, keep: torch.Tensor, keys: torch.Tensor, values: tor
     """
     NB = keep.shape[-1]
     M = cache.slots
-    held = cache.slot_block >= 0
-    wanted = keep.gather(2, cache.slot_block.clamp_min(0).long()) & held  # [B, H, M] slots this step reads
+    wanted = _slots_kept(cache, keep)  # [B, H, M] slots this step reads
     miss = keep & (cache.block_slot < 0)  # [B, H, NB]
     # Free slots, least recently read first (empty slots read at -1, first); slots still wanted sort last.
     age = cache.last_read.masked_fill(wanted, torch.iinfo(torch.int64).max)
@@ -179,7 +178,7 @@ def fetch(cache: BlockCache, keep: torch.Tensor, keys: torch.Tensor, values: tor
     cache.slot_block.copy_(slot_block[..., :M])
     copy_blocks(keys, values, cache.keys, cache.values, src, dst, count, block_size)
 
-    slot_keep = keep.gather(2, cache.slot_block.clamp_min(0).long()) & (cache.slot_block >= 0)
+    slot_keep = _slots_kept(cache, keep)
     host_keep = keep & (cache.block_slot < 0)
     cache.last_read.copy_(torch.where(slot_keep, cache.clock, cache.last_read))
     cache.clock.add_(1)
@@ -187,6 +186,11 @@ def fetch(cache: BlockCache, keep: torch.Tensor, keys: torch.Tensor, values: tor
     cache.fetched.copy_(count)
     cache.from_host.copy_(host_keep.sum(-1, dtype=torch.int32))
     return slot_keep, host_keep
+
+
+def _slots_kept(cache: BlockCache, keep: torch.Tensor) -> torch.Tensor:
+    """[B, H, M] bool: the slots holding a block of the selection ``keep`` [B, H, NB]."""
+    return keep.gather(2, cache.slot_block.clamp_min(0).long()) & (cache.slot_block >= 0)
 
 
 _KERNELS = cuda_kernels("hira.offload.copy_kernel")

@@ -251,4 +251,3 @@ def _certified_keep_op(log_mass_ub: torch.Tensor, log_mass_lb: torch.Tensor, fir
 @_certified_keep_op.register_fake
 def _(log_mass_ub, log_mass_lb, first, eps):
     return first.new_empty(first.shape[:2] + first.shape[3:])
-

@@ -12,9 +12,9 @@ On CUDA the compiled code is the whole step in one graph; on the CPU it is ``pla
 (its flex_attention is compiled on its own), because compiled flex_attention in one graph with the BlockMask's
 construction returns wrong values there (``_step``).
 
-With K and V in host memory (``HiraConfig.offload``) the step also takes the layer's block cache: ``run`` writes the
-new token to its resident slot (``write_newest``) and attends through the cache (``hira.offload``), whose attention
-is one opaque operator inside the compiled step.
+With K and V in host memory (``HiraConfig.offload``) the step also takes the layer's block cache: ``plan`` writes the
+new token to its resident slot (``write_newest``) and reads whole leaves through it, and ``run`` attends through it
+(``hira.offload``), its attention one opaque operator inside the compiled step.
 
 Shapes: B batch, Hq query heads, H KV heads, G = Hq / H, D head dim.
 """
@@ -28,15 +28,16 @@ import torch
 from hira.api import AttentionStats, attend_selection
 from hira.flex.attention import fold_gqa
 from hira.index.bounds import NodeBounds
-from hira.index.index import HiraIndex, append, check_room
+from hira.index.index import HiraIndex, KeyBlocks, append, check_room
 from hira.index.sketch import KeySketch
-from hira.offload.block_cache import BlockCache, write_newest
+from hira.offload.block_cache import BlockCache, cached_key_blocks, write_newest
 from hira.selection.search import Selection, search_rows
 from hira.selection.threshold import Dense, Threshold, from_name, name_and_value
 
 
 def plan(
-    index: HiraIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: Threshold, scale: float
+    index: HiraIndex, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, threshold: Threshold, scale: float,
+    cache: BlockCache | None = None,
 ) -> Selection:
     """Append the new token to ``index`` (in place) and select the blocks the query reads (``Dense``: every
     non-empty block, with no search).
@@ -44,28 +45,33 @@ def plan(
     ``Dense`` reads no bound, so its append writes the storage alone (``append(bounds=False)``): the index's bounds
     are stale until ``hira.index.index.refresh_bounds`` (``HiraLayer`` refreshes them before a later prefill).
 
+    With a block ``cache`` (K and V in the host tier) the token is first written to its block's slot where that is
+    resident, and the append's and the search's reads of whole leaves go through the cache (``cached_key_blocks``).
+
     Args:
         q: [B, Hq, 1, D] post-RoPE query; k, v: [B, H, 1, D] the new token's key and value.
     """
-    append(index, k, v, bounds=not isinstance(threshold, Dense))
-    return select(index, q, threshold, scale)
+    key_blocks = None
+    if cache is not None:
+        write_newest(index, cache, k, v)
+        key_blocks = cached_key_blocks(index, cache)
+    append(index, k, v, bounds=not isinstance(threshold, Dense), key_blocks=key_blocks)
+    return select(index, q, threshold, scale, key_blocks=key_blocks)
 
 
-def select(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: float, kernel: bool = True) -> Selection:
+def select(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: float, kernel: bool = True,
+           key_blocks: KeyBlocks | None = None) -> Selection:
     """The blocks the queries read: q [B, Hq, S, D] folded into float32 rows per KV head, scaled, searched (``plan``
     without the append; the benchmarks time it on a fixed index, with the search's Triton kernels or, ``kernel``
     False, its tensor program)."""
     rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G·S, D]
-    return search_rows(index, rows, threshold, kernel=kernel)
+    return search_rows(index, rows, threshold, kernel=kernel, key_blocks=key_blocks)
 
 
-def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, index: HiraIndex, selection: Selection, scale: float,
-        stats: AttentionStats, cache: BlockCache | None = None) -> torch.Tensor:
+def run(q: torch.Tensor, index: HiraIndex, selection: Selection, scale: float, stats: AttentionStats,
+        cache: BlockCache | None = None) -> torch.Tensor:
     """Attend over the selected blocks and overwrite ``stats`` in place; returns [B, Hq, 1, D] in q's dtype. With a
-    block ``cache`` (K and V in the host tier) the new token k, v, which ``plan`` appended, is first written to its
-    resident slot, and the attention reads through the cache."""
-    if cache is not None:
-        write_newest(index, cache, k, v)
+    block ``cache`` (K and V in the host tier) the attention reads through it."""
     out, new = attend_selection(q, index, selection, scale, cache=cache)
     for dst, src in zip(stats.tensors(), new.tensors()):
         dst.copy_(src)
@@ -93,7 +99,7 @@ def decode_step(
     Returns:
         [B, Hq, 1, D] attention output in q's dtype.
     """
-    return run(q, k, v, index, plan(index, q, k, v, threshold, scale), scale, stats, cache)
+    return run(q, index, plan(index, q, k, v, threshold, scale, cache), scale, stats, cache)
 
 
 def _unflatten(tensors: list[torch.Tensor], n_levels: int, block_size: int, branching: int, sink_tokens: int,
@@ -120,10 +126,10 @@ def _cache(tensors: list[torch.Tensor]) -> BlockCache | None:
     return BlockCache(*tensors) if tensors else None
 
 
-def _flat_plan(tensors, q, k, v, threshold_name, threshold_value, scale, n_levels, block_size, branching,
+def _flat_plan(tensors, cache, q, k, v, threshold_name, threshold_value, scale, n_levels, block_size, branching,
                sink_tokens, window_tokens):
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    selection = plan(index, q, k, v, from_name(threshold_name, threshold_value), scale)
+    selection = plan(index, q, k, v, from_name(threshold_name, threshold_value), scale, _cache(cache))
     return tuple(getattr(selection, f.name) for f in dataclasses.fields(selection))  # a dataclass is no output
 
 
@@ -139,9 +145,9 @@ def _step(tensors, cache, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
     if q.is_cuda:
         return _compiled_step(tensors, cache, q, k, v, stats, *setting_and_layout)
     n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[3:]
-    selection = Selection(*_compiled_plan(tensors, q, k, v, *setting_and_layout))
+    selection = Selection(*_compiled_plan(tensors, cache, q, k, v, *setting_and_layout))
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
-    return run(q, k, v, index, selection, setting_and_layout[2], AttentionStats(*stats), _cache(cache))
+    return run(q, index, selection, setting_and_layout[2], AttentionStats(*stats), _cache(cache))
 
 
 @torch.library.custom_op("hira::decode_step", mutates_args=("tensors", "cache", "stats"))

@@ -173,6 +173,31 @@ def test_copy_kernel_matches_its_tensor_program(seed, L, bs, d):
     assert int((want_k != 0).any(-1).sum()) == int(count.sum()) * bs  # the reference wrote count blocks, no more
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.integers(1, 5), bs=st.sampled_from([16, 32]), d=st.sampled_from([8, 64]))
+def test_key_blocks_are_read_from_their_slot_where_resident(seed, n, bs, d):
+    """``read_key_blocks`` (the Triton kernel on CUDA, else in triton's interpreter on the CPU, and its tensor
+    program) reads a resident block from its slot and any other from the storage: here the slots hold the negated
+    blocks, so each output block says where it was read."""
+    from hira.offload.block_cache import read_key_blocks_reference
+    from hira.offload.copy_kernel import read_key_blocks_kernel
+
+    gen = torch.Generator().manual_seed(seed)
+    nb, m = 7, 4
+    storage = torch.randn(B, H, nb * bs, d, generator=gen).to(torch.bfloat16)
+    resident = torch.stack([torch.stack([torch.randperm(nb, generator=gen)[:m] for _ in range(H)]) for _ in range(B)])
+    block_slot = torch.full((B, H, nb), -1, dtype=torch.int32)
+    block_slot.scatter_(2, resident, torch.arange(m, dtype=torch.int32).expand(B, H, m).contiguous())
+    slots = -storage.view(B, H, nb, bs, d).gather(2, resident[..., None, None].expand(B, H, m, bs, d)).flatten(2, 3)
+    blocks = torch.randint(0, nb, (B, H, n), generator=gen, dtype=torch.int32)
+    want = storage.view(B, H, nb, bs, d).gather(2, blocks.long()[..., None, None].expand(B, H, n, bs, d))
+    want = torch.where((block_slot.gather(2, blocks.long()) >= 0)[..., None, None], -want, want)
+    assert torch.equal(read_key_blocks_reference(storage, slots, block_slot, blocks, bs), want)
+    dev = DEVICES[-1]
+    got = read_key_blocks_kernel(*(t.to(dev) for t in (storage, slots, block_slot, blocks)), bs)
+    assert torch.equal(got.cpu(), want)
+
+
 def test_offload_config_is_validated():
     with pytest.raises(ValueError, match="exactly one of blocks= or bytes="):
         hira.Offload()

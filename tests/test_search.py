@@ -359,3 +359,27 @@ def test_selections_past_the_scan_limit_are_the_tensor_programs(device):
         num, idx = run(block_lists)(keep)
         assert torch.equal(num, keep.sum(-1, dtype=torch.int32))
         assert torch.equal(idx, torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).int())
+
+
+@settings(max_examples=12, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), NB=st.sampled_from([1, 7, 64, 130, 8193]),
+       density=st.sampled_from([0, 0.05, 0.5, 1]))
+def test_block_lists_kernel_equals_the_tensor_program(seed, NB, density):
+    """The Triton block lists (on CUDA, else in triton's interpreter on the CPU) equal the tensor program's: the
+    count and the kept blocks first in ascending order, then the others, past the scan limit too."""
+    import os
+
+    from hira.flex.mask import block_lists
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("TRITON_INTERPRET is not 1 (conftest.py sets it where CUDA is absent): no CPU run of the kernel")
+    try:
+        from hira.flex.lists_kernel import block_lists_kernel
+    except ImportError:
+        pytest.skip("triton is not installed")
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.rand(2, 3, NB, generator=gen) < density
+    want = block_lists(keep)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    got = block_lists_kernel(keep.to(dev))
+    assert torch.equal(got[0].cpu(), want[0]) and torch.equal(got[1].cpu(), want[1])

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from torch.nn.attention.flex_attention import BlockMask
 
+from hira.kernels import cuda_kernels
+
 # FlexAttention's GPU kernels need a query block of 128 with GQA folded into the query axis (DESIGN.md §3).
 Q_BLOCK_SIZE = 128
 
@@ -25,7 +27,9 @@ MAX_SCAN_BLOCKS = 8192
 def block_lists(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FlexAttention's block lists of a keep table [..., NB] bool: (count [...] int32, indices [..., NB] int32:
     the kept blocks first in ascending order, then the others), by a stable compaction through prefix sums (no
-    sort), or a stable sort past ``MAX_SCAN_BLOCKS``."""
+    sort), or a stable sort past ``MAX_SCAN_BLOCKS``. On CUDA one Triton launch (``hira.flex.lists_kernel``)."""
+    if keep.is_cuda and _KERNELS is not None:
+        return _KERNELS.block_lists_kernel(keep)
     num = keep.sum(-1, dtype=torch.int32)
     if keep.shape[-1] > MAX_SCAN_BLOCKS:
         return num, torch.argsort((~keep).to(torch.uint8), dim=-1, stable=True).to(torch.int32)
@@ -153,3 +157,6 @@ def chunk_block_mask(
         mask_mod=chunk_causal_mask(rank, q_rank),
         seq_lengths=(R, rank.shape[-1]),
     )
+
+
+_KERNELS = cuda_kernels("hira.flex.lists_kernel")

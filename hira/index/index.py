@@ -20,6 +20,7 @@ Shapes: B batch, H KV heads, N keys given to build, C capacity in slots, NB = C 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -233,9 +234,23 @@ def check_room(index: HiraIndex, n: int) -> None:
         )
 
 
+# Reads the keys of storage blocks [B, H, n] (one list per batch row and KV head): [B, H, n, BS, D]. The default
+# reads the storage (``storage_key_blocks``); with K and V in the host tier, the block cache reads resident blocks
+# from its slots instead (``hira.offload.block_cache.cached_key_blocks``).
+KeyBlocks = Callable[[torch.Tensor], torch.Tensor]
+
+
+def storage_key_blocks(index: HiraIndex, blocks: torch.Tensor) -> torch.Tensor:
+    """The keys of storage blocks [B, H, n] of ``index``: [B, H, n, BS, D] (a ``KeyBlocks`` with the index bound)."""
+    B, H, _, D = index.keys.shape
+    BS = index.block_size
+    slots = (blocks.long()[..., None] * BS + torch.arange(BS, device=blocks.device)).flatten(2)  # [B, H, n·BS]
+    return torch.gather(index.keys, 2, slots[..., None].expand(B, H, slots.shape[-1], D)).view(B, H, -1, BS, D)
+
+
 def append(
     index: HiraIndex, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor | None = None,
-    bounds: bool = True,
+    bounds: bool = True, key_blocks: KeyBlocks | None = None,
 ) -> None:
     """Append S new tokens (the same S for every row) in position order, updating the leaves they touch.
 
@@ -248,6 +263,7 @@ def append(
             the sketch) where the new tokens land, and their ancestors. False, for a dense read that uses none of
             it, writes the storage, validity, ranks and ``n_valid`` alone (a few kernels per step): the
             derived tensors are stale until ``refresh_bounds``.
+        key_blocks: reads the touched leaves' keys back (after the new ones are written); default the storage.
     """
     B, H, S, D = keys.shape
     if not torch.compiler.is_compiling():
@@ -263,13 +279,14 @@ def append(
     index.n_valid.add_(valid.sum(1))
 
     if bounds:
-        _update_touched_leaves(index, S)
+        _update_touched_leaves(index, S, key_blocks)
     index.next_slot.add_(S)
 
 
-def _update_touched_leaves(index: HiraIndex, S: int) -> None:
+def _update_touched_leaves(index: HiraIndex, S: int, key_blocks: KeyBlocks | None = None) -> None:
     """Recompute the leaves the S tokens just written at ``next_slot`` fall in, from their members (count, rank
-    range, bounds, sketch), then their ancestors from their children."""
+    range, bounds, sketch; the members' keys read by ``key_blocks``, default the storage), then their ancestors
+    from their children."""
     B, H, C, D = index.keys.shape
     BS = index.block_size
     NB = index.num_leaves
@@ -280,7 +297,8 @@ def _update_touched_leaves(index: HiraIndex, S: int) -> None:
     first, last = _leaf_rank_range(index.rank.view(B, H, NB, BS).index_select(2, leaves).flatten(2), BS)
     index.leaf_first.index_copy_(2, leaves, first)
     index.leaf_last.index_copy_(2, leaves, last)
-    members = index.keys.view(B, H, NB, BS, D).index_select(2, leaves)  # [B, H, n, BS, D]
+    read = key_blocks if key_blocks is not None else lambda blocks: storage_key_blocks(index, blocks)
+    members = read(leaves.expand(B, H, n_touched))  # [B, H, n, BS, D]
     _write_nodes(index.levels[0], leaves, members_bounds(members, member_valid))
     if index.sketch is not None:
         write_blocks(index.sketch, leaves, quantize_blocks(members, member_valid), BS)

@@ -12,8 +12,10 @@ the index (bounds, ranks, validity, the sketch) stays on the GPU, so the search 
    block is read, only more slowly, whatever the cache's size.
 
 Sinks and the recent window are kept at every step, so they stay resident. A decode step writes its new token to the
-host tier (``append``) and, where its block is resident, to that slot (``write_newest``). Everything here has fixed
-shapes and no host sync: it runs inside the compiled, graph-replayed decode step.
+host tier (``append``) and, where its block is resident, to that slot (``write_newest``); the step's other reads of
+whole blocks (the touched leaf's bounds, the top leaves' exact score) go through the cache too
+(``cached_key_blocks``). Everything here has fixed shapes and no host sync: it runs inside the compiled,
+graph-replayed decode step.
 
 Shapes: B batch, H KV heads, NB storage blocks, M slots, BS block size, D head dim.
 """
@@ -26,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from hira.flex.mask import block_lists
-from hira.index.index import HiraIndex
+from hira.index.index import HiraIndex, KeyBlocks
 from hira.kernels import cuda_kernels
 
 
@@ -132,16 +134,57 @@ def copy_blocks_reference(src_keys, src_values, dst_keys, dst_values, src_block,
 
 
 def write_newest(index: HiraIndex, cache: BlockCache, k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write the token just appended (slot ``next_slot`` − 1; k, v [B, H, 1, D]) into its block's slot where that
-    block is resident, so the cache stays equal to the storage. Where it is not, the slots are left unchanged."""
+    """Write the token about to be appended (at storage slot ``next_slot``; k, v [B, H, 1, D]) into its block's
+    slot where that block is resident, so that the cache stays equal to the storage once ``append`` has written it
+    there too. Where it is not, the slots are left unchanged. Before the append, so that the append's read of the
+    touched leaf (``cached_key_blocks``) finds the token in the cache."""
     B, H, _, D = k.shape
     BS = index.block_size
-    last = index.next_slot - 1  # [] the newest token's storage slot
-    slot = cache.block_slot.index_select(2, (last // BS).view(1))  # [B, H, 1]
-    at = (slot.clamp_min(0).long() * BS + last % BS)[..., None].expand(B, H, 1, D)
+    new = index.next_slot  # [] the token's storage slot
+    slot = cache.block_slot.index_select(2, (new // BS).view(1))  # [B, H, 1]
+    at = (slot.clamp_min(0).long() * BS + new % BS)[..., None].expand(B, H, 1, D)
     resident = (slot >= 0)[..., None]  # [B, H, 1, 1]
     for new, dst in ((k, cache.keys), (v, cache.values)):
         dst.scatter_(2, at, torch.where(resident, new.to(dst.dtype), dst.gather(2, at)))
+
+
+def cached_key_blocks(index: HiraIndex, cache: BlockCache) -> KeyBlocks:
+    """The ``KeyBlocks`` of an index whose K and V are in the host tier: resident blocks read from ``cache``'s
+    slots, the others from the host tier (the decode step's reads of whole leaves outside the attention: the top
+    leaves' exact score and the touched leaf's bounds, which would otherwise cross PCIe at every step)."""
+    return lambda blocks: read_key_blocks(index.keys, cache.keys, cache.block_slot, blocks, index.block_size)
+
+
+@torch.library.custom_op("hira::read_key_blocks", mutates_args=())
+def read_key_blocks(
+    storage: torch.Tensor, slots: torch.Tensor, block_slot: torch.Tensor, blocks: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """The keys of storage blocks [B, H, n] (int32 or int64): [B, H, n, BS, D], each read from its slot in the cache
+    where resident (``block_slot`` ≥ 0), else from ``storage`` [B, H, C, D]. On CUDA one Triton launch whose loads
+    are masked, so a resident block reads no host memory."""
+    if slots.is_cuda and _KERNELS is not None:
+        return _KERNELS.read_key_blocks_kernel(storage, slots, block_slot, blocks, block_size)
+    return read_key_blocks_reference(storage, slots, block_slot, blocks, block_size)
+
+
+@read_key_blocks.register_fake
+def _(storage, slots, block_slot, blocks, block_size):
+    B, H, n = blocks.shape
+    return storage.new_empty(B, H, n, block_size, storage.shape[-1])
+
+
+def read_key_blocks_reference(storage, slots, block_slot, blocks, block_size) -> torch.Tensor:
+    """``read_key_blocks`` as a tensor program (the CPU path, and the kernel's reference)."""
+    B, H, n = blocks.shape
+    D = storage.shape[-1]
+    slot = block_slot.gather(2, blocks.long())  # [B, H, n]
+    within = torch.arange(block_size, device=blocks.device)
+
+    def gather(t, at):
+        at = (at.long()[..., None] * block_size + within).flatten(2)[..., None].expand(B, H, n * block_size, D)
+        return torch.gather(t, 2, at).view(B, H, n, block_size, D)
+
+    return torch.where((slot >= 0)[..., None, None], gather(slots, slot.clamp_min(0)), gather(storage, blocks))
 
 
 def fetch(cache: BlockCache, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_size: int

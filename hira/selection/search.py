@@ -26,7 +26,7 @@ import torch
 
 from hira.flex.mask import block_lists
 from hira.index.bounds import NodeBounds, bound_and_estimate, upper_bound
-from hira.index.index import HiraIndex
+from hira.index.index import HiraIndex, KeyBlocks, storage_key_blocks
 from hira.index.sketch import block_score_stats
 from hira.kernels import cuda_kernels
 from hira.selection.threshold import Dense, Threshold
@@ -120,12 +120,14 @@ def effective_bounds(index: HiraIndex, q: torch.Tensor) -> torch.Tensor:
     return eff
 
 
-def exact_leaf_score(index: HiraIndex, q: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
-    """Exact max score of each row over one leaf per row, top: [B, H, R] -> [B, H, R] (-inf if no real key)."""
+def exact_leaf_score(index: HiraIndex, q: torch.Tensor, top: torch.Tensor, key_blocks: KeyBlocks | None = None
+                     ) -> torch.Tensor:
+    """Exact max score of each row over one leaf per row, top: [B, H, R] -> [B, H, R] (-inf if no real key); the
+    leaves' keys read by ``key_blocks`` (default the storage)."""
     B, H, R, D = q.shape
     BS = index.block_size
     slots = (top[..., None] * BS + torch.arange(BS, device=q.device)).view(B, H, R * BS)  # [B, H, R*BS]
-    k = torch.gather(index.keys, 2, slots[..., None].expand(B, H, R * BS, D)).view(B, H, R, BS, D)
+    k = key_blocks(top) if key_blocks is not None else storage_key_blocks(index, top)  # [B, H, R, BS, D]
     # float64: an exact score of a real key, whatever the float32 matmul precision (TF32 on CUDA).
     s = torch.einsum("bhrd,bhrsd->bhrs", q.double(), k.double()).float()  # [B, H, R, BS]
     real = torch.gather(index.valid, 1, slots.view(B, H * R * BS)).view(B, H, R, BS)
@@ -210,6 +212,7 @@ def search_rows(
     threshold: Threshold,
     select=local_select,
     kernel: bool = True,
+    key_blocks: KeyBlocks | None = None,
 ) -> Selection:
     """Select the leaves to read for the given query rows.
 
@@ -224,6 +227,8 @@ def search_rows(
         select: ``(bounds, top_leaf, m, forced, live, threshold) -> (keep, tau)``, the choice of leaves
             from their bounds (before the exact score m is folded in); default ``local_select``.
         kernel: use the Triton kernels where they apply (False: the tensor program, the kernels' reference).
+        key_blocks: reads the top leaves' keys for their exact score (default the storage; the kernels read the
+            storage).
     """
     if isinstance(threshold, Dense):
         return every_leaf(index, q)
@@ -233,7 +238,8 @@ def search_rows(
     live = index.levels[0].count > 0  # [B, H, NB]
     bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
     top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the leaf with the largest bound per row
-    m = exact_leaf_score(index, q, top_leaf[..., 0])[..., None]  # [B, H, R, 1] exact score of one of its keys
+    # [B, H, R, 1] the exact score of one of its keys
+    m = exact_leaf_score(index, q, top_leaf[..., 0], key_blocks)[..., None]
     keep, tau = select(bounds, top_leaf, m, index.forced_leaves(), live, threshold)
     return selection_from_keep(keep, live, fold_exact_score(bounds, top_leaf, m), tau)
 

@@ -1,12 +1,9 @@
 #!/usr/bin/env python3
 """Sweep the search kernels' launch parameters on CUDA: the bounds kernel (leaves per program, warps, channels per
 load) and the selection kernel (per mode: warps, channels per key tile of the exact score), each replayed alone
-from a CUDA graph, on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks); with
-``--kernels sketch`` the key sketch's scan instead: the tensor-core kernel per (blocks per program, pipeline
-stages, warps) against the FMA kernel, in µs and TB/s of sketch read.
+from a CUDA graph, on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks).
 
     python3 benchmarks/bench_search_kernel.py --out $OUT/search_kernel.md
-    python3 benchmarks/bench_search_kernel.py --kernels sketch --shapes 1024:1,8192:1 --out $OUT/sketch_kernel.md
 
 A floor row times one tiny kernel the same way (graph replay, L2 flushed before each rep).
 """
@@ -87,34 +84,9 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int):
     return fn
 
 
-def sketch_rows(B: int, NB: int, dev, rep_ms: float) -> list[list]:
-    """The sketch scan's rows for one shape: the FMA kernel, then the tensor-core kernel per launch."""
-    from hira.index import sketch_kernel as kk
-
-    g = torch.Generator(device=dev).manual_seed(0)
-    C = NB * BS
-    q = torch.randn(B, HKV, R, D, generator=g, device=dev) * 0.2
-    codes = torch.randint(0, 256, (B, HKV, C, D // 2), generator=g, device=dev, dtype=torch.uint8)
-    lo, step = (torch.randn(B, HKV, NB, D, generator=g, device=dev).bfloat16() for _ in range(2))
-    valid = torch.ones(B, C, device=dev, dtype=torch.bool)
-    nbytes = sum(t.numel() * t.element_size() for t in (codes, lo, step, valid))
-    ctx = fmt_size(C)
-    runs = [("fma", "warps 2", lambda: kk.sketch_block_stats(q, codes, lo, step, valid))]
-    for launch in itertools.product((1, 2, 4, 8), (1, 2, 3), (4, 8)):
-        runs.append(("tensor cores", f"blocks {launch[0]}, stages {launch[1]}, warps {launch[2]}",
-                     lambda launch=list(launch): kk.sketch_block_stats_dot(q, codes, lo, step, valid, launch)))
-    rows = []
-    for name, launch, fn in runs:
-        ms = graph_ms(fn, dev, rep_ms)
-        rows.append([ctx, B, f"sketch scan, {name}", launch, f"{ms * 1e3:.1f}", f"{nbytes / ms / 1e9:.2f}"])
-        print(rows[-1], flush=True)
-    return rows
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="1024:1,8192:1,1024:8", help="leaves:batch list (1024 leaves = 128K)")
-    ap.add_argument("--kernels", default="search", choices=("search", "sketch"))
     ap.add_argument("--rep-ms", type=float, default=20.0)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -122,19 +94,16 @@ def main():
     rows = []
     small = torch.zeros(16, device=dev)
     floor = graph_ms(lambda: small.add_(1), dev, args.rep_ms)
-    rows.append(["—", "—", "floor: one tiny kernel", "—", f"{floor * 1e3:.1f}", "—"])
+    rows.append(["—", "—", "floor: one tiny kernel", "—", f"{floor * 1e3:.1f}"])
     print(f"floor {floor * 1e3:.1f} us", flush=True)
     for shape in args.shapes.split(","):
         NB, B = (int(x) for x in shape.split(":"))
-        if args.kernels == "sketch":
-            rows += sketch_rows(B, NB, dev, args.rep_ms)
-            continue
         t = leaves(B, NB, dev)
         ctx = fmt_size(NB * BS)
         for chunk, warps in itertools.product((16, 32, 64), (2, 4, 8)):
             fn, _, _ = bounds_fn(t, chunk, warps)
             us = graph_ms(fn, dev, args.rep_ms) * 1e3
-            rows.append([ctx, B, "bounds", f"chunk {chunk}, warps {warps}", f"{us:.1f}", "—"])
+            rows.append([ctx, B, "bounds", f"chunk {chunk}, warps {warps}", f"{us:.1f}"])
             print(rows[-1], flush=True)
         fn, parts, nch = bounds_fn(t, sk._CHUNK, 4)
         fn()
@@ -143,10 +112,10 @@ def main():
             for exact_d in ((32, 128) if mode == sk.FIXED else (sk.select_launch(R, NB, D, BS)["EXACT_D"],)):
                 us = graph_ms(select_fn(t, parts, nch, mode, value, warps, exact_d), dev, args.rep_ms) * 1e3
                 name = ("fixed", "topk", "topp")[mode]
-                rows.append([ctx, B, f"select {name}", f"warps {warps}, exact D {exact_d}", f"{us:.1f}", "—"])
+                rows.append([ctx, B, f"select {name}", f"warps {warps}, exact D {exact_d}", f"{us:.1f}"])
                 print(rows[-1], flush=True)
     text = (f"# Search kernel sweep ({device_name(dev)}, torch {torch.__version__}, triton {triton.__version__})\n\n"
-            + md_table(["context", "B", "kernel", "launch", "µs (graph replay)", "TB/s"], rows) + "\n")
+            + md_table(["context", "B", "kernel", "launch", "µs (graph replay)"], rows) + "\n")
     print(text)
     if args.out:
         write_report(args.out, text, {"rows": rows})

@@ -134,8 +134,12 @@ def _flat_plan(tensors, cache, q, k, v, threshold_name, threshold_value, scale, 
 
 
 # Compiled once per shape and threshold, shared by every layer (their inputs are tensors and constants, no objects).
-_compiled_step = torch.compile(_flat_step, fullgraph=True, dynamic=False)
-_compiled_plan = torch.compile(_flat_plan, fullgraph=True, dynamic=False)
+# Without inductor's reordering for locality: it moved the search's read of the top leaves through the block cache
+# (needed only by the stats) after the offloaded attention, which mutates the cache, so the cache's keys could no
+# longer be updated in place: a copy of all its slots and a copy back at every step (benchmarks/NOTES.md §20).
+_OPTIONS = {"reorder_for_locality": False}
+_compiled_step = torch.compile(_flat_step, fullgraph=True, dynamic=False, options=_OPTIONS)
+_compiled_plan = torch.compile(_flat_plan, fullgraph=True, dynamic=False, options=_OPTIONS)
 
 
 def _step(tensors, cache, q, k, v, stats, *setting_and_layout) -> torch.Tensor:

@@ -67,54 +67,48 @@ def _block_stats_dot_kernel(
     q_ptr, words_ptr, lo_ptr, step_ptr, valid_ptr, max_ptr, lse_ptr,
     H, NB, C,
     R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BS: tl.constexpr,
-    BLOCKS: tl.constexpr, STAGES: tl.constexpr,
 ):
-    """One program per (b, h, run of BLOCKS blocks), every row at once: the rows are loaded once, then per block the
-    codes are unpacked into a [BS, D] float16 tile (exact: 0..15) and multiplied on the tensor cores by q·step, each
-    row scaled to max 1 and rounded to float16; the blocks' loads pipelined STAGES deep."""
+    """One program per (b, h, block), every row at once: the codes are unpacked once into a [BS, D] float16 tile
+    (exact: 0..15) and multiplied on the tensor cores by q·step, each row scaled to max 1 and rounded to float16."""
     pid = tl.program_id(0)
-    runs = tl.cdiv(NB, BLOCKS)
-    bh = pid // runs
-    first = (pid % runs) * BLOCKS
+    n = pid % NB
+    bh = pid // NB
     b = bh // H
     s = tl.arange(0, BS)
     i = tl.arange(0, W)
+    words = tl.load(words_ptr + (bh * C + n * BS + s)[:, None] * W + i[None, :])  # [BS, W] int32
+    # Nibble t of word i is channel 8i + t. join adds a last dimension: joining planes 4 apart first, then 2, then
+    # 1 puts plane t at the flat position 4·a + 2·b + c = t of the last three dimensions.
+    p0 = (words & 15).to(tl.float16)
+    p1 = ((words >> 4) & 15).to(tl.float16)
+    p2 = ((words >> 8) & 15).to(tl.float16)
+    p3 = ((words >> 12) & 15).to(tl.float16)
+    p4 = ((words >> 16) & 15).to(tl.float16)
+    p5 = ((words >> 20) & 15).to(tl.float16)
+    p6 = ((words >> 24) & 15).to(tl.float16)
+    p7 = ((words >> 28) & 15).to(tl.float16)
+    codes = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
+    codes = tl.reshape(codes, (BS, D))
     r = tl.arange(0, R_PAD)
     d = tl.arange(0, D)
     q = tl.load(q_ptr + (bh * R + r)[:, None] * D + d[None, :], mask=(r < R)[:, None], other=0.0)  # [R_PAD, D]
-    for j in tl.range(0, BLOCKS, num_stages=STAGES):
-        n = first + j
-        inside = n < NB
-        words = tl.load(words_ptr + (bh * C + n * BS + s)[:, None] * W + i[None, :], mask=inside, other=0)
-        # Nibble t of word i is channel 8i + t. join adds a last dimension: joining planes 4 apart first, then 2,
-        # then 1 puts plane t at the flat position 4·a + 2·b + c = t of the last three dimensions.
-        p0 = (words & 15).to(tl.float16)
-        p1 = ((words >> 4) & 15).to(tl.float16)
-        p2 = ((words >> 8) & 15).to(tl.float16)
-        p3 = ((words >> 12) & 15).to(tl.float16)
-        p4 = ((words >> 16) & 15).to(tl.float16)
-        p5 = ((words >> 20) & 15).to(tl.float16)
-        p6 = ((words >> 24) & 15).to(tl.float16)
-        p7 = ((words >> 28) & 15).to(tl.float16)
-        codes = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-        codes = tl.reshape(codes, (BS, D))
-        plane = (bh * NB + n) * D
-        lo = tl.load(lo_ptr + plane + d, mask=inside, other=0.0).to(tl.float32)
-        step = tl.load(step_ptr + plane + d, mask=inside, other=0.0).to(tl.float32)
-        base = tl.sum(q * lo[None, :], axis=1)  # [R_PAD]
-        w = q * step[None, :]
-        scale = tl.max(tl.abs(w), axis=1)
-        scale = tl.where(scale > 0, scale, 1.0)
-        wn = (w / scale[:, None]).to(tl.float16)
-        dot = tl.dot(codes, tl.trans(wn))  # [BS, R_PAD] float32
-        real = tl.load(valid_ptr + b * C + n * BS + s, mask=inside, other=0) != 0
-        est = tl.where(real[:, None], base[None, :] + dot * scale[None, :], float("-inf"))
-        m = tl.max(est, axis=0)
-        m_safe = tl.where(m == float("-inf"), 0.0, m)
-        lse = m_safe + tl.log(tl.sum(tl.exp(est - m_safe[None, :]), axis=0))
-        out = (bh * R + r) * NB + n
-        tl.store(max_ptr + out, m, mask=(r < R) & inside)
-        tl.store(lse_ptr + out, lse, mask=(r < R) & inside)
+    plane = (bh * NB + n) * D
+    lo = tl.load(lo_ptr + plane + d).to(tl.float32)
+    step = tl.load(step_ptr + plane + d).to(tl.float32)
+    base = tl.sum(q * lo[None, :], axis=1)  # [R_PAD]
+    w = q * step[None, :]
+    scale = tl.max(tl.abs(w), axis=1)
+    scale = tl.where(scale > 0, scale, 1.0)
+    wn = (w / scale[:, None]).to(tl.float16)
+    dot = tl.dot(codes, tl.trans(wn))  # [BS, R_PAD] float32
+    real = tl.load(valid_ptr + b * C + n * BS + s) != 0
+    est = tl.where(real[:, None], base[None, :] + dot * scale[None, :], float("-inf"))
+    m = tl.max(est, axis=0)
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    lse = m_safe + tl.log(tl.sum(tl.exp(est - m_safe[None, :]), axis=0))
+    out = (bh * R + r) * NB + n
+    tl.store(max_ptr + out, m, mask=r < R)
+    tl.store(lse_ptr + out, lse, mask=r < R)
 
 
 def dot_applies(D: int) -> bool:
@@ -122,31 +116,21 @@ def dot_applies(D: int) -> bool:
     return D >= 16 and D & (D - 1) == 0
 
 
-# The tensor-core kernel's launch: blocks per program, pipeline stages, warps (one block, no pipelining, 4 warps
-# measured 0.48 TB/s at 128K on the H200, benchmarks/RESULTS.md run 11; `bench_search_kernel.py --kernels sketch`
-# sweeps them).
-DOT_LAUNCH = (1, 1, 4)
-
-
 @torch.library.custom_op("hira::sketch_block_stats_dot", mutates_args=())
 def sketch_block_stats_dot(
-    q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, valid: torch.Tensor,
-    launch: list[int] | None = None,
+    q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, valid: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sketch_block_stats`` on the tensor cores (``dot_applies(D)``): the same outputs up to ``dot_error``.
-    ``launch``: (blocks per program, pipeline stages, warps), default ``DOT_LAUNCH``."""
-    blocks, stages, warps = DOT_LAUNCH if launch is None else launch
+    """``sketch_block_stats`` on the tensor cores (``dot_applies(D)``): the same outputs up to ``dot_error``."""
     B, H, R, D = q.shape
     NB = lo.shape[2]
     C = codes.shape[2]
     words = codes.contiguous().view(torch.int32)
     out_max = torch.empty(B, H, R, NB, device=q.device, dtype=torch.float32)
     out_lse = torch.empty_like(out_max)
-    _block_stats_dot_kernel[(B * H * triton.cdiv(NB, blocks),)](
+    _block_stats_dot_kernel[(B * H * NB,)](
         q.contiguous(), words, lo.contiguous(), step.contiguous(), valid.contiguous(),
         out_max, out_lse, H, NB, C,
-        R=R, R_PAD=max(16, triton.next_power_of_2(R)), D=D, W=D // 8, BS=C // NB, BLOCKS=blocks, STAGES=stages,
-        num_warps=warps,
+        R=R, R_PAD=max(16, triton.next_power_of_2(R)), D=D, W=D // 8, BS=C // NB, num_warps=4,
     )
     return out_max, out_lse
 
@@ -187,7 +171,7 @@ def sketch_block_stats(
     return out_max, out_lse
 
 
-def _stats_like(q, codes, lo, step, valid, launch=None):
+def _stats_like(q, codes, lo, step, valid):
     """The fake of both sketch scans: (max, lse) [B, H, R, NB] each."""
     B, H, R, _ = q.shape
     out = q.new_empty(B, H, R, lo.shape[2])

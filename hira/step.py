@@ -171,13 +171,20 @@ def _(tensors, cache, q, k, v, stats, threshold_name, threshold_value, scale, n_
     return torch.empty_like(q)
 
 
+def step_args(index: HiraIndex, q, k, v, threshold: Threshold, scale: float, stats: AttentionStats,
+              cache: BlockCache | None = None) -> tuple:
+    """The arguments of the compiled step (``_step``, ``hira::decode_step``): tensors, lists of tensors and
+    constants."""
+    return (list(index.tensors()), list(cache.tensors()) if cache is not None else [], q, k, v, list(stats.tensors()),
+            *name_and_value(threshold), float(scale), len(index.levels), index.block_size, index.branching,
+            index.sink_tokens, index.window_tokens)
+
+
 def run_decode_step(index: HiraIndex, q, k, v, threshold: Threshold, scale: float, stats: AttentionStats,
                     cache: BlockCache | None = None) -> torch.Tensor:
     """``decode_step`` as the module docstring says: inside a compiled model one operator, else the same compiled
     code called directly."""
-    args = (list(index.tensors()), list(cache.tensors()) if cache is not None else [], q, k, v, list(stats.tensors()),
-            *name_and_value(threshold), float(scale), len(index.levels), index.block_size, index.branching,
-            index.sink_tokens, index.window_tokens)
+    args = step_args(index, q, k, v, threshold, scale, stats, cache)
     if torch.compiler.is_compiling():
         return _decode_step_op(*args)
     check_room(index, q.shape[2])  # the compiled step cannot raise: one host read before it

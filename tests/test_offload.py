@@ -11,11 +11,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import re
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch._inductor.utils import run_and_get_code
 from reference import make_key_mask
 
 import hira
@@ -23,7 +25,8 @@ from hira.api import AttentionStats
 from hira.index.index import build_index
 from hira.offload.block_cache import copy_blocks_reference, new_block_cache
 from hira.offload.host import to_host_tier
-from hira.step import decode_step, run_decode_step
+import hira.step
+from hira.step import decode_step, run_decode_step, step_args
 
 B, H, G, N, D, BS = 2, 2, 3, 150, 16, 16
 STEPS = 6
@@ -128,6 +131,24 @@ def test_certified_with_the_key_sketch_through_the_cache(device):
         torch.testing.assert_close(out_b, out_a, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(stats_b.skip_bound, stats_a.skip_bound, rtol=1e-5, atol=1e-6)
     assert int(cache.from_host.sum()) > 0  # the selection outgrew the 3 slots: the host part was exercised
+
+
+def test_the_compiled_offloaded_step_updates_the_slots_in_place():
+    """The compiled step (CUDA's: the whole step in one graph, here on the CPU) allocates no buffer the size of the
+    slots: inductor updates them in place. Traced as plain ops, the new token's write copied all the slots and back at
+    every step; reordered for locality, the search's read of the cache moved after the attention's fetch and forced a
+    copy too (benchmarks/NOTES.md §20: 0.95 of 1.67 ms per layer at 128K, batch 32)."""
+    plain, gen = _index(3, "cpu", torch.float32)
+    offloaded, cache = _offloaded(plain, 7)
+    q, k, v = (torch.randn(B, h, 1, D, generator=gen) for h in (H * G, H, H))
+    args = step_args(offloaded, q, k, v, hira.TopK(2), D**-0.5, _stats("cpu"), cache)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, codes = run_and_get_code(hira.step._compiled_step, *args)
+    sizes = [math.prod(int(n) for n in shape.split(",") if n.strip())
+             for code in codes for shape in re.findall(r"empty_strided_\w+\(\(([\d, ]+)\)", code)]
+    assert sizes, "no buffer found: the output code's form changed"
+    assert cache.keys.numel() not in sizes
 
 
 def test_a_cache_of_every_block_fetches_each_block_once():

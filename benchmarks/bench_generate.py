@@ -10,6 +10,9 @@ user runs it, with nothing captured or compiled by this script:
   - ``hira``, ``hira-topk1``, ``hira-topk5``: ``hira.convert(model, config)`` with the default threshold, or top-k
     at 1% / 5% of the prompt's blocks. The HiraCache generate creates is compileable, so transformers compiles and
     graph-replays the decode the same way as for dense-static.
+  - ``hira-offload``: top-k at 2% with ``HiraConfig(offload=Offload(blocks=2k + 8))``: each layer's K and V in
+    pinned host memory after its prefill (chunk by chunk with ``--prefill-chunk``), a GPU block cache of twice the
+    selection.
   - ``hira-dense``: the dense mode, what a layer below ``HiraConfig.min_context`` decodes with (every block, no
     search): against ``hira`` it gives the crossover, the context from which the search pays for itself.
   - ``dense-forward``, ``hira-forward``: the user compiles the model's forward themselves
@@ -22,6 +25,8 @@ reports whether its new tokens equal the compiled call's (or the first that diff
 own eager call tells the model's compiled numerics apart from Hira's.
 
 ``--prefill-chunk C`` passes ``prefill_chunk_size=C`` to generate (a prompt too long for one forward at that batch).
+``--gpu-memory-gb G`` caps the process's GPU memory at G GB (``torch.cuda.set_per_process_memory_fraction``): a
+context that does not fit dense within G fails with an out-of-memory row, where ``hira-offload`` may fit.
 ``--isolate`` runs every (context, batch, variant) in a fresh process (a compiled variant run after others in the
 same process was measured 3.3× slower: benchmarks/NOTES.md §11).
 
@@ -71,7 +76,7 @@ from harness import (  # noqa: E402
 )
 
 VARIANTS = ("dense-dynamic", "dense-static", "hira", "hira-dense", "hira-topk1", "hira-topk5", "dense-forward",
-            "hira-forward")
+            "hira-forward", "hira-offload")
 
 
 class StepClock(BaseStreamer):
@@ -102,8 +107,10 @@ def hira_config(variant: str, N: int, new_tokens: int, block_size: int) -> hira.
         return hira.HiraConfig(max_cache_len=capacity)
     if variant == "hira-dense":
         return hira.HiraConfig(max_cache_len=capacity, threshold=hira.Dense())
-    fraction = {"hira-topk1": 0.01, "hira-topk5": 0.05}[variant]
+    fraction = {"hira-topk1": 0.01, "hira-topk5": 0.05, "hira-offload": 0.02}[variant]
     k = max(1, round(fraction * N / block_size))
+    if variant == "hira-offload":  # a cache of twice the selection, as bench_offload's
+        return hira.HiraConfig(max_cache_len=capacity, threshold=hira.TopK(k), offload=hira.Offload(blocks=2 * k + 8))
     return hira.HiraConfig(max_cache_len=capacity, threshold=hira.TopK(k))
 
 
@@ -201,6 +208,7 @@ def markdown(rows: list, meta: dict) -> str:
     lines = [f"# bench_generate: {meta['device']}, {meta['date']}", "",
              f"`{meta['command']}`", "",
              f"torch {meta['torch']}, transformers {meta['transformers']}; {meta['layers']} layers; "
+             + (f"GPU memory capped at {meta['gpu_memory_gb']} GB; " if meta.get("gpu_memory_gb") else "") +
              f"{meta['warmup_steps']} warm-up + {meta['steps']} timed decode steps per call; copy bandwidth "
              f"{fmt_num(meta['bandwidth_tbs'])} TB/s.", ""]
     table = []
@@ -287,6 +295,7 @@ def main(argv=None):
     p.add_argument("--warmup-steps", type=int, default=8)
     p.add_argument("--steps", type=int, default=64)
     p.add_argument("--prefill-chunk", type=int, default=0, help="generate's prefill_chunk_size (0: one call)")
+    p.add_argument("--gpu-memory-gb", type=float, default=0, help="cap the GPU memory of the process (0: no cap)")
     p.add_argument("--isolate", action="store_true", help="each run in a fresh process")
     p.add_argument("--profile", type=int, default=0, metavar="N",
                    help="profile N decode steps after the warm-up (kernel table in the JSON row and after the table)")
@@ -307,6 +316,9 @@ def main(argv=None):
         return isolated(args, argv if argv is not None else sys.argv[1:])
     start = time.perf_counter()
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if args.gpu_memory_gb and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gb * 1e9 / total), torch.cuda.current_device())
     shape = SMOKE_MODEL if args.smoke else LLAMA3_8B
     max_new = args.warmup_steps + args.steps + 1
     model = make_model(shape, args.layers, max(args.contexts) + max_new + args.block_size, device, seed=0)
@@ -317,6 +329,7 @@ def main(argv=None):
     meta = dict(device=device_name(device),
                 date=datetime.date.today().isoformat(), command="python3 " + " ".join(sys.argv),
                 torch=torch.__version__, transformers=transformers.__version__, layers=args.layers,
+                gpu_memory_gb=args.gpu_memory_gb or None,
                 warmup_steps=args.warmup_steps, steps=args.steps, bandwidth_tbs=bandwidth / 1e12)
     rows = []
     runs = [(N, B, v) for N in args.contexts for B in args.batches for v in args.variants]

@@ -31,7 +31,7 @@ from hira.config import HiraConfig
 from hira.flex.attention import chunk_attention, fold_gqa
 from hira.index.index import HiraIndex, append, refresh_bounds
 from hira.offload.block_cache import BlockCache, new_block_cache
-from hira.offload.host import to_host_tier
+from hira.offload.host import staged, to_host_tier
 from hira.selection.calibrate import calibrate_spread
 from hira.selection.threshold import Dense, Threshold, TopK, TopP
 from hira.step import run_decode_step
@@ -223,7 +223,13 @@ class HiraLayer(CacheLayerMixin):
         if self.block_cache is not None:
             self.block_cache.clear()  # the blocks the chunk wrote may be resident
         rank_range = (index.rank, index.leaf_first, index.leaf_last, index.levels[0].count)
-        out = chunk_attention(q, index.keys, index.values, index.n_valid, rank_range, scale)
+        keys, values = index.keys, index.values
+        if self.block_cache is not None:  # K and V in host memory: read once into device memory, not once per tile
+            bs = index.block_size
+            extent = -(-int(index.next_slot) // bs) * bs  # to the end of the last block written
+            keys, values = staged(keys, extent), staged(values, extent)
+        out = chunk_attention(q, keys, values, index.n_valid, rank_range, scale)
+        del keys, values  # the device copies, freed before a re-clustering
         if self.config.recluster_on_prefill:
             self.recluster_pending = True
             if not self.defer_recluster:

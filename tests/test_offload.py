@@ -142,9 +142,10 @@ def test_the_compiled_offloaded_step_updates_the_slots_in_place():
     offloaded, cache = _offloaded(plain, 7)
     q, k, v = (torch.randn(B, h, 1, D, generator=gen) for h in (H * G, H, H))
     args = step_args(offloaded, q, k, v, hira.TopK(2), D**-0.5, _stats("cpu"), cache)
-    torch._dynamo.reset()
+    # A compile of its own (as ``_compiled_step``'s), so that the process's compiled code stays as it is.
+    step = torch.compile(hira.step._flat_step, fullgraph=True, dynamic=False, options=hira.step._OPTIONS)
     with torch._inductor.config.patch(fx_graph_cache=False):
-        _, codes = run_and_get_code(hira.step._compiled_step, *args)
+        _, codes = run_and_get_code(step, *args)
     sizes = [math.prod(int(n) for n in shape.split(",") if n.strip())
              for code in codes for shape in re.findall(r"empty_strided_\w+\(\(([\d, ]+)\)", code)]
     assert sizes, "no buffer found: the output code's form changed"

@@ -40,3 +40,14 @@ def to_host_tier(t: torch.Tensor) -> torch.Tensor:
         view = torch.as_tensor(_HostMemory(host), device=t.device).view(t.dtype)
     view.copy_(t)  # one kernel writing host memory through its device address
     return view
+
+
+def staged(t: torch.Tensor, extent: int) -> torch.Tensor:
+    """A device-memory copy of the host-tier storage ``t`` [B, H, C, D] whose slots from ``extent`` on are zeros (never
+    written, never read): one read of the written part over PCIe. For a prefill chunk's attention, whose kernel
+    reads every key block once per tile of query rows: straight from the host tier, a chunk of 8K queries at 256K
+    tokens read the earlier K and V ~256 times over PCIe (benchmarks/NOTES.md §21). The same on the CPU (the
+    emulated tier), where it only costs a copy."""
+    out = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    out[:, :, :extent].copy_(t[:, :, :extent])
+    return out

@@ -128,8 +128,10 @@ def exact_leaf_score(index: HiraIndex, q: torch.Tensor, top: torch.Tensor, key_b
     BS = index.block_size
     slots = (top[..., None] * BS + torch.arange(BS, device=q.device)).view(B, H, R * BS)  # [B, H, R*BS]
     k = key_blocks(top) if key_blocks is not None else storage_key_blocks(index, top)  # [B, H, R, BS, D]
-    # float64: an exact score of a real key, whatever the float32 matmul precision (TF32 on CUDA).
-    s = torch.einsum("bhrd,bhrsd->bhrs", q.double(), k.double()).float()  # [B, H, R, BS]
+    # float64: an exact score of a real key, whatever the float32 matmul precision (TF32 on CUDA). A product and a
+    # sum, not a matmul: compiled, one reduction reading the keys in their dtype; as an einsum, a float64 copy of the
+    # keys and a GEMV (by the profile, 40 + 44 µs per layer at 128K, batch 32: benchmarks/NOTES.md §21).
+    s = (q.double()[:, :, :, None, :] * k.double()).sum(-1).float()  # [B, H, R, BS]
     real = torch.gather(index.valid, 1, slots.view(B, H * R * BS)).view(B, H, R, BS)
     return s.masked_fill(~real, -math.inf).amax(-1)
 

@@ -209,7 +209,10 @@ def test_output_is_attention_over_exactly_the_selected_keys(case, seed, key_kind
     key_kind=st.sampled_from(["levels", "clustered"]),
 )
 def test_certified_error_is_bounded(case, seed, eps, key_kind, device):
-    """Skipped mass ≤ both skip bounds and ≤ ε; ‖o − ô‖ ≤ 2ε·max‖v‖ per row against full attention."""
+    """Skipped mass ≤ both skip bounds and ≤ ε; ‖o − ô‖ ≤ 2ε·max‖v‖ per row against full attention. On the
+    "levels" keys certified prunes (so the bound is not met by reading everything): somewhere, not in every head —
+    a k-means leaf can mix levels so that each of a head's few leaves holds more than ε of its mass (seen: 4 live
+    leaves, all needed at ε = 0.001)."""
     q_kind = "axis" if key_kind == "levels" else "aligned"
     q, k, v, mask, index = make_inputs(case, device, seed, key_kind, q_kind)
     scale = case.lay.D**-0.5
@@ -217,7 +220,7 @@ def test_certified_error_is_bounded(case, seed, eps, key_kind, device):
     out, stats = hira.attend(q, index, sel)
     assert_skip_bounds(q, k, mask, index, sel, stats, scale, eps=eps)
     if key_kind == "levels" and not bool(index.forced_leaves().any()):
-        assert bool((sel.keep.sum(-1) < (index.levels[0].count > 0).sum(-1)).all()), "certified did not prune"
+        assert int(sel.keep.sum()) < int((index.levels[0].count > 0).sum()), "certified did not prune"
 
     full = dense_reference(q, k, v, mask, scale)  # [B, Hq, S, D]
     v_max = (v.double().norm(dim=-1) * mask[:, None, :]).amax(-1)  # [B, Hkv]

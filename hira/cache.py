@@ -309,8 +309,6 @@ class HiraCache(Cache):
             raise ValueError(f"shard must be a hira.SequenceShard or None, got {type(shard).__name__}")
         self.hira_config = config or HiraConfig()
         self.shard = shard
-        if shard is not None and self.hira_config.offload is not None:
-            raise ValueError("HiraConfig.offload does not combine with a SequenceShard yet: use one or the other")
         text = model_config.get_text_config(decoder=True) if hasattr(model_config, "get_text_config") else model_config
         capacity = self.hira_config.max_cache_len
         if capacity == -1:

@@ -18,7 +18,8 @@ search's agreement (certified: [B, H, 4R + 2, NB] floats; topk/topp: [B, H, R + 
 fixed) and the merge ([B, H, R, D + 7] floats).
 
 ``ShardedHiraLayer`` is the ``HiraCache`` layer that runs this step (``SequenceShard.cache_layer`` makes it: the
-single-process cache does not depend on this module).
+single-process cache does not depend on this module). With ``HiraConfig.offload`` each rank keeps its slice's K and V
+in host memory behind its own block cache (``hira.offload``), as a single process does.
 
 Shapes: B batch, Hq query heads, H KV heads, R = G·S query rows, N tokens, NB local leaves, D head dim,
 W world size.
@@ -37,7 +38,9 @@ from hira.api import AttentionStats, attend_rows, build_index_unchecked
 from hira.cache import HiraLayer
 from hira.config import HiraConfig
 from hira.flex.attention import dense_attention_lse, fold_gqa, merge_partials, unfold_gqa
-from hira.index.index import HiraIndex, append
+from hira.index.index import HiraIndex, KeyBlocks, append
+from hira.offload.block_cache import BlockCache, cached_key_blocks, new_block_cache, write_newest
+from hira.offload.host import to_host_tier
 from hira.selection.search import LeafBounds, Selection, fold_exact_score, local_select, search_rows, select_leaves
 from hira.selection.threshold import Threshold
 
@@ -171,10 +174,17 @@ def build_shard_index(
     return ShardIndex(index, shard, real.sum(1), tuple(s // bs for s in slots))
 
 
-def shard_append(local: ShardIndex, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Append S decoded tokens: stored on the last rank, counted on every rank. keys, values: [B, H, S, D]."""
+def shard_append(local: ShardIndex, keys: torch.Tensor, values: torch.Tensor, cache: BlockCache | None = None
+                 ) -> None:
+    """Append S decoded tokens: stored on the last rank, counted on every rank. keys, values: [B, H, S, D]. With
+    the last rank's block ``cache`` (K and V in the host tier) one token (S = 1) is also written to its resident slot,
+    and the append reads whole leaves through the cache (as ``hira.step.plan``)."""
     if local.shard.is_last:
-        append(local.index, keys, values)
+        key_blocks = None
+        if cache is not None:
+            write_newest(local.index, cache, keys, values)
+            key_blocks = cached_key_blocks(local.index, cache)
+        append(local.index, keys, values, key_blocks=key_blocks)
     local.total_valid.add_(keys.shape[2])
 
 
@@ -231,7 +241,8 @@ def _global_keep(local: ShardIndex, bounds: LeafBounds, m_plane, threshold: Thre
     return keep[:, :, offset : offset + live.shape[-1]], tau
 
 
-def sharded_search(local: ShardIndex, q: torch.Tensor, threshold: Threshold) -> Selection:
+def sharded_search(local: ShardIndex, q: torch.Tensor, threshold: Threshold, key_blocks: KeyBlocks | None = None
+                   ) -> Selection:
     """The local leaves of the global selection: what single-process ``search_rows`` keeps over all ranks' leaves.
 
     A collective in the ``Certified``, ``TopK`` and ``TopP`` modes (one all-gather of per-leaf bounds and
@@ -241,6 +252,7 @@ def sharded_search(local: ShardIndex, q: torch.Tensor, threshold: Threshold) -> 
         local: this rank's ``ShardIndex``.
         q: [B, H, R, D] float32 query rows, already multiplied by the softmax scale (the same on every rank).
         threshold: the mode.
+        key_blocks: reads the top leaves' keys (``search_rows``'s; a block cache's with offload).
     Returns:
         A ``Selection`` over the local index; ``log_skip_ub`` and ``log_kept_lb`` cover the local leaves
         (``sharded_attend`` sums them over the ranks).
@@ -252,11 +264,11 @@ def sharded_search(local: ShardIndex, q: torch.Tensor, threshold: Threshold) -> 
         m_plane = torch.full_like(bounds.ub, -math.inf).scatter(-1, top_leaf, m)
         return _global_keep(local, bounds, m_plane, threshold, forced, live)
 
-    return search_rows(local.index, q, threshold, select=agree)
+    return search_rows(local.index, q, threshold, select=agree, key_blocks=key_blocks)
 
 
 def sharded_attend(
-    q: torch.Tensor, local: ShardIndex, selection: Selection, scale: float
+    q: torch.Tensor, local: ShardIndex, selection: Selection, scale: float, cache: BlockCache | None = None
 ) -> tuple[torch.Tensor, AttentionStats]:
     """Attention over the selected blocks of every rank, merged exactly through the log-sum-exp.
 
@@ -266,6 +278,7 @@ def sharded_attend(
         q: [B, Hq, S, D] post-RoPE queries (the same on every rank).
         local, selection: this rank's ``ShardIndex`` and its ``sharded_search`` result.
         scale: softmax scale.
+        cache: this rank's block cache when its K and V are in the host tier (``hira.offload``), else None.
     Returns:
         out [B, Hq, S, D] in q's dtype and ``AttentionStats`` over the whole sequence.
     """
@@ -274,7 +287,7 @@ def sharded_attend(
     H = index.keys.shape[1]
     rows = fold_gqa(q, H).to(index.keys.dtype)  # [B, H, R, D]
     B, _, R, _ = rows.shape
-    out, lse = attend_rows(rows, index, selection, scale)
+    out, lse = attend_rows(rows, index, selection, scale, cache)
     counts = index.levels[0].count.float()  # [B, H, NB]
     kept = selection.keep.float()
     tallies = torch.stack(  # [B, H, 4]: tokens read, tokens, leaves kept, leaves live
@@ -343,7 +356,8 @@ def dense_sharded_attention(
 
 
 def sharded_decode_attention(
-    q: torch.Tensor, local: ShardIndex, threshold: Threshold, scale: float | None = None
+    q: torch.Tensor, local: ShardIndex, threshold: Threshold, scale: float | None = None,
+    cache: BlockCache | None = None,
 ) -> tuple[torch.Tensor, AttentionStats]:
     """One sharded decode step over the cached tokens: ``sharded_search`` then ``sharded_attend``.
 
@@ -355,6 +369,7 @@ def sharded_decode_attention(
         local: this rank's ``ShardIndex`` (from ``build_shard_index``).
         threshold: the search mode.
         scale: softmax scale; default 1/sqrt(D).
+        cache: this rank's block cache when its K and V are in the host tier (``hira.offload``), else None.
     Returns:
         out [B, Hq, S, D] in q's dtype, the same on every rank, and ``AttentionStats`` over the whole sequence.
     """
@@ -366,8 +381,8 @@ def sharded_decode_attention(
         )
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     rows = fold_gqa(q.float(), H) * scale  # [B, H, G*S, D]
-    sel = sharded_search(local, rows, threshold)
-    return sharded_attend(q, local, sel, scale)
+    sel = sharded_search(local, rows, threshold, cached_key_blocks(local.index, cache) if cache is not None else None)
+    return sharded_attend(q, local, sel, scale, cache)
 
 
 class ShardedHiraLayer(HiraLayer):
@@ -391,6 +406,9 @@ class ShardedHiraLayer(HiraLayer):
         self.local: ShardIndex | None = None
 
     def _install(self, index: HiraIndex, B: int, Hq: int) -> None:
+        if self.config.offload is not None:
+            index.keys, index.values = to_host_tier(index.keys), to_host_tier(index.values)
+            self.block_cache = new_block_cache(index, self._cache_slots(index))
         self.index = index
         self.length = self.length.to(index.keys.device)
         self.last_stats = None
@@ -406,6 +424,6 @@ class ShardedHiraLayer(HiraLayer):
         )
 
     def _decode(self, q, k, v, scale):
-        shard_append(self.local, k, v)
-        out, self.last_stats = sharded_decode_attention(q, self.local, self.threshold, scale)
+        shard_append(self.local, k, v, self.block_cache)
+        out, self.last_stats = sharded_decode_attention(q, self.local, self.threshold, scale, self.block_cache)
         return out

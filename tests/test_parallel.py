@@ -163,6 +163,7 @@ DENSE = hira.HiraConfig(block_size=16, threshold=hira.Fixed(-math.inf), min_cont
 # Aligned blocks: the same selection as one process.
 SPARSE = hira.HiraConfig(block_size=16, clustering="none", sink_tokens=16, window_tokens=16, min_context=0,
                          threshold=hira.TopK(3))
+SLOTS = 3  # of the block cache per rank, layer and KV head in the offload check
 
 
 def _tiny_llama() -> LlamaForCausalLM:
@@ -208,6 +209,23 @@ def _check_model(device: str) -> None:
         if shard.rank == 0 and world == 2:
             alone = hira.HiraCache(model.config, config, SequenceShard(rank0_alone))
             torch.testing.assert_close(_decode_logits(model, ids, alone), ref, atol=1e-4, rtol=0)
+    # K and V in host memory behind a block cache of SLOTS slots per rank (the emulated tier on the CPU, the real one
+    # on CUDA): the logits of one process without offload, whether the kept blocks fit the slots or not.
+    sparse = dataclasses.replace(SPARSE, calibration_queries=0)
+    offloaded = dataclasses.replace(sparse, offload=hira.Offload(blocks=SLOTS))
+    hira.convert(model, sparse)
+    ref = _decode_logits(model, ids, hira.HiraCache(model.config, sparse))
+    hira.convert(model, offloaded, shard=shard)
+    offload_cache = hira.HiraCache(model.config, offloaded, shard)
+    torch.testing.assert_close(_decode_logits(model, ids, offload_cache), ref, atol=1e-4, rtol=0)
+    assert all(layer.block_cache is not None for layer in offload_cache.layers)
+    stats = [s for s in offload_cache.stats() if s is not None]
+    assert stats and all(s["blocks_fetched"] + s["blocks_from_host"] <= s["blocks_kept"] for s in stats)
+    # A head keeping more blocks than its slots reads the others from host memory.
+    assert all(s["blocks_from_host"] > 0 for s in stats if s["blocks_kept"] > SLOTS)
+    if shard.is_last:  # the recent window, always kept, is read through the cache
+        assert all(s["blocks_kept"] > 0 for s in stats)
+    hira.convert(model, sparse, shard=shard)
     # Misuse fails clearly, on every rank alike.
     with pytest.raises(ValueError, match="whole prompt in one call"):
         model(ids[:, :2], **{hira.CACHE_ARG: cache})

@@ -240,12 +240,22 @@ def check_room(index: HiraIndex, n: int) -> None:
 KeyBlocks = Callable[[torch.Tensor], torch.Tensor]
 
 
+def block_slots(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The slots of blocks [..., n] (any integer dtype), each block's ``block_size`` slots in order: [..., n·BS]
+    int64."""
+    return (blocks.long()[..., None] * block_size + torch.arange(block_size, device=blocks.device)).flatten(-2)
+
+
+def gather_blocks(t: torch.Tensor, blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Blocks [B, H, n] of ``t`` [B, H, C, D] (storage or block-cache slots): [B, H, n, BS, D]."""
+    B, H, _, D = t.shape
+    slots = block_slots(blocks, block_size)  # [B, H, n·BS]
+    return torch.gather(t, 2, slots[..., None].expand(B, H, slots.shape[-1], D)).view(B, H, -1, block_size, D)
+
+
 def storage_key_blocks(index: HiraIndex, blocks: torch.Tensor) -> torch.Tensor:
     """The keys of storage blocks [B, H, n] of ``index``: [B, H, n, BS, D] (a ``KeyBlocks`` with the index bound)."""
-    B, H, _, D = index.keys.shape
-    BS = index.block_size
-    slots = (blocks.long()[..., None] * BS + torch.arange(BS, device=blocks.device)).flatten(2)  # [B, H, n·BS]
-    return torch.gather(index.keys, 2, slots[..., None].expand(B, H, slots.shape[-1], D)).view(B, H, -1, BS, D)
+    return gather_blocks(index.keys, blocks, index.block_size)
 
 
 def append(

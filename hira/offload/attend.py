@@ -14,6 +14,7 @@ import torch
 
 from hira.flex.attention import merge_partials, selected_attention
 from hira.flex.mask import block_lists
+from hira.index.index import block_slots
 from hira.offload.block_cache import BlockCache, fetch
 
 
@@ -43,7 +44,7 @@ def _body(rows, keys, values, valid, cache, keep, scale, block_size):
     num, idx = block_lists(slot_keep)
     # Only the CPU path reads the slots' validity (for the LSE): gathered there alone.
     slot_valid = None if rows.is_cuda else valid[:, None, :].expand(*slots.slot_block.shape[:2], -1).gather(
-        2, (slots.slot_block.clamp_min(0).long()[..., None] * BS + torch.arange(BS, device=rows.device)).flatten(2))
+        2, block_slots(slots.slot_block.clamp_min(0), BS))
     out, lse = selected_attention(rows, slots.keys, slots.values, num[..., None], idx[:, :, None], slot_keep, valid,
                                   BS, scale, slots.slot_block, slot_valid)
     num, idx = block_lists(host_keep)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from hira.flex.mask import block_lists
-from hira.index.index import HiraIndex, KeyBlocks
+from hira.index.index import HiraIndex, KeyBlocks, gather_blocks
 from hira.kernels import cuda_kernels
 
 
@@ -187,16 +187,9 @@ def _(storage, slots, block_slot, blocks, block_size):
 
 def read_key_blocks_reference(storage, slots, block_slot, blocks, block_size) -> torch.Tensor:
     """``read_key_blocks`` as a tensor program (the CPU path, and the kernel's reference)."""
-    B, H, n = blocks.shape
-    D = storage.shape[-1]
     slot = block_slot.gather(2, blocks.long())  # [B, H, n]
-    within = torch.arange(block_size, device=blocks.device)
-
-    def gather(t, at):
-        at = (at.long()[..., None] * block_size + within).flatten(2)[..., None].expand(B, H, n * block_size, D)
-        return torch.gather(t, 2, at).view(B, H, n, block_size, D)
-
-    return torch.where((slot >= 0)[..., None, None], gather(slots, slot.clamp_min(0)), gather(storage, blocks))
+    return torch.where((slot >= 0)[..., None, None], gather_blocks(slots, slot.clamp_min(0), block_size),
+                       gather_blocks(storage, blocks, block_size))
 
 
 def fetch(cache: BlockCache, keep: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, block_size: int

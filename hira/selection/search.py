@@ -26,7 +26,7 @@ import torch
 
 from hira.flex.mask import block_lists
 from hira.index.bounds import NodeBounds, bound_and_estimate, upper_bound
-from hira.index.index import HiraIndex, KeyBlocks, storage_key_blocks
+from hira.index.index import HiraIndex, KeyBlocks, block_slots, storage_key_blocks
 from hira.index.sketch import block_score_stats
 from hira.kernels import cuda_kernels
 from hira.selection.threshold import Dense, Threshold
@@ -126,7 +126,7 @@ def exact_leaf_score(index: HiraIndex, q: torch.Tensor, top: torch.Tensor, key_b
     leaves' keys read by ``key_blocks`` (default the storage)."""
     B, H, R, D = q.shape
     BS = index.block_size
-    slots = (top[..., None] * BS + torch.arange(BS, device=q.device)).view(B, H, R * BS)  # [B, H, R*BS]
+    slots = block_slots(top, BS)  # [B, H, R·BS]
     k = key_blocks(top) if key_blocks is not None else storage_key_blocks(index, top)  # [B, H, R, BS, D]
     # float64: an exact score of a real key, whatever the float32 matmul precision (TF32 on CUDA). A product and a
     # sum, not a matmul: compiled, one reduction reading the keys in their dtype; as an einsum, a float64 copy of the

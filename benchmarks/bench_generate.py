@@ -318,7 +318,8 @@ def main(argv=None):
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if args.gpu_memory_gb and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, args.gpu_memory_gb * 1e9 / total), torch.cuda.current_device())
+        fraction = min(1.0, args.gpu_memory_gb * 1e9 / total)
+        torch.cuda.set_per_process_memory_fraction(fraction, torch.cuda.current_device())
     shape = SMOKE_MODEL if args.smoke else LLAMA3_8B
     max_new = args.warmup_steps + args.steps + 1
     model = make_model(shape, args.layers, max(args.contexts) + max_new + args.block_size, device, seed=0)

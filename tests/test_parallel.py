@@ -163,7 +163,7 @@ DENSE = hira.HiraConfig(block_size=16, threshold=hira.Fixed(-math.inf), min_cont
 # Aligned blocks: the same selection as one process.
 SPARSE = hira.HiraConfig(block_size=16, clustering="none", sink_tokens=16, window_tokens=16, min_context=0,
                          threshold=hira.TopK(3))
-SLOTS = 3  # of the block cache per rank, layer and KV head in the offload check
+SLOTS = 2  # of the block cache per rank, layer and KV head in the offload check
 
 
 def _tiny_llama() -> LlamaForCausalLM:

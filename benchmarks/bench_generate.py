@@ -178,7 +178,8 @@ def run_variant(args, model, variant: str, ids: torch.Tensor, device: torch.devi
     cache = getattr(out, hira.CACHE_ARG, None)
     if isinstance(cache, hira.HiraCache):
         summary = cache.summary()
-        row.update(read_fraction=summary.get("read_fraction"), skip_bound=summary.get("skip_bound"))
+        row.update(read_fraction=summary.get("read_fraction"), skip_bound=summary.get("skip_bound"),
+                   hit_rate=summary.get("hit_rate"))
     del out, cache
     return row
 
@@ -220,11 +221,11 @@ def markdown(rows: list, meta: dict) -> str:
                     and x["batch"] == r["batch"] and x["variant"].startswith("dense")), default=None)
         table.append([r["context"], r["batch"], r["variant"], fmt_num(r["tok_s"], 1), fmt_num(r["ms_per_token"]),
                       f"{fmt_num(r['tok_s'] / best if best else None)}×", fmt_num(r["floor_ms"]),
-                      fmt_num(r.get("read_fraction")), fmt_num(r["prefill_s"]), fmt_num(r["warmup_s"], 1),
+                      fmt_num(r.get("read_fraction")), fmt_num(r.get("hit_rate")), fmt_num(r["prefill_s"]), fmt_num(r["warmup_s"], 1),
                       fmt_num(r["first_call_s"], 1), r["graphs"], r["recompiles"], r["cudagraph_skips"],
                       fmt_num(r["peak_gb"], 1), fmt_num(r.get("mem_growth_mb"), 1), _eager(r)])
     lines.append(md_table(["context", "batch", "variant", "tok/s", "ms/token", "vs best dense", "floor ms (dense)",
-                           "read", "prefill s", "warm-up s", "first call s", "graphs", "recompiles",
+                           "read", "hit rate", "prefill s", "warm-up s", "first call s", "graphs", "recompiles",
                            "cudagraph skips", "peak GB", "mem growth MB", "= eager"], table))
     return "\n".join(lines) + "\n"
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Sweep the search kernels' launch parameters on CUDA: the bounds kernel (leaves per program, warps, channels per
-load) and the selection kernel (per mode: warps, channels per key tile of the exact score), each replayed alone
+load) and the selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its searches), each replayed alone
 from a CUDA graph, on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks).
 
     python3 benchmarks/bench_search_kernel.py --out $OUT/search_kernel.md
@@ -58,13 +58,13 @@ def bounds_fn(t, chunk: int, warps: int):
     def fn():
         sk._leaf_bounds_kernel[(B * H, nch)](
             t["q"], t["center"], t["radius"], t["count"], t["var"], t["mag"], t["weight"], *out, NB, nch,
-            margin_factor(D, True), R=R, R_PAD=16, D=D, D_PAD=D, CHUNK=chunk, num_warps=warps)
+            margin_factor(D, True), R=R, R_PAD=R, D=D, D_CHUNK=32, CHUNK=chunk, num_warps=warps)
         return out
 
     return fn, out, nch
 
 
-def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int):
+def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, ways: int):
     B, H, _, _ = t["q"].shape
     NB = t["center"].shape[2]
     C = NB * BS
@@ -74,11 +74,13 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int):
            torch.empty(B, H, 1, NB, device=dev, dtype=torch.int32), torch.empty(B, H, R, **f),
            torch.empty(B, H, R, **f), torch.empty(B, H, R, **f), torch.empty(B, H, **f)]
 
+    launch = dict(sk.select_launch(mode, R, NB, D, BS, ways), num_warps=warps, EXACT_D=exact_d)
+
     def fn():
         sk._select_kernel[(B * H,)](
             t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts, *res, H, NB, nch,
-            C, value, int(value) if mode == sk.TOPK else 0, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, EXACT_D=exact_d,
-            BS=BS, NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), num_warps=warps)
+            C, value, int(value) if mode == sk.TOPK else 0, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
+            NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), **launch)
         return res
 
     return fn
@@ -109,10 +111,11 @@ def main():
         fn()
         for (mode, value), warps in itertools.product(((sk.FIXED, 5.0), (sk.TOPK, NB // 100), (sk.TOPP, 0.99)),
                                                       (4, 8, 16)):
-            for exact_d in ((32, 128) if mode == sk.FIXED else (sk.select_launch(R, NB, D, BS)["EXACT_D"],)):
-                us = graph_ms(select_fn(t, parts, nch, mode, value, warps, exact_d), dev, args.rep_ms) * 1e3
+            exact_ds = (32, 128) if mode == sk.FIXED else (sk.select_launch(mode, R, NB, D, BS)["EXACT_D"],)
+            for exact_d, ways in itertools.product(exact_ds, (2,) if mode == sk.FIXED else (2, 4, 8, 16)):
+                us = graph_ms(select_fn(t, parts, nch, mode, value, warps, exact_d, ways), dev, args.rep_ms) * 1e3
                 name = ("fixed", "topk", "topp")[mode]
-                rows.append([ctx, B, f"select {name}", f"warps {warps}, exact D {exact_d}", f"{us:.1f}"])
+                rows.append([ctx, B, f"select {name}", f"warps {warps}, exact D {exact_d}, ways {ways}", f"{us:.1f}"])
                 print(rows[-1], flush=True)
     text = (f"# Search kernel sweep ({device_name(dev)}, torch {torch.__version__}, triton {triton.__version__})\n\n"
             + md_table(["context", "B", "kernel", "launch", "µs (graph replay)"], rows) + "\n")

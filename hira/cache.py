@@ -373,11 +373,18 @@ class HiraCache(Cache):
         return out
 
     def summary(self) -> dict[str, float]:
-        """Mean ``read_fraction`` and max ``skip_bound`` over the layers that decoded (empty dict if none did)."""
+        """Mean ``read_fraction`` and max ``skip_bound`` over the layers that decoded (empty dict if none did); with
+        ``HiraConfig.offload`` also the last step's ``hit_rate``: the kept blocks found resident, over all layers."""
         per_layer = [s for s in self.stats() if s is not None]
         if not per_layer:
             return {}
-        return {
+        out = {
             "read_fraction": sum(s["read_fraction"] for s in per_layer) / len(per_layer),
             "skip_bound": max(s["skip_bound"] for s in per_layer),
         }
+        offloaded = [s for s in per_layer if "blocks_kept" in s]
+        if offloaded:
+            kept = sum(s["blocks_kept"] for s in offloaded)
+            missed = sum(s["blocks_fetched"] + s["blocks_from_host"] for s in offloaded)
+            out["hit_rate"] = 1.0 - missed / max(kept, 1e-9)
+        return out

@@ -236,7 +236,7 @@ def test_offload_config_is_validated():
 def test_a_model_decodes_the_same_tokens_with_offload(offload):
     """A converted tiny Llama generates the same tokens with K and V behind a block cache of 2 slots (fewer than a
     step keeps) or of 5 slots set in bytes (2 layers, 2 KV heads, 16-token blocks of 16 float32 channels, K and
-    V), and reports what its caches fetched."""
+    V), and reports what its caches fetched and their hit rate."""
     from test_model import SPARSE, _greedy, _ids, _tiny
 
     model = hira.convert(_tiny("llama"), SPARSE)
@@ -249,6 +249,9 @@ def test_a_model_decodes_the_same_tokens_with_offload(offload):
         assert layer.block_cache.slots == slots
         assert stats["blocks_kept"] > 0 and stats["blocks_fetched"] + stats["blocks_from_host"] <= stats["blocks_kept"]
         assert (stats["blocks_from_host"] > 0) == (slots < stats["blocks_kept"])
+    stats = cache.stats()
+    missed = sum(s["blocks_fetched"] + s["blocks_from_host"] for s in stats)
+    assert cache.summary()["hit_rate"] == pytest.approx(1 - missed / sum(s["blocks_kept"] for s in stats))
 
 
 def test_a_cache_too_small_for_one_block_is_refused():

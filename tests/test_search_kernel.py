@@ -8,8 +8,10 @@ rounding where a leaf's mass-above is p itself.
 """
 
 import dataclasses
+import functools
 import math
 import os
+from unittest import mock
 
 import pytest
 import torch
@@ -22,18 +24,21 @@ from hira import Fixed, TopK, TopP
 from hira.selection.search import Selection, leaf_bounds, search_rows
 
 
-def _kernel_search(index, rows, threshold) -> Selection:
-    """The kernels' selection: through ``search_rows`` on CUDA, straight from the module in the interpreter."""
-    if rows.is_cuda:
+def _kernel_search(index, rows, threshold, ways=None) -> Selection:
+    """The kernels' selection: through ``search_rows`` on CUDA, straight from the module in the interpreter; with
+    ``ways`` pivots a pass in the selection's searches (default the launch's own)."""
+    if rows.is_cuda and ways is None:
         return search_rows(index, rows, threshold)
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not rows.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET is not 1 (conftest.py sets it where CUDA is absent): no CPU run of the kernels")
     try:
         from hira.selection import search_kernel
     except ImportError:
         pytest.skip("triton is not installed: the kernels cannot run in its interpreter")
     assert search_kernel.applies(index, rows, threshold)
-    return Selection(*search_kernel.ball_search(index, rows, threshold))
+    launch = functools.partial(search_kernel.select_launch, ways=ways)
+    with mock.patch.object(search_kernel, "select_launch", launch):
+        return Selection(*search_kernel.ball_search(index, rows, threshold))
 
 
 def _thresholds():
@@ -46,24 +51,43 @@ def _thresholds():
 
 @settings(max_examples=40)
 @given(case=index_cases(), G=st.sampled_from([1, 3, 4]), q_kind=st.sampled_from(Q_KINDS), threshold=_thresholds(),
-       seed=st.integers(0, 2**31 - 1))
-def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, seed):
-    """Same kept leaves, block lists, τ and certificate as ``search_rows``'s tensor program, up to ties."""
+       ways=st.sampled_from([None, 2, 4, 16]), seed=st.integers(0, 2**31 - 1))
+def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, ways, seed):
+    """Same kept leaves, block lists, τ and certificate as ``search_rows``'s tensor program, up to ties, whatever
+    the searches' pivots per pass."""
+    _check_same_choice(device, case, G, q_kind, threshold, ways, seed)
+
+
+@settings(max_examples=15, deadline=None)
+@given(case=index_cases(max_n=3000, block_sizes=(16,)), G=st.sampled_from([1, 4]), q_kind=st.sampled_from(Q_KINDS),
+       threshold=st.one_of(st.integers(1, 40).map(TopK), st.sampled_from([0.5, 0.9, 0.99]).map(TopP)),
+       ways=st.sampled_from([2, 4, 16]), seed=st.integers(0, 2**31 - 1))
+def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G, q_kind, threshold, ways, seed):
+    """As above where the budgeted modes skip most leaves (up to ~190 leaves per head), so that the searches for
+    the k-th share and the p cut have many candidates."""
+    _check_same_choice(device, dataclasses.replace(case, window_tokens=0), G, q_kind, threshold, ways, seed)
+
+
+def _check_same_choice(device, case, G, q_kind, threshold, ways, seed):
     case = dataclasses.replace(case, key_sketch=False)
     keys, values, key_mask = case.tensors(device)
     index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=case.N + case.slack)
     gen = torch.Generator().manual_seed(seed)
     rows = make_queries(q_kind, keys, case.H * G, 1, gen).to(device).view(case.B, case.H, G, case.D)
     want = search_rows(index, rows, threshold, kernel=False)
-    got = _kernel_search(index, rows, threshold)
+    got = _kernel_search(index, rows, threshold, ways)
     differ = got.keep != want.keep
     est = leaf_bounds(index, rows).est  # [B, H, R, NB]
     if isinstance(threshold, TopK):
-        # Where the choices differ, the shares tie (the forced leaves make the counts differ then too).
+        # Where the choices differ, the leaves kept by one side alone tie at the k-th largest share (the forced
+        # leaves make the counts differ then too).
         share = est.softmax(-1).nan_to_num(nan=0.0).sum(dim=2)
+        live = index.levels[0].count > 0
         for b, h in differ.any(-1).nonzero().tolist():
             tied = share[b, h][differ[b, h]]
-            torch.testing.assert_close(tied, tied.amax().expand_as(tied), rtol=1e-5, atol=1e-7)
+            live_share = share[b, h][live[b, h]]
+            kth = live_share.topk(min(threshold.k, live_share.numel())).values[-1]
+            torch.testing.assert_close(tied, kth.expand_as(tied), rtol=1e-5, atol=1e-7)
     elif isinstance(threshold, TopP):
         # Each leaf kept by one side alone is at the cut in some row: its estimate ties another's (the kernels keep
         # every tied leaf), or the mass of the leaves ranked above it is p up to float32 rounding.

@@ -10,8 +10,8 @@ Here:
    the selection needs: the estimate's max and Σ exp(est − max), the bound's max and its first argmax.
 2. ``_select_kernel``, one program per (batch·KV head): combines the partials (each row's log-sum-exp and top
    leaf), scores the top leaf's keys exactly, picks the leaves with the mode's rule in registers (``TopK``: the
-   k-th largest share by bisection over its float bits; ``TopP``: per row, the smallest estimate whose leaves
-   ranked above it carry less than p, by bisection; ``Fixed``: bound ≥ τ), adds the forced leaves, and writes the
+   k-th largest share by a search over its float bits; ``TopP``: per row, the smallest estimate whose leaves
+   ranked above it carry less than p, by a search over its bits; ``Fixed``: bound ≥ τ), adds the forced leaves, and writes the
    keep table, ``kv_num_blocks``/``kv_indices`` (kept leaves first, ascending, then the rest), τ and both mass
    bounds of the certificate.
 
@@ -116,7 +116,8 @@ def _select_kernel(
     keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, kept_lb_ptr, frac_ptr,
     H, NB, NCH, C, value, k, sink_tokens, window_tokens,
     MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr,
-    BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr,
+    BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr, WAYS: tl.constexpr, TOPK_ITERS: tl.constexpr,
+    TOPP_ITERS: tl.constexpr,
 ):
     """The mode's choice of leaves for one (batch, KV head), its block lists and its certificate. Every row is
     handled at once ([rows, leaves] tiles): a block-wide reduction is the unit of latency here, not arithmetic."""
@@ -132,6 +133,7 @@ def _select_kernel(
     last = tl.load(last_ptr + leaf, mask=nmask, other=-1)
     n_valid = tl.load(n_valid_ptr + b)
     forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
+    ways = tl.arange(0, WAYS)  # the bisections' pivots: lo + j·step, j = 0 (lo itself, known) … WAYS − 1
     r = tl.arange(0, R_PAD)
     rmask = r < R
     row = bh * R + r  # [R_PAD]
@@ -171,18 +173,19 @@ def _select_kernel(
         est = tl.load(est_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
         frac = tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(est - lse[:, None]))
         if MODE == 1:
-            # TopK: the k largest shares of the group among live leaves. The k-th largest by bisection over the
-            # float bits (shares ≥ 0), then the shares above it and, of those equal to it, the first by index.
+            # TopK: the k largest shares of the group among live leaves. The k-th largest by a WAYS-ary search over
+            # the float bits (shares ≥ 0), then the shares above it and, of those equal to it, the first by index.
             share = tl.sum(frac, axis=0)
             bits = tl.where(live, share.to(tl.int32, bitcast=True), -1)
             kk = tl.minimum(k, n_live)
             lo = tl.full([], 0, tl.int32)  # at least kk shares are ≥ lo
             hi = tl.full([], 0x7F800001, tl.int32)  # fewer than kk are ≥ hi
-            for _ in range(31):
-                mid = lo + (hi - lo) // 2
-                enough = tl.sum((bits >= mid).to(tl.int32), axis=0) >= kk
-                lo = tl.where(enough, mid, lo)
-                hi = tl.where(enough, hi, mid)
+            for _ in range(TOPK_ITERS):  # WAYS − 1 pivots a pass, all counted in one [WAYS, leaves] reduction
+                step = (hi - lo + WAYS - 1) // WAYS
+                pivot = lo + ways * step  # [WAYS], ≤ hi + WAYS − 1: no int32 overflow
+                enough = tl.sum((bits[None, :] >= pivot[:, None]).to(tl.int32), axis=1) >= kk
+                lo = lo + tl.sum((enough & (ways > 0)).to(tl.int32), axis=0) * step  # the counts fall with the pivot
+                hi = tl.minimum(hi, lo + step)
             above = bits > lo
             tied = bits == lo
             room = kk - tl.sum(above.to(tl.int32), axis=0)
@@ -190,17 +193,21 @@ def _select_kernel(
             keep = tl.where(kk > 0, keep | chosen, keep)
         else:
             # TopP: per row, keep a leaf if the leaves ranked above it (forced first) carry less than p: the
-            # smallest estimate with that property, by bisection over the estimates' ordered bits, every row at once.
+            # smallest estimate with that property, by a WAYS-ary search over the estimates' ordered bits, every row
+            # at once.
             key = _ordered(est)
-            rest = (live & ~forced)[None, :]
+            rest = (live & ~forced)[None, :]  # [1, NB_PAD]
             mass_forced = tl.sum(tl.where(forced[None, :], frac, 0.0), axis=1)  # [R_PAD]
             lo = tl.full([R_PAD], -2147483649, tl.int64)  # the mass above lo is ≥ p (or lo is below every key)
             hi = tl.full([R_PAD], 2147483647, tl.int64)  # the mass above hi is < p, if the forced mass is
-            for _ in range(33):
-                mid = lo + (hi - lo) // 2
-                above = mass_forced + tl.sum(tl.where(rest & (key > mid[:, None]), frac, 0.0), axis=1)
-                lo = tl.where(above < value, lo, mid)
-                hi = tl.where(above < value, mid, hi)
+            for _ in range(TOPP_ITERS):  # WAYS − 1 pivots per row a pass, as TopK's
+                step = (hi - lo + WAYS - 1) // WAYS  # [R_PAD]
+                pivot = lo[:, None] + ways[None, :].to(tl.int64) * step[:, None]  # [R_PAD, WAYS]
+                hit = rest[:, None, :] & (key[:, None, :] > pivot[:, :, None])  # [R_PAD, WAYS, NB_PAD]
+                above = mass_forced[:, None] + tl.sum(tl.where(hit, frac[:, None, :], 0.0), axis=2)
+                enough = (above >= value) & (ways > 0)[None, :]  # float sums of fewer terms: never larger
+                lo = lo + tl.sum(enough.to(tl.int64), axis=1) * step
+                hi = tl.minimum(hi, lo + step)
             rows_keep = rest & (key >= hi[:, None]) & ((mass_forced < value) & rmask)[:, None]
             keep = keep | (tl.max(rows_keep.to(tl.int32), axis=0) > 0)
     # Block lists: kept leaves first, ascending, then the others.
@@ -226,12 +233,26 @@ def _select_kernel(
         tl.store(tau_ptr + row, tl.full([R_PAD], float("-inf"), tl.float32), mask=rmask)
 
 
-def select_launch(R: int, NB: int, D: int, BS: int) -> dict:
+def _passes(size: int, ways: int) -> int:
+    """Passes of a ``ways``-ary search that narrow ``size`` candidates to one (each keeps ⌈size / ways⌉)."""
+    n = 0
+    while size > 1:
+        size, n = -(-size // ways), n + 1
+    return n
+
+
+def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None = None) -> dict:
     """The selection kernel's launch parameters: 8 warps, 16 from 8K leaves on (measured best at 128K and 1M,
-    benchmarks/bench_search_kernel.py), and key tiles of all channels for the exact score where ≤ 64K values."""
+    benchmarks/bench_search_kernel.py); key tiles of all channels for the exact score where ≤ 64K values; and the
+    searches' pivots per pass (``ways``, a power of two ≥ 2; default the most that keep the search's tile within
+    16K values: ``TopK``'s is [ways, leaves], ``TopP``'s [rows, ways, leaves])."""
     r_pad, nb_pad = triton.next_power_of_2(R), triton.next_power_of_2(NB)
     exact_d = max(1, min(triton.next_power_of_2(D), 65536 // (r_pad * BS)))
-    return dict(EXACT_D=exact_d, num_warps=8 if r_pad * nb_pad <= 16384 else 16)
+    if ways is None:
+        width = nb_pad * (r_pad if mode == TOPP else 1)
+        ways = max(2, min(16, 16384 // width))
+    return dict(EXACT_D=exact_d, num_warps=8 if r_pad * nb_pad <= 16384 else 16, WAYS=ways,
+                TOPK_ITERS=_passes(0x7F800001, ways), TOPP_ITERS=_passes(2**32, ways))
 
 
 @torch.library.custom_op("hira::ball_search", mutates_args=())
@@ -278,7 +299,7 @@ def ball_search_op(
         leaf_last.contiguous(), n_valid.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg,
         keep, num, idx, tau, skip, kept_lb, frac, H, NB, nch, C, value, k, sink_tokens, window_tokens,
         MODE=mode, R=R, R_PAD=triton.next_power_of_2(R), D=D, BS=C // NB, NB_PAD=triton.next_power_of_2(NB),
-        NCH_PAD=triton.next_power_of_2(nch), **select_launch(R, NB, D, C // NB),
+        NCH_PAD=triton.next_power_of_2(nch), **select_launch(mode, R, NB, D, C // NB),
     )
     return keep.view(torch.bool), num, idx, tau, skip, kept_lb, frac
 

@@ -244,13 +244,15 @@ def _passes(size: int, ways: int) -> int:
 def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None = None) -> dict:
     """The selection kernel's launch parameters: 8 warps, 16 from 8K leaves on (measured best at 128K and 1M,
     benchmarks/bench_search_kernel.py); key tiles of all channels for the exact score where ≤ 64K values; and the
-    searches' pivots per pass (``ways``, a power of two ≥ 2; default the most that keep the search's tile within
-    16K values: ``TopK``'s is [ways, leaves], ``TopP``'s [rows, ways, leaves])."""
+    searches' pivots per pass (``ways``, a power of two ≥ 2; default 4, or fewer where the search's tile would pass
+    16K values: ``TopK``'s is [ways, leaves], ``TopP``'s [rows, ways, leaves]). At 128K, 8 warps, the selection took
+    23.8 / 21.8 / 22.6 / 24.0 µs (``TopK``) and 40.6 / 40.1 / 48.7 / 58.4 µs (``TopP``) at 2 / 4 / 8 / 16 ways
+    (benchmarks/NOTES.md §23)."""
     r_pad, nb_pad = triton.next_power_of_2(R), triton.next_power_of_2(NB)
     exact_d = max(1, min(triton.next_power_of_2(D), 65536 // (r_pad * BS)))
     if ways is None:
         width = nb_pad * (r_pad if mode == TOPP else 1)
-        ways = max(2, min(16, 16384 // width))
+        ways = max(2, min(4, 16384 // width))
     return dict(EXACT_D=exact_d, num_warps=8 if r_pad * nb_pad <= 16384 else 16, WAYS=ways,
                 TOPK_ITERS=_passes(0x7F800001, ways), TOPP_ITERS=_passes(2**32, ways))
 
@@ -294,6 +296,7 @@ def ball_search_op(
     kept_lb = torch.empty_like(tau)
     frac = torch.empty(B, H, **f32)
     k = int(value) if mode == TOPK else 0
+    value = torch.tensor(value, dtype=torch.float32).item()  # as the kernels take it on CUDA (the interpreter: as is)
     _select_kernel[(B * H,)](
         q, keys.contiguous(), valid.contiguous(), count.contiguous(), leaf_first.contiguous(),
         leaf_last.contiguous(), n_valid.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg,

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Sweep the search kernels' launch parameters on CUDA: the bounds kernel (leaves per program, warps, channels per
-load) and the selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its searches), each replayed alone
-from a CUDA graph, on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks).
+load) and the selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its
+searches), each replayed alone from a CUDA graph, then the whole search as shipped, on synthetic leaves (Llama-3-8B
+shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks).
 
     python3 benchmarks/bench_search_kernel.py --out $OUT/search_kernel.md
 
@@ -72,12 +73,13 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
     f = dict(device=dev, dtype=torch.float32)
     res = [torch.empty(B, H, NB, device=dev, dtype=torch.int8), torch.empty(B, H, 1, device=dev, dtype=torch.int32),
            torch.empty(B, H, 1, NB, device=dev, dtype=torch.int32), torch.empty(B, H, R, **f),
-           torch.empty(B, H, R, **f), torch.empty(B, H, R, **f), torch.empty(B, H, **f)]
+           torch.empty(B, H, R, **f), torch.empty(B, H, R, **f), torch.empty(B, H, R, device=dev, dtype=torch.int8),
+           torch.empty(B, H, **f)]
 
     launch = dict(sk.select_launch(mode, R, NB, D, BS, ways), num_warps=warps, EXACT_D=exact_d)
 
     def fn():
-        sk._select_kernel[(B * H,)](
+        sk._select_kernel[(B * H, 2)](
             t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts, *res, H, NB, nch,
             C, value, int(value) if mode == sk.TOPK else 0, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
             NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), **launch)
@@ -117,6 +119,13 @@ def main():
                 name = ("fixed", "topk", "topp")[mode]
                 rows.append([ctx, B, f"select {name}", f"warps {warps}, exact D {exact_d}, ways {ways}", f"{us:.1f}"])
                 print(rows[-1], flush=True)
+        for mode, value in ((sk.FIXED, 5.0), (sk.TOPK, NB // 100), (sk.TOPP, 0.99)):  # the whole search, as shipped
+            args_ = (t["q"], t["keys"], t["valid"], t["center"], t["radius"], t["count"], t["var"], t["mag"],
+                     t["weight"], t["first"], t["last"], t["n_valid"], mode, value, margin_factor(D, True), 4, 256)
+            us = graph_ms(lambda: sk.ball_search_op(*args_), dev, args.rep_ms) * 1e3
+            rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", "both kernels (ball_search_op)",
+                         f"{us:.1f}"])
+            print(rows[-1], flush=True)
     text = (f"# Search kernel sweep ({device_name(dev)}, torch {torch.__version__}, triton {triton.__version__})\n\n"
             + md_table(["context", "B", "kernel", "launch", "µs (graph replay)"], rows) + "\n")
     print(text)

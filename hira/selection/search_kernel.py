@@ -8,12 +8,13 @@ Here:
 1. ``_leaf_bounds_kernel``, one program per (batch·KV head, chunk of leaves): reads the chunk's centres once for all
    query rows, writes every leaf's bound and estimate ([B, H, R, NB]) and per chunk and row the partial reductions
    the selection needs: the estimate's max and Σ exp(est − max), the bound's max and its first argmax.
-2. ``_select_kernel``, one program per (batch·KV head): combines the partials (each row's log-sum-exp and top
-   leaf), scores the top leaf's keys exactly, picks the leaves with the mode's rule in registers (``TopK``: the
-   k-th largest share by a search over its float bits; ``TopP``: per row, the smallest estimate whose leaves
-   ranked above it carry less than p, by a search over its bits; ``Fixed``: bound ≥ τ), adds the forced leaves, and writes the
-   keep table, ``kv_num_blocks``/``kv_indices`` (kept leaves first, ascending, then the rest), τ and both mass
-   bounds of the certificate.
+2. ``_select_kernel``, two programs per (batch·KV head), both starting from each row's top leaf (from the
+   partials). One scores the top leaf's keys exactly. The other combines the partials into each row's log-sum-exp,
+   picks the leaves with the mode's rule in registers (``TopK``: the k-th largest share by a search over its float
+   bits; ``TopP``: per row, the smallest estimate whose leaves ranked above it carry less than p, by a search over
+   its bits; ``Fixed``: bound ≥ τ), adds the forced leaves, and writes the keep table, ``kv_num_blocks`` /
+   ``kv_indices`` (kept leaves first, ascending, then the rest), τ, the certificate's skipped-mass bound and whether
+   each row's top leaf was kept (the kept-mass bound is its exact score if so).
 
 The rules are the tensor program's (``hira.selection.threshold``) restated without a sort; ties are broken by
 index (the tensor program's ``topk`` leaves them unspecified) and ``TopP`` keeps every leaf tied at its cut. The
@@ -28,6 +29,8 @@ Shapes: B batch, H KV heads, R query rows, NB leaves, BS block size, D head dim.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import triton
@@ -113,16 +116,46 @@ def _ordered(x):
 def _select_kernel(
     q_ptr, keys_ptr, valid_ptr, count_ptr, first_ptr, last_ptr, n_valid_ptr,
     ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
-    keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, kept_lb_ptr, frac_ptr,
+    keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, exact_ptr, top_kept_ptr, frac_ptr,
     H, NB, NCH, C, value, k, sink_tokens, window_tokens,
     MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr,
     BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr, WAYS: tl.constexpr, TOPK_ITERS: tl.constexpr,
     TOPP_ITERS: tl.constexpr,
 ):
-    """The mode's choice of leaves for one (batch, KV head), its block lists and its certificate. Every row is
-    handled at once ([rows, leaves] tiles): a block-wide reduction is the unit of latency here, not arithmetic."""
+    """For one (batch, KV head) (program axis 0) and every row at once ([rows, leaves] tiles: a block-wide reduction
+    is the unit of latency here, not arithmetic), one of two jobs (axis 1): 0, the mode's choice of leaves, its block
+    lists, its certificate's skipped-mass bound and whether each row's top leaf was kept; 1, the exact score of each
+    row's top leaf. Two programs, so that the exact score's dependent read of the keys runs beside the selection
+    rather than inside it."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
+    r = tl.arange(0, R_PAD)
+    rmask = r < R
+    row = bh * R + r  # [R_PAD]
+    c = tl.arange(0, NCH_PAD)
+    part = row[:, None] * NCH + c[None, :]
+    pmask = rmask[:, None] & (c < NCH)[None, :]
+    # Each row's top leaf, from the chunks' partials.
+    u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
+    u_arg = tl.load(ub_arg_ptr + part, mask=pmask, other=0)
+    best = tl.max(u_max, axis=1)
+    top = tl.min(tl.where(u_max == best[:, None], u_arg, 2147483647), axis=1)  # the first leaf of largest bound
+    if tl.program_id(1) == 1:
+        # The exact score of each row's top leaf's best real key, in float64 (as ``exact_leaf_score``).
+        s = tl.arange(0, BS)
+        slot = top.to(tl.int64)[:, None] * BS + s[None, :]  # [R_PAD, BS]
+        dot = tl.zeros([R_PAD, BS], dtype=tl.float64)
+        for d0 in tl.static_range(0, D, EXACT_D):  # [rows, BS, EXACT_D] tiles of keys
+            d = d0 + tl.arange(0, EXACT_D)
+            dmask = d < D
+            qd = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+            kd = tl.load(keys_ptr + (bh * C + slot)[:, :, None] * D + d[None, None, :],
+                         mask=rmask[:, None, None] & dmask[None, None, :], other=0.0)
+            dot += tl.sum(kd.to(tl.float64) * qd.to(tl.float64)[:, None, :], axis=2)
+        real = tl.load(valid_ptr + b * C + slot, mask=rmask[:, None], other=0) != 0
+        exact = tl.max(tl.where(real, dot.to(tl.float32), float("-inf")), axis=1)  # [R_PAD]
+        tl.store(exact_ptr + row, exact, mask=rmask)
+        return
     n = tl.arange(0, NB_PAD)
     nmask = n < NB
     leaf = bh * NB + n
@@ -134,38 +167,15 @@ def _select_kernel(
     n_valid = tl.load(n_valid_ptr + b)
     forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
     ways = tl.arange(0, WAYS)  # the bisections' pivots: lo + j·step, j = 0 (lo itself, known) … WAYS − 1
-    r = tl.arange(0, R_PAD)
-    rmask = r < R
-    row = bh * R + r  # [R_PAD]
     tile = row[:, None] * NB + n[None, :]
     tmask = rmask[:, None] & nmask[None, :]
-    ub = tl.load(ub_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD], loaded early: no dependency
-    # Each row's log-sum-exp of the estimates and its top leaf, from the chunks' partials.
-    c = tl.arange(0, NCH_PAD)
-    part = row[:, None] * NCH + c[None, :]
-    pmask = rmask[:, None] & (c < NCH)[None, :]
+    ub = tl.load(ub_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
+    # Each row's log-sum-exp of the estimates, from the chunks' partials.
     p_max = tl.load(est_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
     p_sum = tl.load(est_sum_ptr + part, mask=pmask, other=0.0)
     m_all = tl.max(p_max, axis=1)
     m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
     lse = m_ref + tl.log(tl.sum(p_sum * tl.exp(p_max - m_ref[:, None]), axis=1))  # [R_PAD]
-    u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))
-    u_arg = tl.load(ub_arg_ptr + part, mask=pmask, other=0)
-    best = tl.max(u_max, axis=1)
-    top = tl.min(tl.where(u_max == best[:, None], u_arg, 2147483647), axis=1)  # the first leaf of largest bound
-    # The exact score of each row's top leaf's best real key, in float64 (as ``exact_leaf_score``).
-    s = tl.arange(0, BS)
-    slot = top.to(tl.int64)[:, None] * BS + s[None, :]  # [R_PAD, BS]
-    dot = tl.zeros([R_PAD, BS], dtype=tl.float64)
-    for d0 in tl.static_range(0, D, EXACT_D):  # [rows, BS, EXACT_D] tiles of keys
-        d = d0 + tl.arange(0, EXACT_D)
-        dmask = d < D
-        qd = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        kd = tl.load(keys_ptr + (bh * C + slot)[:, :, None] * D + d[None, None, :],
-                     mask=rmask[:, None, None] & dmask[None, None, :], other=0.0)
-        dot += tl.sum(kd.to(tl.float64) * qd.to(tl.float64)[:, None, :], axis=2)
-    real = tl.load(valid_ptr + b * C + slot, mask=rmask[:, None], other=0) != 0
-    exact = tl.max(tl.where(real, dot.to(tl.float32), float("-inf")), axis=1)  # [R_PAD]
     keep = forced
     if MODE == 0:  # Fixed: a bound reaching τ in any row
         keep = keep | (live & (tl.max((ub >= value).to(tl.int32), axis=0) > 0))
@@ -225,8 +235,8 @@ def _select_kernel(
     m = tl.max(mass, axis=1)
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     tl.store(skip_ptr + row, m_ref + tl.log(tl.sum(tl.exp(mass - m_ref[:, None]), axis=1)), mask=rmask)
-    top_kept = tl.max(((n[None, :] == top[:, None]) & keep[None, :]).to(tl.int32), axis=1) > 0
-    tl.store(kept_lb_ptr + row, tl.where(top_kept, exact, float("-inf")), mask=rmask)
+    top_kept = tl.max(((n[None, :] == top[:, None]) & keep[None, :]).to(tl.int32), axis=1)
+    tl.store(top_kept_ptr + row, top_kept.to(tl.int8), mask=rmask)
     if MODE == 0:
         tl.store(tau_ptr + row, tl.full([R_PAD], value, tl.float32), mask=rmask)
     else:
@@ -246,8 +256,8 @@ def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None 
     benchmarks/bench_search_kernel.py); key tiles of all channels for the exact score where ≤ 64K values; and the
     searches' pivots per pass (``ways``, a power of two ≥ 2; default 4, or fewer where the search's tile would pass
     16K values: ``TopK``'s is [ways, leaves], ``TopP``'s [rows, ways, leaves]). At 128K, 8 warps, the selection took
-    23.8 / 21.8 / 22.6 / 24.0 µs (``TopK``) and 40.6 / 40.1 / 48.7 / 58.4 µs (``TopP``) at 2 / 4 / 8 / 16 ways
-    (benchmarks/NOTES.md §23)."""
+    23.8 / 21.8 / 22.6 / 24.0 µs (``TopK``) and 40.6 / 40.1 / 48.7 / 58.4 µs (``TopP``) at 2 / 4 / 8 / 16 ways, with
+    the exact score still inside the selection's program (benchmarks/NOTES.md §23)."""
     r_pad, nb_pad = triton.next_power_of_2(R), triton.next_power_of_2(NB)
     exact_d = max(1, min(triton.next_power_of_2(D), 65536 // (r_pad * BS)))
     if ways is None:
@@ -263,9 +273,12 @@ def ball_search_op(
     count: torch.Tensor, var: torch.Tensor, magnitude: torch.Tensor, spread_weight: torch.Tensor,
     leaf_first: torch.Tensor, leaf_last: torch.Tensor, n_valid: torch.Tensor, mode: int, value: float,
     margin_coef: float, sink_tokens: int, window_tokens: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``Selection``'s tensors (keep, kv_num_blocks, kv_indices, tau, log_skip_ub, log_kept_lb, kept_fraction) for
-    scaled query rows q [B, H, R, D] float32 over the leaf balls (``search_rows`` on an index without a sketch).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """``Selection``'s tensors (keep, kv_num_blocks, kv_indices, tau, log_skip_ub, kept_fraction) for scaled query
+    rows q [B, H, R, D] float32 over the leaf balls (``search_rows`` on an index without a sketch), then for
+    ``log_kept_lb`` each row's top leaf's exact score and whether that leaf was kept ([B, H, R] float32 and bool;
+    ``ball_search`` combines them, in the caller's compiled code rather than in a launch of its own).
 
     ``mode`` is FIXED (``value`` τ), TOPK (``value`` k) or TOPP (``value`` p); ``margin_coef`` the rounding margin's
     factor (``hira.index.bounds.rounding_margin``).
@@ -293,18 +306,19 @@ def ball_search_op(
     idx = torch.empty(B, H, 1, NB, device=q.device, dtype=torch.int32)
     tau = torch.empty(B, H, R, **f32)
     skip = torch.empty_like(tau)
-    kept_lb = torch.empty_like(tau)
+    exact = torch.empty_like(tau)
+    top_kept = torch.empty(B, H, R, device=q.device, dtype=torch.int8)
     frac = torch.empty(B, H, **f32)
     k = int(value) if mode == TOPK else 0
     value = torch.tensor(value, dtype=torch.float32).item()  # as the kernels take it on CUDA (the interpreter: as is)
-    _select_kernel[(B * H,)](
+    _select_kernel[(B * H, 2)](
         q, keys.contiguous(), valid.contiguous(), count.contiguous(), leaf_first.contiguous(),
         leaf_last.contiguous(), n_valid.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg,
-        keep, num, idx, tau, skip, kept_lb, frac, H, NB, nch, C, value, k, sink_tokens, window_tokens,
+        keep, num, idx, tau, skip, exact, top_kept, frac, H, NB, nch, C, value, k, sink_tokens, window_tokens,
         MODE=mode, R=R, R_PAD=triton.next_power_of_2(R), D=D, BS=C // NB, NB_PAD=triton.next_power_of_2(NB),
         NCH_PAD=triton.next_power_of_2(nch), **select_launch(mode, R, NB, D, C // NB),
     )
-    return keep.view(torch.bool), num, idx, tau, skip, kept_lb, frac
+    return keep.view(torch.bool), num, idx, tau, skip, frac, exact, top_kept.view(torch.bool)
 
 
 @ball_search_op.register_fake
@@ -314,7 +328,7 @@ def _(q, keys, valid, center, *rest):
     f32 = dict(device=q.device, dtype=torch.float32)
     return (q.new_empty(B, H, NB, dtype=torch.bool), q.new_empty(B, H, 1, dtype=torch.int32),
             q.new_empty(B, H, 1, NB, dtype=torch.int32), torch.empty(B, H, R, **f32), torch.empty(B, H, R, **f32),
-            torch.empty(B, H, R, **f32), torch.empty(B, H, **f32))
+            torch.empty(B, H, **f32), torch.empty(B, H, R, **f32), q.new_empty(B, H, R, dtype=torch.bool))
 
 
 def applies(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> bool:
@@ -329,8 +343,9 @@ def ball_search(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> tupl
     """``Selection``'s tensors for scaled query rows q [B, H, R, D] float32 (where ``applies``)."""
     leaves = index.levels[0]
     value = name_and_value(threshold)[1]  # τ, k or p
-    return ball_search_op(
+    *chosen, frac, exact, top_kept = ball_search_op(
         q, index.keys, index.valid, leaves.center, leaves.radius, leaves.count, leaves.var, leaves.scale,
         index.spread_weight, index.leaf_first, index.leaf_last, index.n_valid, MODES[type(threshold)], value,
         margin_factor(q.shape[-1], q.is_cuda), index.sink_tokens, index.window_tokens,
     )
+    return (*chosen, exact.masked_fill(~top_kept, -math.inf), frac)

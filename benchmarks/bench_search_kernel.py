@@ -92,6 +92,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="1024:1,8192:1,1024:8", help="leaves:batch list (1024 leaves = 128K)")
     ap.add_argument("--rep-ms", type=float, default=20.0)
+    ap.add_argument("--parts", default="bounds,select,search", help="which sweeps to run")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -104,7 +105,8 @@ def main():
         NB, B = (int(x) for x in shape.split(":"))
         t = leaves(B, NB, dev)
         ctx = fmt_size(NB * BS)
-        for chunk, warps in itertools.product((16, 32, 64), (2, 4, 8)):
+        parts_run = args.parts.split(",")
+        for chunk, warps in itertools.product((16, 32, 64), (2, 4, 8)) if "bounds" in parts_run else ():
             fn, _, _ = bounds_fn(t, chunk, warps)
             us = graph_ms(fn, dev, args.rep_ms) * 1e3
             rows.append([ctx, B, "bounds", f"chunk {chunk}, warps {warps}", f"{us:.1f}"])
@@ -112,14 +114,14 @@ def main():
         fn, parts, nch = bounds_fn(t, sk._CHUNK, 4)
         fn()
         for (mode, value), warps in itertools.product(((sk.FIXED, 5.0), (sk.TOPK, NB // 100), (sk.TOPP, 0.99)),
-                                                      (4, 8, 16)):
+                                                      (4, 8, 16) if "select" in parts_run else ()):
             exact_ds = (32, 128) if mode == sk.FIXED else (sk.select_launch(mode, R, NB, D, BS)["EXACT_D"],)
             for exact_d, ways in itertools.product(exact_ds, (2,) if mode == sk.FIXED else (2, 4, 8, 16)):
                 us = graph_ms(select_fn(t, parts, nch, mode, value, warps, exact_d, ways), dev, args.rep_ms) * 1e3
                 name = ("fixed", "topk", "topp")[mode]
                 rows.append([ctx, B, f"select {name}", f"warps {warps}, exact D {exact_d}, ways {ways}", f"{us:.1f}"])
                 print(rows[-1], flush=True)
-        for mode, value in ((sk.FIXED, 5.0), (sk.TOPK, NB // 100), (sk.TOPP, 0.99)):  # the whole search, as shipped
+        for mode, value in ((sk.FIXED, 5.0), (sk.TOPK, NB // 100), (sk.TOPP, 0.99)) if "search" in parts_run else ():
             args_ = (t["q"], t["keys"], t["valid"], t["center"], t["radius"], t["count"], t["var"], t["mag"],
                      t["weight"], t["first"], t["last"], t["n_valid"], mode, value, margin_factor(D, True), 4, 256)
             us = graph_ms(lambda: sk.ball_search_op(*args_), dev, args.rep_ms) * 1e3

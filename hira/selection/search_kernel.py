@@ -44,11 +44,10 @@ FIXED, TOPK, TOPP = 0, 1, 2  # the modes this search covers, as the kernels' MOD
 MODES = {Fixed: FIXED, TopK: TOPK, TopP: TOPP}
 MAX_ROWS = 16  # query rows per KV head the kernels take (a decode step: G·S ≤ 16)
 _CHUNK = 32  # leaves per program of the bounds kernel
-# Where the kernels beat the compiled tensor program (H200, benchmarks/NOTES.md §17): batch · KV heads · rows ·
-# leaves ≤ 64K: 256K tokens at batch 1 with 8 KV heads and 4 rows, between 128K (the kernels won: 31 against 51 µs)
-# and 512K, where the selection program's work per KV head lost (TopP: 114 against 98 µs), as the bounds kernel's
-# bandwidth did at batch 8 (106 against 99 µs).
-_MAX_SIZE = 65536
+# Where the kernels beat the compiled tensor program (H200), in batch · KV heads · rows · leaves: at most 64K for
+# TopP (its per-row search lost at 512K: 157 against 98 µs, NOTES.md §17 and §23), 128K for Fixed and TopK (the
+# whole search 48 against 81 µs at 512K, 55 against 99 at 128K with batch 8, §23; larger sizes not measured).
+_MAX_SIZE = {FIXED: 131072, TOPK: 131072, TOPP: 65536}
 
 
 @triton.jit
@@ -336,7 +335,8 @@ def applies(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> bool:
     the selection program."""
     B, H, R, _ = q.shape
     size = B * H * triton.next_power_of_2(R) * triton.next_power_of_2(index.num_leaves)
-    return index.sketch is None and type(threshold) in MODES and R <= MAX_ROWS and size <= _MAX_SIZE
+    mode = MODES.get(type(threshold))
+    return index.sketch is None and mode is not None and R <= MAX_ROWS and size <= _MAX_SIZE[mode]
 
 
 def ball_search(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> tuple[torch.Tensor, ...]:

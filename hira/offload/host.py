@@ -48,6 +48,7 @@ def staged(t: torch.Tensor, extent: int) -> torch.Tensor:
     reads every key block once per tile of query rows: straight from the host tier, a chunk of 8K queries at 256K
     tokens read the earlier K and V ~256 times over PCIe (benchmarks/NOTES.md §21). The same on the CPU (the
     emulated tier), where it only costs a copy."""
-    out = torch.zeros(t.shape, dtype=t.dtype, device=t.device)
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
     out[:, :, :extent].copy_(t[:, :, :extent])
+    out[:, :, extent:].zero_()  # the written part is not cleared first: one write of each slot
     return out

@@ -165,7 +165,7 @@ def _select_kernel(
     last = tl.load(last_ptr + leaf, mask=nmask, other=-1)
     n_valid = tl.load(n_valid_ptr + b)
     forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
-    ways = tl.arange(0, WAYS)  # the bisections' pivots: lo + j·step, j = 0 (lo itself, known) … WAYS − 1
+    ways = tl.arange(0, WAYS)  # the searches' pivots: lo + j·step, j = 0 (lo itself, known) … WAYS − 1
     tile = row[:, None] * NB + n[None, :]
     tmask = rmask[:, None] & nmask[None, :]
     ub = tl.load(ub_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Sweep the search kernels' launch parameters on CUDA: the bounds kernel (leaves per program, warps, channels per
-load) and the selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its
-searches), each replayed alone from a CUDA graph, then the whole search as shipped, on synthetic leaves (Llama-3-8B
+"""Sweep the search kernels' launch parameters on CUDA: the bounds kernel (leaves per program, warps) and the
+selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its searches), each
+replayed alone from a CUDA graph, then the whole search as shipped, on synthetic leaves (Llama-3-8B
 shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks).
 
     python3 benchmarks/bench_search_kernel.py --out $OUT/search_kernel.md
@@ -59,7 +59,7 @@ def bounds_fn(t, chunk: int, warps: int):
     def fn():
         sk._leaf_bounds_kernel[(B * H, nch)](
             t["q"], t["center"], t["radius"], t["count"], t["var"], t["mag"], t["weight"], *out, NB, nch,
-            margin_factor(D, True), R=R, R_PAD=R, D=D, D_CHUNK=32, CHUNK=chunk, num_warps=warps)
+            margin_factor(D, True), 1.0, R=R, R_PAD=R, D=D, D_PAD=D, CHUNK=chunk, num_warps=warps)
         return out
 
     return fn, out, nch
@@ -74,14 +74,14 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
     res = [torch.empty(B, H, NB, device=dev, dtype=torch.int8), torch.empty(B, H, 1, device=dev, dtype=torch.int32),
            torch.empty(B, H, 1, NB, device=dev, dtype=torch.int32), torch.empty(B, H, R, **f),
            torch.empty(B, H, R, **f), torch.empty(B, H, R, **f), torch.empty(B, H, R, device=dev, dtype=torch.int8),
-           torch.empty(B, H, **f)]
+           torch.empty(B, H, **f), torch.empty(B, H, **f)]
 
     launch = dict(sk.select_launch(mode, R, NB, D, BS, ways), num_warps=warps, EXACT_D=exact_d)
 
     def fn():
         sk._select_kernel[(B * H, 2)](
             t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts, *res, H, NB, nch,
-            C, value, int(value) if mode == sk.TOPK else 0, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
+            C, 1.0, value, int(value) if mode == sk.TOPK else 0, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
             NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), **launch)
         return res
 
@@ -106,7 +106,7 @@ def main():
         t = leaves(B, NB, dev)
         ctx = fmt_size(NB * BS)
         parts_run = args.parts.split(",")
-        for chunk, warps in itertools.product((16, 32, 64), (2, 4, 8)) if "bounds" in parts_run else ():
+        for chunk, warps in itertools.product((8, 16, 32, 64), (2, 4, 8)) if "bounds" in parts_run else ():
             fn, _, _ = bounds_fn(t, chunk, warps)
             us = graph_ms(fn, dev, args.rep_ms) * 1e3
             rows.append([ctx, B, "bounds", f"chunk {chunk}, warps {warps}", f"{us:.1f}"])
@@ -123,7 +123,8 @@ def main():
                 print(rows[-1], flush=True)
         for mode, value in ((sk.FIXED, 5.0), (sk.TOPK, NB // 100), (sk.TOPP, 0.99)) if "search" in parts_run else ():
             args_ = (t["q"], t["keys"], t["valid"], t["center"], t["radius"], t["count"], t["var"], t["mag"],
-                     t["weight"], t["first"], t["last"], t["n_valid"], mode, value, margin_factor(D, True), 4, 256)
+                     t["weight"], t["first"], t["last"], t["n_valid"], 1.0, mode, value, margin_factor(D, True), 4,
+                     256)
             us = graph_ms(lambda: sk.ball_search_op(*args_), dev, args.rep_ms) * 1e3
             rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", "both kernels (ball_search_op)",
                          f"{us:.1f}"])

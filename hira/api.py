@@ -174,8 +174,7 @@ def search(
     threshold = TopP(0.99) if threshold is None else threshold
     if not isinstance(threshold, Threshold):
         _fail(f"threshold must be a hira.Threshold, got {threshold!r}")
-    rows = fold_gqa(q.float(), index.keys.shape[1]) * _scale(q, scale)
-    return search_rows(index, rows, threshold)
+    return search_rows(index, fold_gqa(q, index.keys.shape[1]), threshold, scale=_scale(q, scale))
 
 
 def attend_rows(
@@ -212,11 +211,9 @@ def attend_selection(
         out_x, lse_x = dense_attention_lse(rows, k_x.to(rows.dtype), v_x.to(rows.dtype), m_x, scale)
         out, lse = merge_partials(out, lse, out_x, lse_x)
     skip = torch.sigmoid(selection.log_skip_ub - lse).nan_to_num(nan=0.0)  # U / (U + read mass)
-    counts = index.levels[0].count.float()  # [B, H, NB]
-    read = (counts * selection.keep).sum(-1) / counts.sum(-1).clamp_min(1.0)
     stats = AttentionStats(
         kept_fraction=selection.kept_fraction,
-        read_fraction=read,
+        read_fraction=selection.read_fraction,
         skip_bound=unfold_gqa(skip, Hq),
         prior_skip_bound=unfold_gqa(selection.skip_bound, Hq),
     )

@@ -61,11 +61,11 @@ def plan(
 
 def select(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: float, kernel: bool = True,
            key_blocks: KeyBlocks | None = None) -> Selection:
-    """The blocks the queries read: q [B, Hq, S, D] folded into float32 rows per KV head, scaled, searched (``plan``
-    without the append; the benchmarks time it on a fixed index, with the search's Triton kernels or, ``kernel``
-    False, its tensor program)."""
-    rows = fold_gqa(q.float(), index.keys.shape[1]) * scale  # [B, H, G·S, D]
-    return search_rows(index, rows, threshold, kernel=kernel, key_blocks=key_blocks)
+    """The blocks the queries read: q [B, Hq, S, D] folded into rows per KV head and searched, scaled in float32 by
+    the search (``plan`` without the append; the benchmarks time it on a fixed index, with the search's Triton
+    kernels or, ``kernel`` False, its tensor program)."""
+    rows = fold_gqa(q, index.keys.shape[1])  # [B, H, G·S, D]
+    return search_rows(index, rows, threshold, kernel=kernel, key_blocks=key_blocks, scale=scale)
 
 
 def run(q: torch.Tensor, index: HiraIndex, selection: Selection, scale: float, stats: AttentionStats,

@@ -40,7 +40,7 @@ def random_rows(seed: int, device) -> torch.Tensor:
 def assert_same_selection(a, b):
     assert torch.equal(a.keep, b.keep)
     assert torch.equal(a.kv_num_blocks, b.kv_num_blocks) and torch.equal(a.kv_indices, b.kv_indices)
-    for name in ("tau", "log_skip_ub", "log_kept_lb", "kept_fraction"):
+    for name in ("tau", "log_skip_ub", "log_kept_lb", "kept_fraction", "read_fraction"):
         torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=1e-5, atol=1e-5, msg=name)
 
 

@@ -24,11 +24,12 @@ from hira import Fixed, TopK, TopP
 from hira.selection.search import Selection, leaf_bounds, search_rows
 
 
-def _kernel_search(index, rows, threshold, ways=None) -> Selection:
+def _kernel_search(index, rows, threshold, ways=None, scale=None) -> Selection:
     """The kernels' selection: through ``search_rows`` on CUDA, straight from the module in the interpreter; with
-    ``ways`` pivots a pass in the selection's searches (default the launch's own)."""
+    ``ways`` pivots a pass in the selection's searches (default the launch's own), the rows multiplied by ``scale``
+    in the kernels (None: none)."""
     if rows.is_cuda and ways is None:
-        return search_rows(index, rows, threshold)
+        return search_rows(index, rows, threshold, scale=scale)
     if not rows.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET is not 1 (conftest.py sets it where CUDA is absent): no CPU run of the kernels")
     try:
@@ -38,7 +39,7 @@ def _kernel_search(index, rows, threshold, ways=None) -> Selection:
     assert search_kernel.applies(index, rows, threshold)
     launch = functools.partial(search_kernel.select_launch, ways=ways)
     with mock.patch.object(search_kernel, "select_launch", launch):
-        return Selection(*search_kernel.ball_search(index, rows, threshold))
+        return Selection(*search_kernel.ball_search(index, rows, threshold, 1.0 if scale is None else scale))
 
 
 def _thresholds():
@@ -51,11 +52,13 @@ def _thresholds():
 
 @settings(max_examples=40)
 @given(case=index_cases(), G=st.sampled_from([1, 3, 4]), q_kind=st.sampled_from(Q_KINDS), threshold=_thresholds(),
-       ways=st.sampled_from([None, 2, 4, 16]), seed=st.integers(0, 2**31 - 1))
-def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, ways, seed):
-    """Same kept leaves, block lists, τ and certificate as ``search_rows``'s tensor program, up to ties, whatever
-    the searches' pivots per pass."""
-    _check_same_choice(device, case, G, q_kind, threshold, ways, seed)
+       ways=st.sampled_from([None, 2, 4, 16]), scale=st.sampled_from([None, 0.125, 0.3]),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, ways, scale, seed):
+    """Same kept leaves, block lists, τ, certificate and fractions as ``search_rows``'s tensor program, up to ties,
+    whatever the searches' pivots per pass; given a scale, the kernels take bfloat16 rows unscaled and scale them
+    as the tensor program does."""
+    _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale)
 
 
 @settings(max_examples=15, deadline=None)
@@ -68,14 +71,18 @@ def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G,
     _check_same_choice(device, dataclasses.replace(case, window_tokens=0), G, q_kind, threshold, ways, seed)
 
 
-def _check_same_choice(device, case, G, q_kind, threshold, ways, seed):
+def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None):
     case = dataclasses.replace(case, key_sketch=False)
     keys, values, key_mask = case.tensors(device)
     index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=case.N + case.slack)
     gen = torch.Generator().manual_seed(seed)
     rows = make_queries(q_kind, keys, case.H * G, 1, gen).to(device).view(case.B, case.H, G, case.D)
+    raw = rows
+    if scale is not None:  # the kernels get bfloat16 rows and the scale; the tensor program the rows scaled
+        raw = (rows / scale).bfloat16()
+        rows = raw.float() * scale
     want = search_rows(index, rows, threshold, kernel=False)
-    got = _kernel_search(index, rows, threshold, ways)
+    got = _kernel_search(index, raw, threshold, ways, scale)
     differ = got.keep != want.keep
     est = leaf_bounds(index, rows).est  # [B, H, R, NB]
     if isinstance(threshold, TopK):
@@ -109,3 +116,4 @@ def _check_same_choice(device, case, G, q_kind, threshold, ways, seed):
         a, b = getattr(got, name)[same], getattr(want, name)[same]
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * (1 + rows.abs().amax().item()), msg=name)
     torch.testing.assert_close(got.kept_fraction[same], want.kept_fraction[same])
+    torch.testing.assert_close(got.read_fraction[same], want.read_fraction[same])

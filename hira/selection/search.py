@@ -48,6 +48,7 @@ class Selection:
             score of one kept key, or the sketch's bound on the kept leaves' mass where that is larger (-inf if
             neither is known).
         kept_fraction: [B, H] float32 kept leaves over non-empty leaves.
+        read_fraction: [B, H] float32 real keys in the kept leaves over all real keys.
     """
 
     keep: torch.Tensor
@@ -57,6 +58,7 @@ class Selection:
     log_skip_ub: torch.Tensor
     log_kept_lb: torch.Tensor
     kept_fraction: torch.Tensor
+    read_fraction: torch.Tensor
 
     @property
     def skip_bound(self) -> torch.Tensor:
@@ -164,9 +166,12 @@ def select_leaves(
     return (keep & live) | forced, tau
 
 
-def selection_from_keep(keep: torch.Tensor, live: torch.Tensor, bounds: LeafBounds, tau: torch.Tensor) -> Selection:
-    """The ``Selection`` of a keep table [B, H, NB]: block lists, and the skipped and kept mass bounds from
-    ``bounds`` (the exact score folded in)."""
+def selection_from_keep(keep: torch.Tensor, count: torch.Tensor, bounds: LeafBounds, tau: torch.Tensor
+                        ) -> Selection:
+    """The ``Selection`` of a keep table [B, H, NB] over leaves of ``count`` [B, H, NB] real keys: block lists, the
+    fractions kept and read, and the skipped and kept mass bounds from ``bounds`` (the exact score folded in)."""
+    live = count > 0
+    counts = count.float()
     skipped = (live & ~keep)[:, :, None, :]  # [B, H, 1, NB]
     log_skip_ub = bounds.log_mass_ub.masked_fill(~skipped, -math.inf).logsumexp(-1)  # [B, H, R]
     log_kept_lb = bounds.log_mass_lb.masked_fill(~keep[:, :, None, :], -math.inf).logsumexp(-1)
@@ -179,6 +184,7 @@ def selection_from_keep(keep: torch.Tensor, live: torch.Tensor, bounds: LeafBoun
         log_skip_ub=log_skip_ub,
         log_kept_lb=log_kept_lb,
         kept_fraction=kv_num.float() / live.sum(-1).clamp_min(1).float(),
+        read_fraction=(counts * keep).sum(-1) / counts.sum(-1).clamp_min(1.0),
     )
 
 
@@ -195,7 +201,7 @@ def every_leaf(index: HiraIndex, q: torch.Tensor) -> Selection:
     kv_num = used.to(torch.int32).expand(B, H, 1)
     none = torch.full(q.shape[:3], -math.inf, device=q.device)  # [B, H, R]
     kept = torch.ones(B, H, device=q.device)
-    return Selection(keep, kv_num, ids.expand(B, H, 1, NB), none, none, none, kept)
+    return Selection(keep, kv_num, ids.expand(B, H, 1, NB), none, none, none, kept, kept)
 
 
 def local_select(
@@ -215,6 +221,7 @@ def search_rows(
     select=local_select,
     kernel: bool = True,
     key_blocks: KeyBlocks | None = None,
+    scale: float | None = None,
 ) -> Selection:
     """Select the leaves to read for the given query rows.
 
@@ -224,7 +231,9 @@ def search_rows(
 
     Args:
         index: the layer's index.
-        q: [B, H, R, D] float32 query rows, already multiplied by the softmax scale.
+        q: [B, H, R, D] query rows: float32 and already multiplied by the softmax scale, or, given ``scale``, in any
+            float dtype, multiplied by it here in float32 (inside the kernels where they apply: no scaled copy is
+            written).
         threshold: the mode.
         select: ``(bounds, top_leaf, m, forced, live, threshold) -> (keep, tau)``, the choice of leaves
             from their bounds (before the exact score m is folded in); default ``local_select``.
@@ -236,14 +245,16 @@ def search_rows(
         return every_leaf(index, q)
     kernels = _KERNELS if kernel and select is local_select and q.is_cuda else None
     if kernels is not None and kernels.applies(index, q, threshold):
-        return Selection(*kernels.ball_search(index, q, threshold))
-    live = index.levels[0].count > 0  # [B, H, NB]
+        return Selection(*kernels.ball_search(index, q, threshold, 1.0 if scale is None else scale))
+    if scale is not None:
+        q = q.float() * scale
+    count = index.levels[0].count  # [B, H, NB]
     bounds = leaf_bounds(index, q)  # [B, H, R, NB] each
     top_leaf = bounds.ub.argmax(-1, keepdim=True)  # [B, H, R, 1] the leaf with the largest bound per row
     # [B, H, R, 1] the exact score of one of its keys
     m = exact_leaf_score(index, q, top_leaf[..., 0], key_blocks)[..., None]
-    keep, tau = select(bounds, top_leaf, m, index.forced_leaves(), live, threshold)
-    return selection_from_keep(keep, live, fold_exact_score(bounds, top_leaf, m), tau)
+    keep, tau = select(bounds, top_leaf, m, index.forced_leaves(), count > 0, threshold)
+    return selection_from_keep(keep, count, fold_exact_score(bounds, top_leaf, m), tau)
 
 
 _KERNELS = cuda_kernels("hira.selection.search_kernel")

@@ -44,38 +44,40 @@ FIXED, TOPK, TOPP = 0, 1, 2  # the modes this search covers, as the kernels' MOD
 MODES = {Fixed: FIXED, TopK: TOPK, TopP: TOPP}
 MAX_ROWS = 16  # query rows per KV head the kernels take (a decode step: G·S ≤ 16)
 _CHUNK = 32  # leaves per program of the bounds kernel
-# Where the kernels beat the compiled tensor program (H200), in batch · KV heads · rows · leaves: at most 64K for
-# TopP (its per-row search lost at 512K: 157 against 98 µs, NOTES.md §17 and §23), 128K for Fixed and TopK (the
-# whole search 48 against 81 µs at 512K, 55 against 99 at 128K with batch 8, §23; larger sizes not measured).
-_MAX_SIZE = {FIXED: 131072, TOPK: 131072, TOPP: 65536}
+# Where the kernels beat the compiled tensor program (H200), in batch · KV heads · rows · leaves (powers of two): at
+# most 64K for TopP (its per-row search lost at 512K: 144 against 98 µs, NOTES.md §17 and §25), 256K for Fixed and
+# TopK (the whole search 40 against 81 µs at 128K with batch 8, 67 against 125 at 1M, §25; larger sizes not measured).
+_MAX_SIZE = {FIXED: 262144, TOPK: 262144, TOPP: 65536}
 
 
 @triton.jit
 def _leaf_bounds_kernel(
     q_ptr, center_ptr, radius_ptr, count_ptr, var_ptr, mag_ptr, weight_ptr,
     ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
-    NB, NCH, margin_coef,
-    R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_CHUNK: tl.constexpr, CHUNK: tl.constexpr,
+    NB, NCH, margin_coef, scale,
+    R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    """Bounds and estimates of one chunk of leaves for every row of one (batch, KV head), as
-    ``hira.index.bounds.bound_and_estimate``, and the chunk's partial reductions. The product runs as float32
-    FMAs over [rows, leaves, channels] tiles (a ``tl.dot`` of 16-row tiles ran 1.7× slower at 128K)."""
+    """Bounds and estimates of one chunk of leaves for every row of one (batch, KV head), the rows multiplied by
+    ``scale`` in float32, as ``hira.index.bounds.bound_and_estimate``, and the chunk's partial reductions. The
+    chunk's centres are read once, as one [leaves, channels] tile, and each row's products are a float32 FMA
+    reduction over it. (Measured on the H200: a loop over channel slices of [rows, leaves, channels] tiles took
+    1.2–1.6× as long, a ``tl.dot`` of 16-row tiles 1.7×; benchmarks/NOTES.md §17 and §25.)"""
     bh = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1)
     r = tl.arange(0, R_PAD)
     n = ch * CHUNK + tl.arange(0, CHUNK)
+    d = tl.arange(0, D_PAD)
     rmask = r < R
     nmask = n < NB
+    dmask = d < D
+    c = tl.load(center_ptr + (bh * NB + n)[:, None] * D + d[None, :], mask=nmask[:, None] & dmask[None, :],
+                other=0.0)  # [CHUNK, D_PAD]
     qc = tl.zeros([R_PAD, CHUNK], dtype=tl.float32)
     q2 = tl.zeros([R_PAD], dtype=tl.float32)
-    for d0 in tl.static_range(0, D, D_CHUNK):
-        d = d0 + tl.arange(0, D_CHUNK)
-        dmask = d < D
-        qd = tl.load(q_ptr + (bh * R + r)[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-        cd = tl.load(center_ptr + (bh * NB + n)[:, None] * D + d[None, :], mask=nmask[:, None] & dmask[None, :],
-                     other=0.0)
-        qc += tl.sum(qd[:, None, :] * cd[None, :, :], axis=2)
-        q2 += tl.sum(qd * qd, axis=1)
+    for i in tl.static_range(R):
+        qi = tl.load(q_ptr + (bh * R + i) * D + d, mask=dmask, other=0.0).to(tl.float32) * scale
+        qc = tl.where((r == i)[:, None], tl.sum(c * qi[None, :], axis=1)[None, :], qc)
+        q2 = tl.where(r == i, tl.sum(qi * qi, axis=0), q2)
     qn = tl.sqrt(q2)
     leaf = bh * NB + n
     radius = tl.load(radius_ptr + leaf, mask=nmask, other=0.0)
@@ -115,8 +117,8 @@ def _ordered(x):
 def _select_kernel(
     q_ptr, keys_ptr, valid_ptr, count_ptr, first_ptr, last_ptr, n_valid_ptr,
     ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
-    keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, exact_ptr, top_kept_ptr, frac_ptr,
-    H, NB, NCH, C, value, k, sink_tokens, window_tokens,
+    keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, exact_ptr, top_kept_ptr, frac_ptr, read_ptr,
+    H, NB, NCH, C, scale, value, k, sink_tokens, window_tokens,
     MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr,
     BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr, WAYS: tl.constexpr, TOPK_ITERS: tl.constexpr,
     TOPP_ITERS: tl.constexpr,
@@ -148,6 +150,7 @@ def _select_kernel(
             d = d0 + tl.arange(0, EXACT_D)
             dmask = d < D
             qd = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+            qd = qd.to(tl.float32) * scale
             kd = tl.load(keys_ptr + (bh * C + slot)[:, :, None] * D + d[None, None, :],
                          mask=rmask[:, None, None] & dmask[None, None, :], other=0.0)
             dot += tl.sum(kd.to(tl.float64) * qd.to(tl.float64)[:, None, :], axis=2)
@@ -227,6 +230,8 @@ def _select_kernel(
     tl.store(keep_ptr + leaf, keep_i.to(tl.int8), mask=nmask)
     tl.store(num_ptr + bh, num)
     tl.store(frac_ptr + bh, num.to(tl.float32) / tl.maximum(n_live, 1).to(tl.float32))
+    tl.store(read_ptr + bh, tl.sum(count * keep_i, axis=0).to(tl.float32)
+             / tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32))
     # The certificate: an upper bound on the skipped leaves' mass (count·exp(bound)), the kept top leaf's score.
     skipped = (live & ~keep)[None, :]
     log_n = tl.log(tl.maximum(count, 1).to(tl.float32))
@@ -270,14 +275,15 @@ def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None 
 def ball_search_op(
     q: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, center: torch.Tensor, radius: torch.Tensor,
     count: torch.Tensor, var: torch.Tensor, magnitude: torch.Tensor, spread_weight: torch.Tensor,
-    leaf_first: torch.Tensor, leaf_last: torch.Tensor, n_valid: torch.Tensor, mode: int, value: float,
+    leaf_first: torch.Tensor, leaf_last: torch.Tensor, n_valid: torch.Tensor, scale: float, mode: int, value: float,
     margin_coef: float, sink_tokens: int, window_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor]:
-    """``Selection``'s tensors (keep, kv_num_blocks, kv_indices, tau, log_skip_ub, kept_fraction) for scaled query
-    rows q [B, H, R, D] float32 over the leaf balls (``search_rows`` on an index without a sketch), then for
-    ``log_kept_lb`` each row's top leaf's exact score and whether that leaf was kept ([B, H, R] float32 and bool;
-    ``ball_search`` combines them, in the caller's compiled code rather than in a launch of its own).
+           torch.Tensor, torch.Tensor]:
+    """``Selection``'s tensors (keep, kv_num_blocks, kv_indices, tau, log_skip_ub, kept_fraction, read_fraction)
+    for query rows q [B, H, R, D] (any float dtype, multiplied by ``scale`` in float32) over the leaf balls
+    (``search_rows`` on an index without a sketch), then for ``log_kept_lb`` each row's top leaf's exact score and
+    whether that leaf was kept ([B, H, R] float32 and bool; ``ball_search`` combines them, in the caller's compiled
+    code rather than in a launch of its own).
 
     ``mode`` is FIXED (``value`` τ), TOPK (``value`` k) or TOPP (``value`` p); ``margin_coef`` the rounding margin's
     factor (``hira.index.bounds.rounding_margin``).
@@ -296,9 +302,8 @@ def ball_search_op(
     q = q.contiguous()
     _leaf_bounds_kernel[(B * H, nch)](
         q, center.contiguous(), radius.contiguous(), count.contiguous(), var.contiguous(), magnitude.contiguous(),
-        spread_weight.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, NB, nch, margin_coef,
-        R=R, R_PAD=triton.next_power_of_2(R), D=D, D_CHUNK=min(32, triton.next_power_of_2(D)), CHUNK=_CHUNK,
-        num_warps=4,
+        spread_weight.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, NB, nch, margin_coef, scale,
+        R=R, R_PAD=triton.next_power_of_2(R), D=D, D_PAD=triton.next_power_of_2(D), CHUNK=_CHUNK, num_warps=4,
     )
     keep = torch.empty(B, H, NB, device=q.device, dtype=torch.int8)
     num = torch.empty(B, H, 1, device=q.device, dtype=torch.int32)
@@ -308,16 +313,18 @@ def ball_search_op(
     exact = torch.empty_like(tau)
     top_kept = torch.empty(B, H, R, device=q.device, dtype=torch.int8)
     frac = torch.empty(B, H, **f32)
+    read = torch.empty_like(frac)
     k = int(value) if mode == TOPK else 0
     value = torch.tensor(value, dtype=torch.float32).item()  # as the kernels take it on CUDA (the interpreter: as is)
     _select_kernel[(B * H, 2)](
         q, keys.contiguous(), valid.contiguous(), count.contiguous(), leaf_first.contiguous(),
         leaf_last.contiguous(), n_valid.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg,
-        keep, num, idx, tau, skip, exact, top_kept, frac, H, NB, nch, C, value, k, sink_tokens, window_tokens,
+        keep, num, idx, tau, skip, exact, top_kept, frac, read, H, NB, nch, C, scale, value, k, sink_tokens,
+        window_tokens,
         MODE=mode, R=R, R_PAD=triton.next_power_of_2(R), D=D, BS=C // NB, NB_PAD=triton.next_power_of_2(NB),
         NCH_PAD=triton.next_power_of_2(nch), **select_launch(mode, R, NB, D, C // NB),
     )
-    return keep.view(torch.bool), num, idx, tau, skip, frac, exact, top_kept.view(torch.bool)
+    return keep.view(torch.bool), num, idx, tau, skip, frac, read, exact, top_kept.view(torch.bool)
 
 
 @ball_search_op.register_fake
@@ -327,7 +334,8 @@ def _(q, keys, valid, center, *rest):
     f32 = dict(device=q.device, dtype=torch.float32)
     return (q.new_empty(B, H, NB, dtype=torch.bool), q.new_empty(B, H, 1, dtype=torch.int32),
             q.new_empty(B, H, 1, NB, dtype=torch.int32), torch.empty(B, H, R, **f32), torch.empty(B, H, R, **f32),
-            torch.empty(B, H, **f32), torch.empty(B, H, R, **f32), q.new_empty(B, H, R, dtype=torch.bool))
+            torch.empty(B, H, **f32), torch.empty(B, H, **f32), torch.empty(B, H, R, **f32),
+            q.new_empty(B, H, R, dtype=torch.bool))
 
 
 def applies(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> bool:
@@ -339,13 +347,15 @@ def applies(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> bool:
     return index.sketch is None and mode is not None and R <= MAX_ROWS and size <= _MAX_SIZE[mode]
 
 
-def ball_search(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> tuple[torch.Tensor, ...]:
-    """``Selection``'s tensors for scaled query rows q [B, H, R, D] float32 (where ``applies``)."""
+def ball_search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: float = 1.0
+                ) -> tuple[torch.Tensor, ...]:
+    """``Selection``'s tensors for query rows q [B, H, R, D] multiplied by ``scale`` in float32 (where
+    ``applies``)."""
     leaves = index.levels[0]
     value = name_and_value(threshold)[1]  # τ, k or p
-    *chosen, frac, exact, top_kept = ball_search_op(
+    *chosen, frac, read, exact, top_kept = ball_search_op(
         q, index.keys, index.valid, leaves.center, leaves.radius, leaves.count, leaves.var, leaves.scale,
-        index.spread_weight, index.leaf_first, index.leaf_last, index.n_valid, MODES[type(threshold)], value,
+        index.spread_weight, index.leaf_first, index.leaf_last, index.n_valid, scale, MODES[type(threshold)], value,
         margin_factor(q.shape[-1], q.is_cuda), index.sink_tokens, index.window_tokens,
     )
-    return (*chosen, exact.masked_fill(~top_kept, -math.inf), frac)
+    return (*chosen, exact.masked_fill(~top_kept, -math.inf), frac, read)

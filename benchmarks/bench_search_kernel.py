@@ -29,16 +29,17 @@ from hira.selection import search_kernel as sk  # noqa: E402
 R, BS = 4, 128
 
 
-def leaves(B: int, NB: int, dev):
-    """Synthetic full leaves: centres, radii, counts, spreads, rank ranges, keys and query rows."""
+def leaves(B: int, NB: int, dev, center_dtype: torch.dtype):
+    """Synthetic full leaves: centres (in ``center_dtype``), radii, counts, spreads, rank ranges, keys and query
+    rows."""
     g = torch.Generator(device=dev).manual_seed(0)
     C = NB * BS
     f = dict(device=dev, dtype=torch.float32)
-    center = torch.randn(B, HKV, NB, D, generator=g, **f)
+    center = torch.randn(B, HKV, NB, D, generator=g, **f).to(center_dtype)
     radius = torch.rand(B, HKV, NB, generator=g, **f) * 4
     count = torch.full((B, HKV, NB), BS, device=dev, dtype=torch.int32)
     var = torch.rand(B, HKV, NB, generator=g, **f)
-    mag = center.norm(dim=-1) + radius
+    mag = center.float().norm(dim=-1) + radius
     first = (torch.arange(NB, device=dev, dtype=torch.int32) * BS).expand(B, HKV, NB).contiguous()
     return dict(
         q=torch.randn(B, HKV, R, D, generator=g, **f) * 0.2, keys=torch.randn(B, HKV, C, D, device=dev).bfloat16(),
@@ -93,6 +94,8 @@ def main():
     ap.add_argument("--shapes", default="1024:1,8192:1,1024:8", help="leaves:batch list (1024 leaves = 128K)")
     ap.add_argument("--rep-ms", type=float, default=20.0)
     ap.add_argument("--parts", default="bounds,select,search", help="which sweeps to run")
+    ap.add_argument("--center-dtype", default="bfloat16", choices=("bfloat16", "float32"),
+                    help="the leaf centres' dtype (an index stores them in the keys' dtype)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -103,7 +106,7 @@ def main():
     print(f"floor {floor * 1e3:.1f} us", flush=True)
     for shape in args.shapes.split(","):
         NB, B = (int(x) for x in shape.split(":"))
-        t = leaves(B, NB, dev)
+        t = leaves(B, NB, dev, getattr(torch, args.center_dtype))
         ctx = fmt_size(NB * BS)
         parts_run = args.parts.split(",")
         for chunk, warps in itertools.product((8, 16, 32, 64), (2, 4, 8)) if "bounds" in parts_run else ():
@@ -129,7 +132,8 @@ def main():
             rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", "both kernels (ball_search_op)",
                          f"{us:.1f}"])
             print(rows[-1], flush=True)
-    text = (f"# Search kernel sweep ({device_name(dev)}, torch {torch.__version__}, triton {triton.__version__})\n\n"
+    text = (f"# Search kernel sweep ({device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}, "
+            f"{args.center_dtype} centres)\n\n"
             + md_table(["context", "B", "kernel", "launch", "µs (graph replay)"], rows) + "\n")
     print(text)
     if args.out:

@@ -182,15 +182,16 @@ def level_member_count(index: HiraIndex) -> list[torch.Tensor]:
 
 
 def level_member_var(index: HiraIndex) -> list[torch.Tensor]:
-    """Mean over real members and dimensions of (k − mean)² per node, per level, in float64: [B, H, M_l]."""
+    """Mean over real members and dimensions of (k − c)² per node, c its stored centre (the members' mean rounded to
+    the keys' dtype), per level, in float64: [B, H, M_l]."""
     D = index.keys.shape[-1]
     out = []
     for lv in range(len(index.levels)):
         k = node_groups(index.keys.double(), 2, index, lv, 0.0)  # [B, H, M, span, D]
         w = node_groups(index.valid.double(), 1, index, lv, 0.0)[:, None, :, :, None]  # [B, 1, M, span, 1]
         n = w.sum(-2).clamp_min(1)  # [B, 1, M, 1]
-        mean = (k * w).sum(-2) / n  # [B, H, M, D]
-        out.append((((k - mean[..., None, :]) ** 2) * w).sum((-2, -1)) / (n[..., 0] * D))
+        c = index.levels[lv].center.double()  # [B, H, M, D]
+        out.append((((k - c[..., None, :]) ** 2) * w).sum((-2, -1)) / (n[..., 0] * D))
     return out
 
 

@@ -85,7 +85,10 @@ def test_weight_scores_match_a_search_per_position(case, G, W, q_kind, threshold
     recall, count = weight_scores(index, fold_gqa(q.float(), case.H) * scale, q_rank, threshold)
     want_recall, want_count = reference_scores(index, q, real, W, threshold, scale)
     torch.testing.assert_close(count.double(), want_count)
-    torch.testing.assert_close(recall.double(), want_recall, atol=1e-4, rtol=0)
+    # weight_scores' masses are float32 softmaxes: scores of size S carry rounding of ~S·2^-24 a term, which moves
+    # the shares by as much (S up to ~10^4 for the "huge" queries).
+    s_bound = q.norm(dim=-1).amax().double() * keys.norm(dim=-1).amax().double() * scale
+    torch.testing.assert_close(recall.double(), want_recall, atol=1e-4 + 2**-20 * float(s_bound), rtol=0)
 
 
 def spread_case():

@@ -49,11 +49,13 @@ def margin_factor(D: int, is_cuda: bool) -> float:
 
 @dataclass
 class NodeBounds:
-    """Bounds of every node of one index level. All float32 except ``count``.
+    """Bounds of every node of one index level. All float32 except ``count`` and ``center``.
 
     Attributes:
-        center: [B, H, M, D] mean of the members: one matrix product against the query rows gives the bound and
-            the mass estimate (one read of the leaf data per step).
+        center: [B, H, M, D] mean of the members, rounded to the keys' dtype (half the bytes a search reads, for
+            bfloat16 keys): one matrix product against the query rows gives the bound and the mass estimate (one
+            read of the leaf data per step). Any point is a valid centre: the radius and spread are measured from
+            the rounded one.
         radius: [B, H, M] max ‖k − center‖ over members.
         count: [B, H, M] int32 number of real members (0: empty node, never selected).
         var: [B, H, M] mean over members and dimensions of (k − center)², the spread that the budgeted modes'
@@ -75,7 +77,7 @@ class NodeBounds:
 
 
 def _finish(center, radius, count, var) -> NodeBounds:
-    return NodeBounds(center, radius, count, var, center.norm(dim=-1) + radius)
+    return NodeBounds(center, radius, count, var, center.float().norm(dim=-1) + radius)
 
 
 def members_bounds(keys: torch.Tensor, valid: torch.Tensor) -> NodeBounds:
@@ -89,8 +91,8 @@ def members_bounds(keys: torch.Tensor, valid: torch.Tensor) -> NodeBounds:
     valid = valid.expand(x.shape[:-1])
     w = valid.to(x.dtype)[..., None]  # [B, H, M, S, 1]
     count = valid.sum(-1, dtype=torch.int32)  # [B, H, M]
-    center = (x * w).sum(-2) / count.clamp_min(1)[..., None].to(x.dtype)  # [B, H, M, D]
-    dist = (x - center[..., None, :]).norm(dim=-1).masked_fill(~valid, 0.0)  # [B, H, M, S]
+    center = ((x * w).sum(-2) / count.clamp_min(1)[..., None].to(x.dtype)).to(keys.dtype)  # [B, H, M, D]
+    dist = (x - center.float()[..., None, :]).norm(dim=-1).masked_fill(~valid, 0.0)  # [B, H, M, S]
     radius = dist.amax(-1)
     var = (dist * dist).sum(-1) / (count.clamp_min(1).to(x.dtype) * x.shape[-1])  # [B, H, M]
     return _finish(center, radius, count, var)
@@ -113,10 +115,11 @@ def parent_bounds(child: NodeBounds, branching: int) -> NodeBounds:
     count = grouped(child.count, 0)  # [B, H, P, b]
     live = count > 0
     w = count.to(torch.float32)
-    center_c = grouped(child.center, 0.0)  # [B, H, P, b, D]
+    center_c = grouped(child.center.float(), 0.0)  # [B, H, P, b, D]
     total = count.sum(-1, dtype=torch.int32)  # [B, H, P]
-    center = (center_c * w[..., None]).sum(-2) / total.clamp_min(1)[..., None].to(torch.float32)
-    offset = (center_c - center[..., None, :]).norm(dim=-1)  # [B, H, P, b]
+    mean = (center_c * w[..., None]).sum(-2) / total.clamp_min(1)[..., None].to(torch.float32)
+    center = mean.to(child.center.dtype)  # rounded as the children's, the offsets measured from it
+    offset = (center_c - center.float()[..., None, :]).norm(dim=-1)  # [B, H, P, b]
     reach = offset + grouped(child.radius, 0.0)
     # Pooled spread: children's own spread plus their centres' offsets from the parent's centre.
     var = (w * (grouped(child.var, 0.0) + offset * offset / D)).sum(-1) / total.clamp_min(1).to(torch.float32)
@@ -144,7 +147,7 @@ def bound_and_estimate(
         (bound, estimate), each [B, H, R, M] float32, -inf for empty nodes.
     """
     D = q.shape[-1]
-    qc = q @ nodes.center.transpose(-1, -2)  # [B, H, R, M]
+    qc = q @ nodes.center.float().transpose(-1, -2)  # [B, H, R, M]
     q2 = (q * q).sum(-1, keepdim=True)  # [B, H, R, 1]
     qn = q2.sqrt()
     margin = rounding_margin(qn, nodes.scale[:, :, None, :], D, q.is_cuda)

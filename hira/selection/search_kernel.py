@@ -71,7 +71,7 @@ def _leaf_bounds_kernel(
     nmask = n < NB
     dmask = d < D
     c = tl.load(center_ptr + (bh * NB + n)[:, None] * D + d[None, :], mask=nmask[:, None] & dmask[None, :],
-                other=0.0)  # [CHUNK, D_PAD]
+                other=0.0).to(tl.float32)  # [CHUNK, D_PAD], from the keys' dtype (exact)
     qc = tl.zeros([R_PAD, CHUNK], dtype=tl.float32)
     q2 = tl.zeros([R_PAD], dtype=tl.float32)
     for i in tl.static_range(R):

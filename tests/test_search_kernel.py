@@ -53,12 +53,12 @@ def _thresholds():
 @settings(max_examples=40)
 @given(case=index_cases(), G=st.sampled_from([1, 3, 4]), q_kind=st.sampled_from(Q_KINDS), threshold=_thresholds(),
        ways=st.sampled_from([None, 2, 4, 16]), scale=st.sampled_from([None, 0.125, 0.3]),
-       seed=st.integers(0, 2**31 - 1))
-def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, ways, scale, seed):
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
+def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, ways, scale, dtype, seed):
     """Same kept leaves, block lists, τ, certificate and fractions as ``search_rows``'s tensor program, up to ties,
-    whatever the searches' pivots per pass; given a scale, the kernels take bfloat16 rows unscaled and scale them
-    as the tensor program does."""
-    _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale)
+    whatever the searches' pivots per pass, for keys (and so leaf centres) in float32 or bfloat16; given a scale,
+    the kernels take bfloat16 rows unscaled and scale them as the tensor program does."""
+    _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale, dtype)
 
 
 @settings(max_examples=15, deadline=None)
@@ -71,12 +71,12 @@ def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G,
     _check_same_choice(device, dataclasses.replace(case, window_tokens=0), G, q_kind, threshold, ways, seed)
 
 
-def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None):
+def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None, dtype=torch.float32):
     case = dataclasses.replace(case, key_sketch=False)
-    keys, values, key_mask = case.tensors(device)
+    keys, values, key_mask = case.tensors(device, dtype)
     index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=case.N + case.slack)
     gen = torch.Generator().manual_seed(seed)
-    rows = make_queries(q_kind, keys, case.H * G, 1, gen).to(device).view(case.B, case.H, G, case.D)
+    rows = make_queries(q_kind, keys.float(), case.H * G, 1, gen).to(device).view(case.B, case.H, G, case.D)
     raw = rows
     if scale is not None:  # the kernels get bfloat16 rows and the scale; the tensor program the rows scaled
         raw = (rows / scale).bfloat16()

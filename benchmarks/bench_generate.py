@@ -222,7 +222,8 @@ def markdown(rows: list, meta: dict) -> str:
         table.append([r["context"], r["batch"], r["variant"], fmt_num(r["tok_s"], 1), fmt_num(r["ms_per_token"]),
                       f"{fmt_num(r['tok_s'] / best if best else None)}×", fmt_num(r["floor_ms"]),
                       fmt_num(r.get("read_fraction")), fmt_num(r.get("hit_rate")), fmt_num(r["prefill_s"]),
-                      fmt_num(r["warmup_s"], 1), fmt_num(r["first_call_s"], 1), r["graphs"], r["recompiles"], r["cudagraph_skips"],
+                      fmt_num(r["warmup_s"], 1), fmt_num(r["first_call_s"], 1), r["graphs"], r["recompiles"],
+                      r["cudagraph_skips"],
                       fmt_num(r["peak_gb"], 1), fmt_num(r.get("mem_growth_mb"), 1), _eager(r)])
     lines.append(md_table(["context", "batch", "variant", "tok/s", "ms/token", "vs best dense", "floor ms (dense)",
                            "read", "hit rate", "prefill s", "warm-up s", "first call s", "graphs", "recompiles",

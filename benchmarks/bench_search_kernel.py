@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Sweep the search kernels' launch parameters on CUDA: the bounds kernel (leaves per program, warps) and the
 selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its searches), each
-replayed alone from a CUDA graph, then the whole search as shipped, on synthetic leaves (Llama-3-8B
-shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks).
+replayed alone from a CUDA graph, then the whole search as shipped, on synthetic leaves (Llama-3-8B shapes: 8 KV
+heads, 4 query rows, D 128, 128-key blocks).
 
     python3 benchmarks/bench_search_kernel.py --out $OUT/search_kernel.md
 

@@ -60,7 +60,8 @@ def bounds_fn(t, chunk: int, warps: int):
     def fn():
         sk._leaf_bounds_kernel[(B * H, nch)](
             t["q"], t["center"], t["radius"], t["count"], t["var"], t["mag"], t["weight"], *out, NB, nch,
-            margin_factor(D, True), 1.0, R=R, R_PAD=R, D=D, D_PAD=D, CHUNK=chunk, num_warps=warps)
+            margin_factor(D, True), 1.0, R=R, R_PAD=R, D=D, D_PAD=D, CHUNK=chunk, PDL=False,
+            num_warps=warps)
         return out
 
     return fn, out, nch
@@ -83,7 +84,7 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
         sk._select_kernel[(B * H, 2)](
             t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts, *res, H, NB, nch,
             C, 1.0, value, int(value) if mode == sk.TOPK else 0, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
-            NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), **launch)
+            NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), PDL=False, **launch)
         return res
 
     return fn
@@ -128,10 +129,13 @@ def main():
             args_ = (t["q"], t["keys"], t["valid"], t["center"], t["radius"], t["count"], t["var"], t["mag"],
                      t["weight"], t["first"], t["last"], t["n_valid"], 1.0, mode, value, margin_factor(D, True), 4,
                      256)
-            us = graph_ms(lambda: sk.ball_search_op(*args_), dev, args.rep_ms) * 1e3
-            rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", "both kernels (ball_search_op)",
-                         f"{us:.1f}"])
-            print(rows[-1], flush=True)
+            for pdl in (False, True):  # the selection launched after the bounds kernel, or while it runs
+                sk._PDL = pdl
+                us = graph_ms(lambda: sk.ball_search_op(*args_), dev, args.rep_ms) * 1e3
+                how = "both kernels (ball_search_op)" + (", dependent launch" if pdl else "")
+                rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", how, f"{us:.1f}"])
+                print(rows[-1], flush=True)
+            sk._PDL = True
     text = (f"# Search kernel sweep ({device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}, "
             f"{args.center_dtype} centres)\n\n"
             + md_table(["context", "B", "kernel", "launch", "µs (graph replay)"], rows) + "\n")

@@ -35,6 +35,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from hira.index.bounds import margin_factor
 from hira.index.index import HiraIndex
@@ -48,6 +49,8 @@ _CHUNK = 32  # leaves per program of the bounds kernel
 # most 64K for TopP (its per-row search lost at 512K: 144 against 98 µs, NOTES.md §17 and §25), 256K for Fixed and
 # TopK (the whole search 40 against 81 µs at 128K with batch 8, 67 against 125 at 1M, §25; larger sizes not measured).
 _MAX_SIZE = {FIXED: 262144, TOPK: 262144, TOPP: 65536}
+# Programmatic dependent launch of the selection kernel (sm90+): it starts while the bounds kernel runs.
+_PDL = True
 
 
 @triton.jit
@@ -56,12 +59,15 @@ def _leaf_bounds_kernel(
     ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
     NB, NCH, margin_coef, scale,
     R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     """Bounds and estimates of one chunk of leaves for every row of one (batch, KV head), the rows multiplied by
     ``scale`` in float32, as ``hira.index.bounds.bound_and_estimate``, and the chunk's partial reductions. The
     chunk's centres are read once, as one [leaves, channels] tile, and each row's products are a float32 FMA
     reduction over it. (Measured on the H200: a loop over channel slices of [rows, leaves, channels] tiles took
     1.2–1.6× as long, a ``tl.dot`` of 16-row tiles 1.7×; benchmarks/NOTES.md §17 and §25.)"""
+    if PDL:  # the selection kernel may start as soon as every program here has
+        gdc_launch_dependents()
     bh = tl.program_id(0).to(tl.int64)
     ch = tl.program_id(1)
     r = tl.arange(0, R_PAD)
@@ -114,6 +120,15 @@ def _ordered(x):
 
 
 @triton.jit
+def _top_leaf(ub_max_ptr, ub_arg_ptr, part, pmask):
+    """Each row's leaf of largest bound (the first by index), from the bounds kernel's per-chunk partials."""
+    u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
+    u_arg = tl.load(ub_arg_ptr + part, mask=pmask, other=0)
+    best = tl.max(u_max, axis=1)
+    return tl.min(tl.where(u_max == best[:, None], u_arg, 2147483647), axis=1)
+
+
+@triton.jit
 def _select_kernel(
     q_ptr, keys_ptr, valid_ptr, count_ptr, first_ptr, last_ptr, n_valid_ptr,
     ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
@@ -121,13 +136,16 @@ def _select_kernel(
     H, NB, NCH, C, scale, value, k, sink_tokens, window_tokens,
     MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr,
     BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr, WAYS: tl.constexpr, TOPK_ITERS: tl.constexpr,
-    TOPP_ITERS: tl.constexpr,
+    TOPP_ITERS: tl.constexpr, PDL: tl.constexpr,
 ):
     """For one (batch, KV head) (program axis 0) and every row at once ([rows, leaves] tiles: a block-wide reduction
     is the unit of latency here, not arithmetic), one of two jobs (axis 1): 0, the mode's choice of leaves, its block
     lists, its certificate's skipped-mass bound and whether each row's top leaf was kept; 1, the exact score of each
     row's top leaf. Two programs, so that the exact score's dependent read of the keys runs beside the selection
-    rather than inside it."""
+    rather than inside it.
+
+    With ``PDL`` (programmatic dependent launch, CUDA) the kernel is launched while the bounds kernel still runs: it
+    reads the index's own tensors first and the bounds kernel's outputs only past ``gdc_wait``."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     r = tl.arange(0, R_PAD)
@@ -136,13 +154,11 @@ def _select_kernel(
     c = tl.arange(0, NCH_PAD)
     part = row[:, None] * NCH + c[None, :]
     pmask = rmask[:, None] & (c < NCH)[None, :]
-    # Each row's top leaf, from the chunks' partials.
-    u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
-    u_arg = tl.load(ub_arg_ptr + part, mask=pmask, other=0)
-    best = tl.max(u_max, axis=1)
-    top = tl.min(tl.where(u_max == best[:, None], u_arg, 2147483647), axis=1)  # the first leaf of largest bound
     if tl.program_id(1) == 1:
         # The exact score of each row's top leaf's best real key, in float64 (as ``exact_leaf_score``).
+        if PDL:
+            gdc_wait()
+        top = _top_leaf(ub_max_ptr, ub_arg_ptr, part, pmask)
         s = tl.arange(0, BS)
         slot = top.to(tl.int64)[:, None] * BS + s[None, :]  # [R_PAD, BS]
         dot = tl.zeros([R_PAD, BS], dtype=tl.float64)
@@ -168,6 +184,9 @@ def _select_kernel(
     last = tl.load(last_ptr + leaf, mask=nmask, other=-1)
     n_valid = tl.load(n_valid_ptr + b)
     forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
+    if PDL:  # everything below reads the bounds kernel's outputs
+        gdc_wait()
+    top = _top_leaf(ub_max_ptr, ub_arg_ptr, part, pmask)
     ways = tl.arange(0, WAYS)  # the searches' pivots: lo + j·step, j = 0 (lo itself, known) … WAYS − 1
     tile = row[:, None] * NB + n[None, :]
     tmask = rmask[:, None] & nmask[None, :]
@@ -300,10 +319,12 @@ def ball_search_op(
     ub_max = torch.empty_like(est_max)
     ub_arg = torch.empty(B, H, R, nch, device=q.device, dtype=torch.int32)
     q = q.contiguous()
+    pdl = _PDL and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
     _leaf_bounds_kernel[(B * H, nch)](
         q, center.contiguous(), radius.contiguous(), count.contiguous(), var.contiguous(), magnitude.contiguous(),
         spread_weight.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, NB, nch, margin_coef, scale,
-        R=R, R_PAD=triton.next_power_of_2(R), D=D, D_PAD=triton.next_power_of_2(D), CHUNK=_CHUNK, num_warps=4,
+        R=R, R_PAD=triton.next_power_of_2(R), D=D, D_PAD=triton.next_power_of_2(D), CHUNK=_CHUNK, PDL=pdl,
+        num_warps=4,
     )
     keep = torch.empty(B, H, NB, device=q.device, dtype=torch.int8)
     num = torch.empty(B, H, 1, device=q.device, dtype=torch.int32)
@@ -322,7 +343,8 @@ def ball_search_op(
         keep, num, idx, tau, skip, exact, top_kept, frac, read, H, NB, nch, C, scale, value, k, sink_tokens,
         window_tokens,
         MODE=mode, R=R, R_PAD=triton.next_power_of_2(R), D=D, BS=C // NB, NB_PAD=triton.next_power_of_2(NB),
-        NCH_PAD=triton.next_power_of_2(nch), **select_launch(mode, R, NB, D, C // NB),
+        NCH_PAD=triton.next_power_of_2(nch), PDL=pdl, **select_launch(mode, R, NB, D, C // NB),
+        **({"launch_pdl": True} if pdl else {}),
     )
     return keep.view(torch.bool), num, idx, tau, skip, frac, read, exact, top_kept.view(torch.bool)
 

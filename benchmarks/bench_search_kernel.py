@@ -129,13 +129,10 @@ def main():
             args_ = (t["q"], t["keys"], t["valid"], t["center"], t["radius"], t["count"], t["var"], t["mag"],
                      t["weight"], t["first"], t["last"], t["n_valid"], 1.0, mode, value, margin_factor(D, True), 4,
                      256)
-            for pdl in (False, True):  # the selection launched after the bounds kernel, or while it runs
-                sk._PDL = pdl
-                us = graph_ms(lambda: sk.ball_search_op(*args_), dev, args.rep_ms) * 1e3
-                how = "both kernels (ball_search_op)" + (", dependent launch" if pdl else "")
-                rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", how, f"{us:.1f}"])
-                print(rows[-1], flush=True)
-            sk._PDL = True
+            us = graph_ms(lambda: sk.ball_search_op(*args_), dev, args.rep_ms) * 1e3
+            rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", "both kernels (ball_search_op)",
+                         f"{us:.1f}"])
+            print(rows[-1], flush=True)
     text = (f"# Search kernel sweep ({device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}, "
             f"{args.center_dtype} centres)\n\n"
             + md_table(["context", "B", "kernel", "launch", "µs (graph replay)"], rows) + "\n")

@@ -14,7 +14,9 @@ Here:
    bits; ``TopP``: per row, the smallest estimate whose leaves ranked above it carry less than p, by a search over
    its bits; ``Fixed``: bound ≥ τ), adds the forced leaves, and writes the keep table, ``kv_num_blocks`` /
    ``kv_indices`` (kept leaves first, ascending, then the rest), τ, the certificate's skipped-mass bound and whether
-   each row's top leaf was kept (the kept-mass bound is its exact score if so).
+   each row's top leaf was kept (the kept-mass bound is its exact score if so). On sm90+ it is launched while the
+   bounds kernel runs (programmatic dependent launch): its programs read the index's own tensors, then wait for
+   the bounds kernel's outputs (−2 to −3 µs a step, benchmarks/NOTES.md §26).
 
 The rules are the tensor program's (``hira.selection.threshold``) restated without a sort; ties are broken by
 index (the tensor program's ``topk`` leaves them unspecified) and ``TopP`` keeps every leaf tied at its cut. The
@@ -49,8 +51,6 @@ _CHUNK = 32  # leaves per program of the bounds kernel
 # most 64K for TopP (its per-row search lost at 512K: 144 against 98 µs, NOTES.md §17 and §25), 256K for Fixed and
 # TopK (the whole search 40 against 81 µs at 128K with batch 8, 67 against 125 at 1M, §25; larger sizes not measured).
 _MAX_SIZE = {FIXED: 262144, TOPK: 262144, TOPP: 65536}
-# Programmatic dependent launch of the selection kernel (sm90+): it starts while the bounds kernel runs.
-_PDL = True
 
 
 @triton.jit
@@ -120,10 +120,9 @@ def _ordered(x):
 
 
 @triton.jit
-def _top_leaf(ub_max_ptr, ub_arg_ptr, part, pmask):
-    """Each row's leaf of largest bound (the first by index), from the bounds kernel's per-chunk partials."""
-    u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
-    u_arg = tl.load(ub_arg_ptr + part, mask=pmask, other=0)
+def _top_leaf(u_max, u_arg):
+    """Each row's leaf of largest bound (the first by index) from the bounds kernel's per-chunk partials (the
+    chunks' largest bounds and their leaves, [R_PAD, NCH_PAD])."""
     best = tl.max(u_max, axis=1)
     return tl.min(tl.where(u_max == best[:, None], u_arg, 2147483647), axis=1)
 
@@ -158,7 +157,8 @@ def _select_kernel(
         # The exact score of each row's top leaf's best real key, in float64 (as ``exact_leaf_score``).
         if PDL:
             gdc_wait()
-        top = _top_leaf(ub_max_ptr, ub_arg_ptr, part, pmask)
+        u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
+        top = _top_leaf(u_max, tl.load(ub_arg_ptr + part, mask=pmask, other=0))
         s = tl.arange(0, BS)
         slot = top.to(tl.int64)[:, None] * BS + s[None, :]  # [R_PAD, BS]
         dot = tl.zeros([R_PAD, BS], dtype=tl.float64)
@@ -177,23 +177,29 @@ def _select_kernel(
     n = tl.arange(0, NB_PAD)
     nmask = n < NB
     leaf = bh * NB + n
+    tile = row[:, None] * NB + n[None, :]
+    tmask = rmask[:, None] & nmask[None, :]
+    # Every load before any reduction (a reduction's barrier would make a later load wait for the earlier ones):
+    # the index's own tensors, then, past the wait, the bounds kernel's outputs.
     count = tl.load(count_ptr + leaf, mask=nmask, other=0)
-    live = count > 0
-    n_live = tl.sum(live.to(tl.int32), axis=0)
     first = tl.load(first_ptr + leaf, mask=nmask, other=-1)
     last = tl.load(last_ptr + leaf, mask=nmask, other=-1)
     n_valid = tl.load(n_valid_ptr + b)
-    forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
     if PDL:  # everything below reads the bounds kernel's outputs
         gdc_wait()
-    top = _top_leaf(ub_max_ptr, ub_arg_ptr, part, pmask)
-    ways = tl.arange(0, WAYS)  # the searches' pivots: lo + j·step, j = 0 (lo itself, known) … WAYS − 1
-    tile = row[:, None] * NB + n[None, :]
-    tmask = rmask[:, None] & nmask[None, :]
-    ub = tl.load(ub_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
-    # Each row's log-sum-exp of the estimates, from the chunks' partials.
-    p_max = tl.load(est_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
+    u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
+    u_arg = tl.load(ub_arg_ptr + part, mask=pmask, other=0)
+    p_max = tl.load(est_max_ptr + part, mask=pmask, other=float("-inf"))
     p_sum = tl.load(est_sum_ptr + part, mask=pmask, other=0.0)
+    ub = tl.load(ub_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
+    if MODE != 0:
+        est = tl.load(est_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
+    live = count > 0
+    n_live = tl.sum(live.to(tl.int32), axis=0)
+    forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
+    top = _top_leaf(u_max, u_arg)
+    ways = tl.arange(0, WAYS)  # the searches' pivots: lo + j·step, j = 0 (lo itself, known) … WAYS − 1
+    # Each row's log-sum-exp of the estimates, from the chunks' partials.
     m_all = tl.max(p_max, axis=1)
     m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
     lse = m_ref + tl.log(tl.sum(p_sum * tl.exp(p_max - m_ref[:, None]), axis=1))  # [R_PAD]
@@ -201,7 +207,6 @@ def _select_kernel(
     if MODE == 0:  # Fixed: a bound reaching τ in any row
         keep = keep | (live & (tl.max((ub >= value).to(tl.int32), axis=0) > 0))
     else:
-        est = tl.load(est_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
         frac = tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(est - lse[:, None]))
         if MODE == 1:
             # TopK: the k largest shares of the group among live leaves. The k-th largest by a WAYS-ary search over
@@ -319,7 +324,8 @@ def ball_search_op(
     ub_max = torch.empty_like(est_max)
     ub_arg = torch.empty(B, H, R, nch, device=q.device, dtype=torch.int32)
     q = q.contiguous()
-    pdl = _PDL and q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    # Programmatic dependent launch (sm90+): the selection kernel starts while the bounds kernel runs.
+    pdl = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
     _leaf_bounds_kernel[(B * H, nch)](
         q, center.contiguous(), radius.contiguous(), count.contiguous(), var.contiguous(), magnitude.contiguous(),
         spread_weight.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, NB, nch, margin_coef, scale,

@@ -78,14 +78,26 @@ def _block_stats_dot_kernel(
     R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BS: tl.constexpr,
 ):
     """One program per (b, h, block), every row at once: the codes are unpacked once into a [BS, D] float16 tile
-    (exact: 0..15) and multiplied on the tensor cores by q·step, each row scaled to max 1 and rounded to float16."""
+    (exact: 0..15) and multiplied on the tensor cores by q·step, each row scaled to max 1 and rounded to float16.
+
+    Every load comes first: a layout change or a reduction is a barrier, and a load written after one waits for
+    everything before it (the block's scales, its validity and the query rows were separate round trips after the
+    codes')."""
     pid = tl.program_id(0)
     n = pid % NB
     bh = pid // NB
     b = bh // H
     s = tl.arange(0, BS)
     i = tl.arange(0, W)
+    r = tl.arange(0, R_PAD)
+    d = tl.arange(0, D)
+    plane = (bh * NB + n) * D
     words = tl.load(words_ptr + (bh * C + n * BS + s)[:, None] * W + i[None, :])  # [BS, W] int32
+    # The block's scales read broadcast to the rows' [R_PAD, D] shape: they take the rows' layout, no conversion.
+    lo = tl.load(lo_ptr + plane + d[None, :] + 0 * r[:, None]).to(tl.float32)  # [R_PAD, D]
+    step = tl.load(step_ptr + plane + d[None, :] + 0 * r[:, None]).to(tl.float32)
+    q = tl.load(q_ptr + (bh * R + r)[:, None] * D + d[None, :], mask=(r < R)[:, None], other=0.0)  # [R_PAD, D]
+    real = tl.load(valid_ptr + b * C + n * BS + s) != 0
     # Nibble t of word i is channel 8i + t. Nibbles t and t + 4 (bits 4t and 16 + 4t) become the two halves of
     # one word (x & 0x000F000F) | 0x64006400: the float16 values 1024 + code, made exact codes by subtracting 1024
     # (an int-to-float conversion per code ran at a quarter of the arithmetic rate). join adds a last dimension:
@@ -97,19 +109,12 @@ def _block_stats_dot_kernel(
     p3, p7 = _code_pair(words >> 12)
     codes = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
     codes = tl.reshape(codes, (BS, D))
-    r = tl.arange(0, R_PAD)
-    d = tl.arange(0, D)
-    q = tl.load(q_ptr + (bh * R + r)[:, None] * D + d[None, :], mask=(r < R)[:, None], other=0.0)  # [R_PAD, D]
-    plane = (bh * NB + n) * D
-    lo = tl.load(lo_ptr + plane + d).to(tl.float32)
-    step = tl.load(step_ptr + plane + d).to(tl.float32)
-    base = tl.sum(q * lo[None, :], axis=1)  # [R_PAD]
-    w = q * step[None, :]
+    base = tl.sum(q * lo, axis=1)  # [R_PAD]
+    w = q * step
     scale = tl.max(tl.abs(w), axis=1)
     scale = tl.where(scale > 0, scale, 1.0)
     wn = (w / scale[:, None]).to(tl.float16)
     dot = tl.dot(codes, tl.trans(wn))  # [BS, R_PAD] float32
-    real = tl.load(valid_ptr + b * C + n * BS + s) != 0
     est = tl.where(real[:, None], base[None, :] + dot * scale[None, :], float("-inf"))
     m = tl.max(est, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)

@@ -64,8 +64,9 @@ def _leaf_bounds_kernel(
     """Bounds and estimates of one chunk of leaves for every row of one (batch, KV head), the rows multiplied by
     ``scale`` in float32, as ``hira.index.bounds.bound_and_estimate``, and the chunk's partial reductions. The
     chunk's centres are read once, as one [leaves, channels] tile, and each row's products are a float32 FMA
-    reduction over it. (Measured on the H200: a loop over channel slices of [rows, leaves, channels] tiles took
-    1.2–1.6× as long, a ``tl.dot`` of 16-row tiles 1.7×; benchmarks/NOTES.md §17 and §25.)"""
+    reduction over it; the leaves' scalars are read first, with the centres. (Measured on the H200: a loop over
+    channel slices of [rows, leaves, channels] tiles took 1.2–1.6× as long, a ``tl.dot`` of 16-row tiles 1.7×, two
+    layouts with fewer barriers 1.1–3×; benchmarks/NOTES.md §17, §25 and §27.)"""
     if PDL:  # the selection kernel may start as soon as every program here has
         gdc_launch_dependents()
     bh = tl.program_id(0).to(tl.int64)
@@ -76,6 +77,12 @@ def _leaf_bounds_kernel(
     rmask = r < R
     nmask = n < NB
     dmask = d < D
+    leaf = bh * NB + n
+    radius = tl.load(radius_ptr + leaf, mask=nmask, other=0.0)
+    count = tl.load(count_ptr + leaf, mask=nmask, other=0)
+    var = tl.load(var_ptr + leaf, mask=nmask, other=0.0)
+    mag = tl.load(mag_ptr + leaf, mask=nmask, other=0.0)
+    w = tl.load(weight_ptr + bh)
     c = tl.load(center_ptr + (bh * NB + n)[:, None] * D + d[None, :], mask=nmask[:, None] & dmask[None, :],
                 other=0.0).to(tl.float32)  # [CHUNK, D_PAD], from the keys' dtype (exact)
     qc = tl.zeros([R_PAD, CHUNK], dtype=tl.float32)
@@ -85,12 +92,6 @@ def _leaf_bounds_kernel(
         qc = tl.where((r == i)[:, None], tl.sum(c * qi[None, :], axis=1)[None, :], qc)
         q2 = tl.where(r == i, tl.sum(qi * qi, axis=0), q2)
     qn = tl.sqrt(q2)
-    leaf = bh * NB + n
-    radius = tl.load(radius_ptr + leaf, mask=nmask, other=0.0)
-    count = tl.load(count_ptr + leaf, mask=nmask, other=0)
-    var = tl.load(var_ptr + leaf, mask=nmask, other=0.0)
-    mag = tl.load(mag_ptr + leaf, mask=nmask, other=0.0)
-    w = tl.load(weight_ptr + bh)
     empty = (count == 0)[None, :]
     margin = (margin_coef * qn)[:, None] * mag[None, :]
     ub = tl.where(empty, float("-inf"), qc + qn[:, None] * radius[None, :] + margin)

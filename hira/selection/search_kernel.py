@@ -83,7 +83,7 @@ def _leaf_bounds_kernel(
     var = tl.load(var_ptr + leaf, mask=nmask, other=0.0)
     mag = tl.load(mag_ptr + leaf, mask=nmask, other=0.0)
     w = tl.load(weight_ptr + bh)
-    c = tl.load(center_ptr + (bh * NB + n)[:, None] * D + d[None, :], mask=nmask[:, None] & dmask[None, :],
+    c = tl.load(center_ptr + leaf[:, None] * D + d[None, :], mask=nmask[:, None] & dmask[None, :],
                 other=0.0).to(tl.float32)  # [CHUNK, D_PAD], from the keys' dtype (exact)
     qc = tl.zeros([R_PAD, CHUNK], dtype=tl.float32)
     q2 = tl.zeros([R_PAD], dtype=tl.float32)

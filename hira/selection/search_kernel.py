@@ -325,8 +325,8 @@ def ball_search_op(
     ub_max = torch.empty_like(est_max)
     ub_arg = torch.empty(B, H, R, nch, device=q.device, dtype=torch.int32)
     q = q.contiguous()
-    # Programmatic dependent launch (sm90+): the selection kernel starts while the bounds kernel runs.
-    pdl = q.is_cuda and torch.cuda.get_device_capability(q.device)[0] >= 9
+    # Programmatic dependent launch (NVIDIA sm90+): the selection kernel starts while the bounds kernel runs.
+    pdl = q.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(q.device)[0] >= 9
     _leaf_bounds_kernel[(B * H, nch)](
         q, center.contiguous(), radius.contiguous(), count.contiguous(), var.contiguous(), magnitude.contiguous(),
         spread_weight.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, NB, nch, margin_coef, scale,

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Sweep the search kernels' launch parameters on CUDA: the bounds kernel (leaves per program, warps) and the
-selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its searches), each
-replayed alone from a CUDA graph, then the whole search as shipped, on synthetic leaves (Llama-3-8B shapes: 8 KV
-heads, 4 query rows, D 128, 128-key blocks).
+selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its searches or, for
+``TopK``, the k-th share from triton's top-k), each replayed alone from a CUDA graph, then the whole search as
+shipped, on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks).
 
     python3 benchmarks/bench_search_kernel.py --out $OUT/search_kernel.md
 
@@ -67,7 +67,7 @@ def bounds_fn(t, chunk: int, warps: int):
     return fn, out, nch
 
 
-def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, ways: int):
+def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, ways: int, kth: str = "topk"):
     B, H, _, _ = t["q"].shape
     NB = t["center"].shape[2]
     C = NB * BS
@@ -78,12 +78,13 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
            torch.empty(B, H, R, **f), torch.empty(B, H, R, **f), torch.empty(B, H, R, device=dev, dtype=torch.int8),
            torch.empty(B, H, **f), torch.empty(B, H, **f)]
 
-    launch = dict(sk.select_launch(mode, R, NB, D, BS, ways), num_warps=warps, EXACT_D=exact_d)
+    k = int(value) if mode == sk.TOPK else 0
+    launch = dict(sk.select_launch(mode, R, NB, D, BS, ways, k, kth), num_warps=warps, EXACT_D=exact_d)
 
     def fn():
         sk._select_kernel[(B * H, 2)](
             t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts, *res, H, NB, nch,
-            C, 1.0, value, int(value) if mode == sk.TOPK else 0, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
+            C, 1.0, value, k, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
             NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), PDL=False, **launch)
         return res
 
@@ -120,10 +121,15 @@ def main():
         for (mode, value), warps in itertools.product(((sk.FIXED, 5.0), (sk.TOPK, NB // 100), (sk.TOPP, 0.99)),
                                                       (4, 8, 16) if "select" in parts_run else ()):
             exact_ds = (32, 128) if mode == sk.FIXED else (sk.select_launch(mode, R, NB, D, BS)["EXACT_D"],)
-            for exact_d, ways in itertools.product(exact_ds, (2,) if mode == sk.FIXED else (2, 4, 8, 16)):
-                us = graph_ms(select_fn(t, parts, nch, mode, value, warps, exact_d, ways), dev, args.rep_ms) * 1e3
+            searches = [("search", w) for w in ((2,) if mode == sk.FIXED else (2, 4, 8, 16))]
+            if mode == sk.TOPK:  # the k-th share from triton's top-k instead: no pivots
+                searches.append(("topk", 4))
+            for exact_d, (kth, ways) in itertools.product(exact_ds, searches):
+                fn = select_fn(t, parts, nch, mode, value, warps, exact_d, ways, kth)
+                us = graph_ms(fn, dev, args.rep_ms) * 1e3
                 name = ("fixed", "topk", "topp")[mode]
-                rows.append([ctx, B, f"select {name}", f"warps {warps}, exact D {exact_d}, ways {ways}", f"{us:.1f}"])
+                how = f"warps {warps}, exact D {exact_d}, " + ("top-k" if kth == "topk" else f"ways {ways}")
+                rows.append([ctx, B, f"select {name}", how, f"{us:.1f}"])
                 print(rows[-1], flush=True)
         for mode, value in ((sk.FIXED, 5.0), (sk.TOPK, NB // 100), (sk.TOPP, 0.99)) if "search" in parts_run else ():
             args_ = (t["q"], t["keys"], t["valid"], t["center"], t["radius"], t["count"], t["var"], t["mag"],

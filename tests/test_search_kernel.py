@@ -24,11 +24,11 @@ from hira import Fixed, TopK, TopP
 from hira.selection.search import Selection, leaf_bounds, search_rows
 
 
-def _kernel_search(index, rows, threshold, ways=None, scale=None) -> Selection:
+def _kernel_search(index, rows, threshold, ways=None, scale=None, kth="topk") -> Selection:
     """The kernels' selection: through ``search_rows`` on CUDA, straight from the module in the interpreter; with
-    ``ways`` pivots a pass in the selection's searches (default the launch's own), the rows multiplied by ``scale``
-    in the kernels (None: none)."""
-    if rows.is_cuda and ways is None:
+    ``ways`` pivots a pass in the selection's searches (default the launch's own), ``TopK``'s k-th share found as
+    ``kth`` says (``select_launch``), the rows multiplied by ``scale`` in the kernels (None: none)."""
+    if rows.is_cuda and ways is None and kth == "topk":
         return search_rows(index, rows, threshold, scale=scale)
     if not rows.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET is not 1 (conftest.py sets it where CUDA is absent): no CPU run of the kernels")
@@ -37,7 +37,7 @@ def _kernel_search(index, rows, threshold, ways=None, scale=None) -> Selection:
     except ImportError:
         pytest.skip("triton is not installed: the kernels cannot run in its interpreter")
     assert search_kernel.applies(index, rows, threshold)
-    launch = functools.partial(search_kernel.select_launch, ways=ways)
+    launch = functools.partial(search_kernel.select_launch, ways=ways, kth=kth)
     with mock.patch.object(search_kernel, "select_launch", launch):
         return Selection(*search_kernel.ball_search(index, rows, threshold, 1.0 if scale is None else scale))
 
@@ -52,26 +52,29 @@ def _thresholds():
 
 @settings(max_examples=40)
 @given(case=index_cases(), G=st.sampled_from([1, 3, 4]), q_kind=st.sampled_from(Q_KINDS), threshold=_thresholds(),
-       ways=st.sampled_from([None, 2, 4, 16]), scale=st.sampled_from([None, 0.125, 0.3]),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**31 - 1))
-def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, ways, scale, dtype, seed):
+       ways=st.sampled_from([None, 2, 4, 16]), kth=st.sampled_from(["topk", "search"]),
+       scale=st.sampled_from([None, 0.125, 0.3]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, ways, kth, scale, dtype, seed):
     """Same kept leaves, block lists, τ, certificate and fractions as ``search_rows``'s tensor program, up to ties,
-    whatever the searches' pivots per pass, for keys (and so leaf centres) in float32 or bfloat16; given a scale,
-    the kernels take bfloat16 rows unscaled and scale them as the tensor program does."""
-    _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale, dtype)
+    whatever the searches' pivots per pass and however ``TopK`` finds its k-th share, for keys (and so leaf
+    centres) in float32 or bfloat16; given a scale, the kernels take bfloat16 rows unscaled and scale them as the
+    tensor program does."""
+    _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale, dtype, kth)
 
 
 @settings(max_examples=15, deadline=None)
 @given(case=index_cases(max_n=3000, block_sizes=(16,)), G=st.sampled_from([1, 4]), q_kind=st.sampled_from(Q_KINDS),
        threshold=st.one_of(st.integers(1, 40).map(TopK), st.sampled_from([0.5, 0.9, 0.99]).map(TopP)),
-       ways=st.sampled_from([2, 4, 16]), seed=st.integers(0, 2**31 - 1))
-def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G, q_kind, threshold, ways, seed):
+       ways=st.sampled_from([2, 4, 16]), kth=st.sampled_from(["topk", "search"]), seed=st.integers(0, 2**31 - 1))
+def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G, q_kind, threshold, ways, kth, seed):
     """As above where the budgeted modes skip most leaves (up to ~190 leaves per head), so that the searches for
     the k-th share and the p cut have many candidates."""
-    _check_same_choice(device, dataclasses.replace(case, window_tokens=0), G, q_kind, threshold, ways, seed)
+    _check_same_choice(device, dataclasses.replace(case, window_tokens=0), G, q_kind, threshold, ways, seed,
+                       kth=kth)
 
 
-def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None, dtype=torch.float32):
+def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None, dtype=torch.float32, kth="topk"):
     case = dataclasses.replace(case, key_sketch=False)
     keys, values, key_mask = case.tensors(device, dtype)
     index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=case.N + case.slack)
@@ -82,7 +85,7 @@ def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=Non
         raw = (rows / scale).bfloat16()
         rows = raw.float() * scale
     want = search_rows(index, rows, threshold, kernel=False)
-    got = _kernel_search(index, raw, threshold, ways, scale)
+    got = _kernel_search(index, raw, threshold, ways, scale, kth)
     differ = got.keep != want.keep
     est = leaf_bounds(index, rows).est  # [B, H, R, NB]
     if isinstance(threshold, TopK):

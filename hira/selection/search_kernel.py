@@ -136,7 +136,7 @@ def _select_kernel(
     H, NB, NCH, C, scale, value, k, sink_tokens, window_tokens,
     MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr,
     BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr, WAYS: tl.constexpr, TOPK_ITERS: tl.constexpr,
-    TOPP_ITERS: tl.constexpr, PDL: tl.constexpr,
+    TOPP_ITERS: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """For one (batch, KV head) (program axis 0) and every row at once ([rows, leaves] tiles: a block-wide reduction
     is the unit of latency here, not arithmetic), one of two jobs (axis 1): 0, the mode's choice of leaves, its block
@@ -210,19 +210,25 @@ def _select_kernel(
     else:
         frac = tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(est - lse[:, None]))
         if MODE == 1:
-            # TopK: the k largest shares of the group among live leaves. The k-th largest by a WAYS-ary search over
-            # the float bits (shares ≥ 0), then the shares above it and, of those equal to it, the first by index.
+            # TopK: the k largest shares of the group among live leaves. The k-th largest: with TOPK_PAD, from the
+            # TOPK_PAD largest share bits (triton's bitonic top-k, which halves the tile as it goes); else by a
+            # WAYS-ary search over the float bits (shares ≥ 0). Then the shares above it and, of those equal to it,
+            # the first by index.
             share = tl.sum(frac, axis=0)
             bits = tl.where(live, share.to(tl.int32, bitcast=True), -1)
             kk = tl.minimum(k, n_live)
-            lo = tl.full([], 0, tl.int32)  # at least kk shares are ≥ lo
-            hi = tl.full([], 0x7F800001, tl.int32)  # fewer than kk are ≥ hi
-            for _ in range(TOPK_ITERS):  # WAYS − 1 pivots a pass, all counted in one [WAYS, leaves] reduction
-                step = (hi - lo + WAYS - 1) // WAYS
-                pivot = lo + ways * step  # [WAYS], ≤ hi + WAYS − 1: no int32 overflow
-                enough = tl.sum((bits[None, :] >= pivot[:, None]).to(tl.int32), axis=1) >= kk
-                lo = lo + tl.sum((enough & (ways > 0)).to(tl.int32), axis=0) * step  # the counts fall with the pivot
-                hi = tl.minimum(hi, lo + step)
+            if TOPK_PAD > 0:
+                largest = tl.topk(bits, TOPK_PAD)  # [TOPK_PAD], descending
+                lo = tl.sum(tl.where(tl.arange(0, TOPK_PAD) == kk - 1, largest, 0), axis=0)
+            else:
+                lo = tl.full([], 0, tl.int32)  # at least kk shares are ≥ lo
+                hi = tl.full([], 0x7F800001, tl.int32)  # fewer than kk are ≥ hi
+                for _ in range(TOPK_ITERS):  # WAYS − 1 pivots a pass, all counted in one [WAYS, leaves] reduction
+                    step = (hi - lo + WAYS - 1) // WAYS
+                    pivot = lo + ways * step  # [WAYS], ≤ hi + WAYS − 1: no int32 overflow
+                    enough = tl.sum((bits[None, :] >= pivot[:, None]).to(tl.int32), axis=1) >= kk
+                    lo = lo + tl.sum((enough & (ways > 0)).to(tl.int32), axis=0) * step  # counts fall with the pivot
+                    hi = tl.minimum(hi, lo + step)
             above = bits > lo
             tied = bits == lo
             room = kk - tl.sum(above.to(tl.int32), axis=0)
@@ -280,20 +286,26 @@ def _passes(size: int, ways: int) -> int:
     return n
 
 
-def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None = None) -> dict:
+def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None = None, k: int = 0,
+                  kth: str = "topk") -> dict:
     """The selection kernel's launch parameters: 8 warps, 16 from 8K leaves on (measured best at 128K and 1M,
-    benchmarks/bench_search_kernel.py); key tiles of all channels for the exact score where ≤ 64K values; and the
+    benchmarks/bench_search_kernel.py); key tiles of all channels for the exact score where ≤ 64K values; the
     searches' pivots per pass (``ways``, a power of two ≥ 2; default 4, or fewer where the search's tile would pass
-    16K values: ``TopK``'s is [ways, leaves], ``TopP``'s [rows, ways, leaves]). At 128K, 8 warps, the selection took
-    23.8 / 21.8 / 22.6 / 24.0 µs (``TopK``) and 40.6 / 40.1 / 48.7 / 58.4 µs (``TopP``) at 2 / 4 / 8 / 16 ways, with
-    the exact score still inside the selection's program (benchmarks/NOTES.md §23)."""
+    16K values: ``TopK``'s is [ways, leaves], ``TopP``'s [rows, ways, leaves]); and how ``TopK`` finds its k-th
+    largest share (``kth``): "topk", from the k largest (padded to a power of two, ``TOPK_PAD``), or "search", the
+    ways-ary search (``TOPK_PAD`` 0). At 128K, 8 warps, the selection took 23.8 / 21.8 / 22.6 / 24.0 µs (``TopK``,
+    search) and 40.6 / 40.1 / 48.7 / 58.4 µs (``TopP``) at 2 / 4 / 8 / 16 ways, with the exact score still inside the
+    selection's program (benchmarks/NOTES.md §23)."""
     r_pad, nb_pad = triton.next_power_of_2(R), triton.next_power_of_2(NB)
     exact_d = max(1, min(triton.next_power_of_2(D), 65536 // (r_pad * BS)))
     if ways is None:
         width = nb_pad * (r_pad if mode == TOPP else 1)
         ways = max(2, min(4, 16384 // width))
+    # triton's top-k takes k ≥ 2 (k = 1 reduces its tile to a scalar it cannot reshape)
+    by_topk = mode == TOPK and kth == "topk" and nb_pad >= 2
+    topk_pad = min(max(2, triton.next_power_of_2(k)), nb_pad) if by_topk else 0
     return dict(EXACT_D=exact_d, num_warps=8 if r_pad * nb_pad <= 16384 else 16, WAYS=ways,
-                TOPK_ITERS=_passes(0x7F800001, ways), TOPP_ITERS=_passes(2**32, ways))
+                TOPK_ITERS=_passes(0x7F800001, ways), TOPP_ITERS=_passes(2**32, ways), TOPK_PAD=topk_pad)
 
 
 @torch.library.custom_op("hira::ball_search", mutates_args=())
@@ -350,7 +362,7 @@ def ball_search_op(
         keep, num, idx, tau, skip, exact, top_kept, frac, read, H, NB, nch, C, scale, value, k, sink_tokens,
         window_tokens,
         MODE=mode, R=R, R_PAD=triton.next_power_of_2(R), D=D, BS=C // NB, NB_PAD=triton.next_power_of_2(NB),
-        NCH_PAD=triton.next_power_of_2(nch), PDL=pdl, **select_launch(mode, R, NB, D, C // NB),
+        NCH_PAD=triton.next_power_of_2(nch), PDL=pdl, **select_launch(mode, R, NB, D, C // NB, k=k),
         **({"launch_pdl": True} if pdl else {}),
     )
     return keep.view(torch.bool), num, idx, tau, skip, frac, read, exact, top_kept.view(torch.bool)

@@ -67,7 +67,7 @@ def bounds_fn(t, chunk: int, warps: int):
     return fn, out, nch
 
 
-def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, ways: int, kth: str = "topk"):
+def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, ways: int, kth: str | None = None):
     B, H, _, _ = t["q"].shape
     NB = t["center"].shape[2]
     C = NB * BS

@@ -24,11 +24,11 @@ from hira import Fixed, TopK, TopP
 from hira.selection.search import Selection, leaf_bounds, search_rows
 
 
-def _kernel_search(index, rows, threshold, ways=None, scale=None, kth="topk") -> Selection:
+def _kernel_search(index, rows, threshold, ways=None, scale=None, kth=None) -> Selection:
     """The kernels' selection: through ``search_rows`` on CUDA, straight from the module in the interpreter; with
     ``ways`` pivots a pass in the selection's searches (default the launch's own), ``TopK``'s k-th share found as
     ``kth`` says (``select_launch``), the rows multiplied by ``scale`` in the kernels (None: none)."""
-    if rows.is_cuda and ways is None and kth == "topk":
+    if rows.is_cuda and ways is None and kth is None:
         return search_rows(index, rows, threshold, scale=scale)
     if not rows.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("TRITON_INTERPRET is not 1 (conftest.py sets it where CUDA is absent): no CPU run of the kernels")
@@ -52,7 +52,7 @@ def _thresholds():
 
 @settings(max_examples=40)
 @given(case=index_cases(), G=st.sampled_from([1, 3, 4]), q_kind=st.sampled_from(Q_KINDS), threshold=_thresholds(),
-       ways=st.sampled_from([None, 2, 4, 16]), kth=st.sampled_from(["topk", "search"]),
+       ways=st.sampled_from([None, 2, 4, 16]), kth=st.sampled_from([None, "topk", "search"]),
        scale=st.sampled_from([None, 0.125, 0.3]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        seed=st.integers(0, 2**31 - 1))
 def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, ways, kth, scale, dtype, seed):
@@ -66,7 +66,7 @@ def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold
 @settings(max_examples=15, deadline=None)
 @given(case=index_cases(max_n=3000, block_sizes=(16,)), G=st.sampled_from([1, 4]), q_kind=st.sampled_from(Q_KINDS),
        threshold=st.one_of(st.integers(1, 40).map(TopK), st.sampled_from([0.5, 0.9, 0.99]).map(TopP)),
-       ways=st.sampled_from([2, 4, 16]), kth=st.sampled_from(["topk", "search"]), seed=st.integers(0, 2**31 - 1))
+       ways=st.sampled_from([2, 4, 16]), kth=st.sampled_from([None, "topk", "search"]), seed=st.integers(0, 2**31 - 1))
 def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G, q_kind, threshold, ways, kth, seed):
     """As above where the budgeted modes skip most leaves (up to ~190 leaves per head), so that the searches for
     the k-th share and the p cut have many candidates."""
@@ -74,7 +74,7 @@ def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G,
                        kth=kth)
 
 
-def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None, dtype=torch.float32, kth="topk"):
+def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None, dtype=torch.float32, kth=None):
     case = dataclasses.replace(case, key_sketch=False)
     keys, values, key_mask = case.tensors(device, dtype)
     index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=case.N + case.slack)

@@ -286,21 +286,31 @@ def _passes(size: int, ways: int) -> int:
     return n
 
 
+# The most leaves (padded) where ``TopK`` takes its k-th share from triton's top-k: its bitonic stages run on the
+# whole tile before it shrinks, so past this the search is faster (``select_launch``).
+TOPK_LEAVES = 2048
+
+
 def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None = None, k: int = 0,
-                  kth: str = "topk") -> dict:
+                  kth: str | None = None) -> dict:
     """The selection kernel's launch parameters: 8 warps, 16 from 8K leaves on (measured best at 128K and 1M,
     benchmarks/bench_search_kernel.py); key tiles of all channels for the exact score where ≤ 64K values; the
     searches' pivots per pass (``ways``, a power of two ≥ 2; default 4, or fewer where the search's tile would pass
     16K values: ``TopK``'s is [ways, leaves], ``TopP``'s [rows, ways, leaves]); and how ``TopK`` finds its k-th
     largest share (``kth``): "topk", from the k largest (padded to a power of two, ``TOPK_PAD``), or "search", the
-    ways-ary search (``TOPK_PAD`` 0). At 128K, 8 warps, the selection took 23.8 / 21.8 / 22.6 / 24.0 µs (``TopK``,
-    search) and 40.6 / 40.1 / 48.7 / 58.4 µs (``TopP``) at 2 / 4 / 8 / 16 ways, with the exact score still inside the
-    selection's program (benchmarks/NOTES.md §23)."""
+    ways-ary search (``TOPK_PAD`` 0); by default "topk" up to ``TOPK_LEAVES`` leaves, "search" past them.
+
+    The selection alone at 8 warps (H200, benchmarks/NOTES.md §30), by top-k against the search at 2 / 4 / 8 / 16
+    ways: 128K (1,024 leaves, k = 10) 11.0 against 16.3 / 14.7 / 15.6 / 16.9 µs; 256K (2,048, k = 20) 16.6 against
+    21.0 / 18.8 / 20.3 / 22.4; 512K (4,096, k = 41) 34.4 against 26.3 / 24.6 / 26.9 / 30.4. ``TopP`` took 34.8 /
+    37.4 / 42.9 / 52.0 µs at 128K."""
     r_pad, nb_pad = triton.next_power_of_2(R), triton.next_power_of_2(NB)
     exact_d = max(1, min(triton.next_power_of_2(D), 65536 // (r_pad * BS)))
     if ways is None:
         width = nb_pad * (r_pad if mode == TOPP else 1)
         ways = max(2, min(4, 16384 // width))
+    if kth is None:
+        kth = "topk" if nb_pad <= TOPK_LEAVES else "search"
     # triton's top-k takes k ≥ 2 (k = 1 reduces its tile to a scalar it cannot reshape)
     by_topk = mode == TOPK and kth == "topk" and nb_pad >= 2
     topk_pad = min(max(2, triton.next_power_of_2(k)), nb_pad) if by_topk else 0

@@ -2,8 +2,9 @@
 
 The tensor program (``hira.index.sketch.key_scores``) produces q·k̃ for every key, [B, H, R, C], and then reduces it
 per block; the unpacked codes or the per-key scores make it read several times the sketch's bytes (0.51 ms at 128K
-on an H100). Here one program per (batch, KV head, block) reads the block's codes once, as int32 words (byte loads
-ran at 0.3 TB/s), unpacks them in registers, and writes only the per-block results.
+on an H100). Here a program reads its blocks' codes once, as int32 words (byte loads ran at 0.3 TB/s), unpacks them
+in registers, and writes only the per-block results: one block per program on the CUDA cores, up to four
+consecutive blocks per program on the tensor cores.
 
 Registered as an opaque custom operator: inductor does not analyse the kernel (as a ``triton_op`` inside the compiled
 step, the search's kernels were read with wrong dependencies, benchmarks/NOTES.md §17). Imported on CUDA
@@ -72,56 +73,95 @@ def _code_pair(x):
 
 
 @triton.jit
-def _block_stats_dot_kernel(
-    q_ptr, words_ptr, lo_ptr, step_ptr, valid_ptr, max_ptr, lse_ptr,
-    H, NB, C,
-    R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BS: tl.constexpr,
-):
-    """One program per (b, h, block), every row at once: the codes are unpacked once into a [BS, D] float16 tile
-    (exact: 0..15) and multiplied on the tensor cores by q·step, each row scaled to max 1 and rounded to float16.
-
-    Every load comes first: a layout change or a reduction is a barrier, and a load written after one waits for
-    everything before it (the block's scales, its validity and the query rows were separate round trips after the
-    codes')."""
-    pid = tl.program_id(0)
-    n = pid % NB
-    bh = pid // NB
-    b = bh // H
+def _block_words(words_ptr, bh, C, n, NB, BS: tl.constexpr, W: tl.constexpr):
+    """Block n's codes as [BS, W] int32 words (0 past the last block)."""
     s = tl.arange(0, BS)
     i = tl.arange(0, W)
-    r = tl.arange(0, R_PAD)
-    d = tl.arange(0, D)
-    plane = (bh * NB + n) * D
-    words = tl.load(words_ptr + (bh * C + n * BS + s)[:, None] * W + i[None, :])  # [BS, W] int32
-    # The block's scales read broadcast to the rows' [R_PAD, D] shape: they take the rows' layout, no conversion.
-    lo = tl.load(lo_ptr + plane + d[None, :] + 0 * r[:, None]).to(tl.float32)  # [R_PAD, D]
-    step = tl.load(step_ptr + plane + d[None, :] + 0 * r[:, None]).to(tl.float32)
-    q = tl.load(q_ptr + (bh * R + r)[:, None] * D + d[None, :], mask=(r < R)[:, None], other=0.0)  # [R_PAD, D]
-    real = tl.load(valid_ptr + b * C + n * BS + s) != 0
-    # Nibble t of word i is channel 8i + t. Nibbles t and t + 4 (bits 4t and 16 + 4t) become the two halves of
-    # one word (x & 0x000F000F) | 0x64006400: the float16 values 1024 + code, made exact codes by subtracting 1024
-    # (an int-to-float conversion per code ran at a quarter of the arithmetic rate). join adds a last dimension:
-    # joining planes 4 apart first, then 2, then 1 puts plane t at the flat position 4·a + 2·b + c = t of the last
-    # three dimensions.
+    return tl.load(words_ptr + (bh * C + n * BS + s)[:, None] * W + i[None, :], mask=n < NB, other=0)
+
+
+@triton.jit
+def _block_product(words, wn, block_of_col, j: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
+    """[BS, N] float32: the codes of the program's j-th block (its int32 words [BS, W]) times the columns of the
+    weights wn [N, D] float16 that belong to that block (the others multiplied by 0).
+
+    Nibble t of word i is channel 8i + t. Nibbles t and t + 4 (bits 4t and 16 + 4t) become the two halves of one word
+    (x & 0x000F000F) | 0x64006400: the float16 values 1024 + code, made exact codes by subtracting 1024 (an
+    int-to-float conversion per code ran at a quarter of the arithmetic rate). join adds a last dimension: joining
+    planes 4 apart first, then 2, then 1 puts plane t at the flat position 4·a + 2·b + c = t of the last three
+    dimensions."""
     p0, p4 = _code_pair(words)
     p1, p5 = _code_pair(words >> 4)
     p2, p6 = _code_pair(words >> 8)
     p3, p7 = _code_pair(words >> 12)
     codes = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-    codes = tl.reshape(codes, (BS, D))
-    base = tl.sum(q * lo, axis=1)  # [R_PAD]
+    w_j = tl.where((block_of_col == j)[:, None], wn, 0.0)
+    return tl.dot(tl.reshape(codes, (BS, D)), tl.trans(w_j))
+
+
+@triton.jit
+def _block_stats_dot_kernel(
+    q_ptr, words_ptr, lo_ptr, step_ptr, valid_ptr, max_ptr, lse_ptr,
+    H, NB, C, NG,
+    R: tl.constexpr, R_PAD: tl.constexpr, G: tl.constexpr, N: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
+    BS: tl.constexpr,
+):
+    """One program per (b, h, group of G ≤ 4 consecutive blocks), every row at once. Column c of the product is row
+    c % R_PAD of block c // R_PAD: each block's codes, unpacked once into a [BS, D] float16 tile (exact: 0..15), are
+    multiplied on the tensor cores by its own columns of q·step (each scaled to max 1 and rounded to float16; the
+    other blocks' columns 0), and the G products add into one [BS, N] tile, so that the epilogue (the scale, the
+    validity, max and log-sum-exp over the keys) runs once for G blocks with every column real where G·R_PAD = 16
+    (one block per program kept 4 of 16 columns at R = 4, and the epilogue was a third of its instructions).
+
+    Every load comes first, the G blocks' codes at once: a layout change or a reduction is a barrier, and a load
+    written after one waits for everything before it."""
+    pid = tl.program_id(0)
+    g = pid % NG
+    bh = pid // NG
+    b = bh // H
+    n0 = g * G
+    words0 = _block_words(words_ptr, bh, C, n0, NB, BS, W)
+    if G > 1:
+        words1 = _block_words(words_ptr, bh, C, n0 + 1, NB, BS, W)
+    if G > 2:
+        words2 = _block_words(words_ptr, bh, C, n0 + 2, NB, BS, W)
+        words3 = _block_words(words_ptr, bh, C, n0 + 3, NB, BS, W)
+    c = tl.arange(0, N)
+    r = c % R_PAD
+    block_of_col = c // R_PAD
+    n = n0 + block_of_col  # [N]
+    real_col = (r < R) & (block_of_col < G) & (n < NB)
+    d = tl.arange(0, D)
+    s = tl.arange(0, BS)
+    plane = (bh * NB + n)[:, None] * D + d[None, :]  # [N, D]
+    lo = tl.load(lo_ptr + plane, mask=real_col[:, None], other=0.0).to(tl.float32)
+    step = tl.load(step_ptr + plane, mask=real_col[:, None], other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + (bh * R + r)[:, None] * D + d[None, :], mask=real_col[:, None], other=0.0)
+    real = tl.load(valid_ptr + b * C + n[None, :] * BS + s[:, None], mask=real_col[None, :], other=0) != 0  # [BS, N]
+    base = tl.sum(q * lo, axis=1)  # [N]
     w = q * step
     scale = tl.max(tl.abs(w), axis=1)
     scale = tl.where(scale > 0, scale, 1.0)
     wn = (w / scale[:, None]).to(tl.float16)
-    dot = tl.dot(codes, tl.trans(wn))  # [BS, R_PAD] float32
-    est = tl.where(real[:, None], base[None, :] + dot * scale[None, :], float("-inf"))
+    dot = _block_product(words0, wn, block_of_col, 0, BS, D)
+    if G > 1:
+        dot += _block_product(words1, wn, block_of_col, 1, BS, D)
+    if G > 2:
+        dot += _block_product(words2, wn, block_of_col, 2, BS, D)
+        dot += _block_product(words3, wn, block_of_col, 3, BS, D)
+    est = tl.where(real, base[None, :] + dot * scale[None, :], float("-inf"))
     m = tl.max(est, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     lse = m_safe + tl.log(tl.sum(tl.exp(est - m_safe[None, :]), axis=0))
     out = (bh * R + r) * NB + n
-    tl.store(max_ptr + out, m, mask=r < R)
-    tl.store(lse_ptr + out, lse, mask=r < R)
+    tl.store(max_ptr + out, m, mask=real_col)
+    tl.store(lse_ptr + out, lse, mask=real_col)
+
+
+def _blocks_per_program(R: int) -> int:
+    """G of ``_block_stats_dot_kernel``: 16 columns' worth of rows (R ≤ 4: 4 blocks; 8: 2), 1 to 4. At 128K (R 4,
+    H200) 1 / 2 / 4 blocks per program took 75.8 / 64.5 / 62.1 µs (benchmarks/NOTES.md §30)."""
+    return max(1, min(4, 16 // triton.next_power_of_2(R)))
 
 
 def dot_applies(D: int) -> bool:
@@ -140,10 +180,12 @@ def sketch_block_stats_dot(
     words = codes.contiguous().view(torch.int32)
     out_max = torch.empty(B, H, R, NB, device=q.device, dtype=torch.float32)
     out_lse = torch.empty_like(out_max)
-    _block_stats_dot_kernel[(B * H * NB,)](
+    r_pad, G = triton.next_power_of_2(R), _blocks_per_program(R)
+    NG = triton.cdiv(NB, G)
+    _block_stats_dot_kernel[(B * H * NG,)](
         q.contiguous(), words, lo.contiguous(), step.contiguous(), valid.contiguous(),
-        out_max, out_lse, H, NB, C,
-        R=R, R_PAD=max(16, triton.next_power_of_2(R)), D=D, W=D // 8, BS=C // NB, num_warps=4,
+        out_max, out_lse, H, NB, C, NG,
+        R=R, R_PAD=r_pad, G=G, N=max(16, G * r_pad), D=D, W=D // 8, BS=C // NB, num_warps=4,
     )
     return out_max, out_lse
 

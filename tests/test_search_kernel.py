@@ -74,6 +74,23 @@ def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G,
                        kth=kth)
 
 
+@settings(max_examples=10, deadline=None)
+@given(NB=st.integers(2, 40), k=st.integers(1, 12), kth=st.sampled_from([None, "topk", "search"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_kernels_keep_the_first_of_tied_leaves(device, NB, k, kth, seed):
+    """Where every leaf ties (identical blocks: identical bounds and shares), ``TopK(k)`` keeps exactly the first k
+    leaves by index, no more: the tie-break at the k-th share (the tensor program's ``topk`` may keep other tied
+    leaves, which the comparisons above accept)."""
+    BS, D = 16, 32
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(BS, D, generator=gen).repeat(NB, 1)[None, None].to(device)  # [1, 1, NB·BS, D]
+    cfg = hira.HiraConfig(block_size=BS, clustering="none", sink_tokens=0, window_tokens=0)
+    index = hira.build_index(keys, keys, cfg)
+    rows = torch.randn(1, 1, 4, D, generator=gen).to(device)
+    got = _kernel_search(index, rows, TopK(k), kth=kth)
+    assert torch.equal(got.keep[0, 0].cpu(), torch.arange(NB) < k)
+
+
 def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None, dtype=torch.float32, kth=None):
     case = dataclasses.replace(case, key_sketch=False)
     keys, values, key_mask = case.tensors(device, dtype)

@@ -160,7 +160,8 @@ def _block_stats_dot_kernel(
 
 def _blocks_per_program(R: int) -> int:
     """G of ``_block_stats_dot_kernel``: 16 columns' worth of rows (R ≤ 4: 4 blocks; 8: 2), 1 to 4. At 128K (R 4,
-    H200) 1 / 2 / 4 blocks per program took 75.8 / 64.5 / 62.1 µs (benchmarks/NOTES.md §30)."""
+    H200) a copy of the kernel took 75.8 / 64.5 / 62.1 µs at 1 / 2 / 4 blocks per program, and this kernel 55.6 µs
+    at 4 (1.29 TB/s; benchmarks/NOTES.md §30)."""
     return max(1, min(4, 16 // triton.next_power_of_2(R)))
 
 

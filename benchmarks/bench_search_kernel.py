@@ -2,7 +2,8 @@
 """Sweep the search kernels' launch parameters on CUDA: the bounds kernel (leaves per program, warps) and the
 selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its searches or, for
 ``TopK``, the k-th share from triton's top-k), each replayed alone from a CUDA graph, then the whole search as
-shipped, on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks).
+shipped, on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks); and the key
+sketch's tensor-core scan (blocks per program, warps, a register cap), with its bandwidth over the bytes it reads.
 
     python3 benchmarks/bench_search_kernel.py --out $OUT/search_kernel.md
 
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from harness import HKV, D, device_name, fmt_size, graph_ms, md_table, write_report  # noqa: E402
+from hira.index import sketch_kernel  # noqa: E402
 from hira.index.bounds import margin_factor  # noqa: E402
 from hira.selection import search_kernel as sk  # noqa: E402
 
@@ -91,11 +93,42 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
     return fn
 
 
+def sketch(B: int, NB: int, dev):
+    """A synthetic key sketch: codes, per-block scales, validity (an empty last block) and query rows."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    C = NB * BS
+    valid = torch.ones(B, C, device=dev, dtype=torch.bool)
+    valid[:, -BS:] = False
+    return dict(q=torch.randn(B, HKV, R, D, generator=g, device=dev),
+                codes=torch.randint(0, 256, (B, HKV, C, D // 2), generator=g, device=dev, dtype=torch.uint8),
+                lo=(torch.randn(B, HKV, NB, D, generator=g, device=dev) * 0.5).bfloat16(),
+                step=(torch.rand(B, HKV, NB, D, generator=g, device=dev) * 0.1).bfloat16(), valid=valid)
+
+
+def sketch_fn(t, G: int, warps: int, maxnreg: int | None):
+    """The tensor-core sketch scan with G blocks per program, ``warps`` warps and at most ``maxnreg`` registers."""
+    B, H, _, _ = t["q"].shape
+    NB, C = t["lo"].shape[2], t["codes"].shape[2]
+    launch = dict(sketch_kernel.dot_launch(R, G), num_warps=warps)
+    if maxnreg is not None:
+        launch["maxnreg"] = maxnreg
+    NG = triton.cdiv(NB, G)
+    words = t["codes"].view(torch.int32)
+    out = [torch.empty(B, H, R, NB, device=t["q"].device, dtype=torch.float32) for _ in range(2)]
+
+    def fn():
+        sketch_kernel._block_stats_dot_kernel[(B * H * NG,)](
+            t["q"], words, t["lo"], t["step"], t["valid"], *out, H, NB, C, NG, R=R, D=D, W=D // 8, BS=BS, **launch)
+        return out
+
+    return fn
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default="1024:1,8192:1,1024:8", help="leaves:batch list (1024 leaves = 128K)")
     ap.add_argument("--rep-ms", type=float, default=20.0)
-    ap.add_argument("--parts", default="bounds,select,search", help="which sweeps to run")
+    ap.add_argument("--parts", default="bounds,select,search,sketch", help="which sweeps to run")
     ap.add_argument("--center-dtype", default="bfloat16", choices=("bfloat16", "float32"),
                     help="the leaf centres' dtype (an index stores them in the keys' dtype)")
     ap.add_argument("--out", default=None)
@@ -139,6 +172,23 @@ def main():
             rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", "both kernels (ball_search_op)",
                          f"{us:.1f}"])
             print(rows[-1], flush=True)
+        if "sketch" in parts_run:
+            t = sketch(B, NB, dev)
+            nbytes = sum(x.numel() * x.element_size() for k, x in t.items() if k != "q")
+            want = sketch_kernel.sketch_block_stats_dot(t["q"], t["codes"], t["lo"], t["step"], t["valid"])
+            us = graph_ms(lambda: sketch_kernel.sketch_block_stats_dot(
+                t["q"], t["codes"], t["lo"], t["step"], t["valid"]), dev, args.rep_ms) * 1e3
+            rows.append([ctx, B, "sketch scan", f"as shipped, {nbytes / us / 1e6:.2f} TB/s", f"{us:.1f}"])
+            print(rows[-1], flush=True)
+            for G, warps, maxnreg in itertools.product((1, 2, 4), (4, 8), (None, 168, 128)):
+                fn = sketch_fn(t, G, warps, maxnreg)
+                got = fn()
+                for a, e in zip(got, want):  # every launch computes the same statistics
+                    torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-4)
+                us = graph_ms(fn, dev, args.rep_ms) * 1e3
+                how = f"{G} blocks/program, warps {warps}, maxnreg {maxnreg}, {nbytes / us / 1e6:.2f} TB/s"
+                rows.append([ctx, B, "sketch scan", how, f"{us:.1f}"])
+                print(rows[-1], flush=True)
     text = (f"# Search kernel sweep ({device_name(dev)}, torch {torch.__version__}, triton {triton.__version__}, "
             f"{args.center_dtype} centres)\n\n"
             + md_table(["context", "B", "kernel", "launch", "µs (graph replay)"], rows) + "\n")

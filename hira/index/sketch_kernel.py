@@ -158,11 +158,15 @@ def _block_stats_dot_kernel(
     tl.store(lse_ptr + out, lse, mask=real_col)
 
 
-def _blocks_per_program(R: int) -> int:
-    """G of ``_block_stats_dot_kernel``: 16 columns' worth of rows (R ≤ 4: 4 blocks; 8: 2), 1 to 4. At 128K (R 4,
-    H200) a copy of the kernel took 75.8 / 64.5 / 62.1 µs at 1 / 2 / 4 blocks per program, and this kernel 55.6 µs
-    at 4 (1.29 TB/s; benchmarks/NOTES.md §30)."""
-    return max(1, min(4, 16 // triton.next_power_of_2(R)))
+def dot_launch(R: int, G: int | None = None) -> dict:
+    """``_block_stats_dot_kernel``'s launch for R rows: G consecutive blocks per program (default 16 columns' worth
+    of rows: R ≤ 4 takes 4 blocks, 8 takes 2, 1 to 4), the product's N columns, 4 warps. At 128K (R 4, H200) a copy
+    of the kernel took 75.8 / 64.5 / 62.1 µs at 1 / 2 / 4 blocks per program, and this kernel 55.6 µs at 4
+    (1.29 TB/s; benchmarks/NOTES.md §30; ``benchmarks/bench_search_kernel.py --parts sketch`` sweeps it)."""
+    r_pad = triton.next_power_of_2(R)
+    if G is None:
+        G = max(1, min(4, 16 // r_pad))
+    return dict(R_PAD=r_pad, G=G, N=max(16, G * r_pad), num_warps=4)
 
 
 def dot_applies(D: int) -> bool:
@@ -181,12 +185,11 @@ def sketch_block_stats_dot(
     words = codes.contiguous().view(torch.int32)
     out_max = torch.empty(B, H, R, NB, device=q.device, dtype=torch.float32)
     out_lse = torch.empty_like(out_max)
-    r_pad, G = triton.next_power_of_2(R), _blocks_per_program(R)
-    NG = triton.cdiv(NB, G)
+    launch = dot_launch(R)
+    NG = triton.cdiv(NB, launch["G"])
     _block_stats_dot_kernel[(B * H * NG,)](
         q.contiguous(), words, lo.contiguous(), step.contiguous(), valid.contiguous(),
-        out_max, out_lse, H, NB, C, NG,
-        R=R, R_PAD=r_pad, G=G, N=max(16, G * r_pad), D=D, W=D // 8, BS=C // NB, num_warps=4,
+        out_max, out_lse, H, NB, C, NG, R=R, D=D, W=D // 8, BS=C // NB, **launch,
     )
     return out_max, out_lse
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
 import json
 import math
 import os
@@ -738,6 +739,9 @@ def main(argv=None):
     ap.add_argument("--tensor-search", action="store_true",
                     help="also run each fixed/topk/topp selection with the search's compiled tensor program instead "
                          "of its Triton kernels (rows labelled [tensor search])")
+    ap.add_argument("--flex-options", default="",
+                    help="flex_attention kernel options for Hira's decode calls, e.g. 'num_stages=3,num_warps=4' "
+                         "(integers; default inductor's choice; the dense flex baseline keeps inductor's)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
 
@@ -769,6 +773,14 @@ def main(argv=None):
         args.rep_ms = 60.0 if device.type == "cuda" else (20.0 if args.quick else 200.0)
     if device.type != "cuda":
         args.no_graph = True
+    if args.flex_options:
+        # Hira's decode calls take compiled flex_attention from hira.flex.attention.compiled_flex_attention at each
+        # call: hand them the same compiled function with the options bound.
+        import hira.flex.attention as flex_module
+
+        options = {k.strip(): int(v) for k, v in (kv.split("=") for kv in args.flex_options.split(","))}
+        flex = flex_module.compiled_flex_attention()
+        flex_module.compiled_flex_attention = lambda: functools.partial(flex, kernel_options=options)
 
     # Many (shape, mask_mod) graphs live on flex_attention's one code object in this process: raise the limit
     # (a model uses one shape per layer), and fail loudly rather than fall back to eager past it.
@@ -787,6 +799,7 @@ def main(argv=None):
                   f"clustering={args.clustering}, key_sketch={args.key_sketch}, branching=8, "
                   f"query scale {args.query_scale:g}",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+        "flex decode kernel options": args.flex_options or "inductor's",
         "compiled variants for": (", ".join(args.compiled) or "none")
         + ("" if args.compiled_combos < 0 else f" (first {args.compiled_combos} combo(s) only)"),
     }

@@ -10,8 +10,8 @@ Here:
    the selection needs: the estimate's max and Σ exp(est − max), the bound's max and its first argmax.
 2. ``_select_kernel``, two programs per (batch·KV head), both starting from each row's top leaf (from the
    partials). One scores the top leaf's keys exactly. The other combines the partials into each row's log-sum-exp,
-   picks the leaves with the mode's rule in registers (``TopK``: the k-th largest share by a search over its float
-   bits; ``TopP``: per row, the smallest estimate whose leaves ranked above it carry less than p, by a search over
+   picks the leaves with the mode's rule in registers (``TopK``: the k-th largest share by triton's top-k up to
+   ``TOPK_LEAVES`` leaves, past them by a search over its float bits; ``TopP``: per row, the smallest estimate whose leaves ranked above it carry less than p, by a search over
    its bits; ``Fixed``: bound ≥ τ), adds the forced leaves, and writes the keep table, ``kv_num_blocks`` /
    ``kv_indices`` (kept leaves first, ascending, then the rest), τ, the certificate's skipped-mass bound and whether
    each row's top leaf was kept (the kept-mass bound is its exact score if so). On sm90+ it is launched while the

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
-import functools
 import json
 import math
 import os
@@ -741,7 +740,8 @@ def main(argv=None):
                          "of its Triton kernels (rows labelled [tensor search])")
     ap.add_argument("--flex-options", default="",
                     help="flex_attention kernel options for Hira's decode calls, e.g. 'num_stages=3,num_warps=4' "
-                         "(integers; default inductor's choice; the dense flex baseline keeps inductor's)")
+                         "(integers), or 'inductor' for inductor's choice; default Hira's own "
+                         "(hira.flex.attention.kernel_options); the dense flex baseline keeps inductor's")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
 
@@ -774,13 +774,12 @@ def main(argv=None):
     if device.type != "cuda":
         args.no_graph = True
     if args.flex_options:
-        # Hira's decode calls take compiled flex_attention from hira.flex.attention.compiled_flex_attention at each
-        # call: hand them the same compiled function with the options bound.
+        # Hira's decode calls take their kernel options from hira.flex.attention.kernel_options at each call.
         import hira.flex.attention as flex_module
 
-        options = {k.strip(): int(v) for k, v in (kv.split("=") for kv in args.flex_options.split(","))}
-        flex = flex_module.compiled_flex_attention()
-        flex_module.compiled_flex_attention = lambda: functools.partial(flex, kernel_options=options)
+        options = None if args.flex_options == "inductor" else {
+            k.strip(): int(v) for k, v in (kv.split("=") for kv in args.flex_options.split(","))}
+        flex_module.kernel_options = lambda q_rows: options
 
     # Many (shape, mask_mod) graphs live on flex_attention's one code object in this process: raise the limit
     # (a model uses one shape per layer), and fail loudly rather than fall back to eager past it.
@@ -799,7 +798,7 @@ def main(argv=None):
                   f"clustering={args.clustering}, key_sketch={args.key_sketch}, branching=8, "
                   f"query scale {args.query_scale:g}",
         "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-        "flex decode kernel options": args.flex_options or "inductor's",
+        "flex decode kernel options": args.flex_options or "Hira's",
         "compiled variants for": (", ".join(args.compiled) or "none")
         + ("" if args.compiled_combos < 0 else f" (first {args.compiled_combos} combo(s) only)"),
     }

@@ -2,8 +2,10 @@
 """Sweep the search kernels' launch parameters on CUDA: the bounds kernel (leaves per program, warps) and the
 selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its searches or, for
 ``TopK``, the k-th share from triton's top-k), each replayed alone from a CUDA graph, then the whole search as
-shipped, on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key blocks); and the key
-sketch's tensor-core scan (blocks per program, warps, a register cap), with its bandwidth over the bytes it reads.
+shipped and, for ``TopK``, with its k-th share found each way (in the selection kernel, or from the shares kernel's
+splits of 256 to 1,024 leaves), on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key
+blocks); and the key sketch's tensor-core scan (blocks per program, warps, a register cap), with its bandwidth over
+the bytes it reads.
 
     python3 benchmarks/bench_search_kernel.py --out $OUT/search_kernel.md
 
@@ -13,9 +15,11 @@ A floor row times one tiny kernel the same way (graph replay, L2 flushed before 
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import os
 import sys
+from unittest import mock
 
 import torch
 import triton
@@ -82,11 +86,12 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
 
     k = int(value) if mode == sk.TOPK else 0
     launch = dict(sk.select_launch(mode, R, NB, D, BS, ways, k, kth), num_warps=warps, EXACT_D=exact_d)
+    unused = torch.empty(1, device=dev, dtype=torch.int32)
 
     def fn():
-        sk._select_kernel[(B * H, 2)](
-            t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts, *res, H, NB, nch,
-            C, 1.0, value, k, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
+        sk._select_kernel[(B * H, 2)](  # the k-th share in the kernel itself: no shares kernel's outputs
+            t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts, unused, unused,
+            *res, H, NB, nch, 1, C, 1.0, value, k, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
             NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), PDL=False, **launch)
         return res
 
@@ -164,12 +169,28 @@ def main():
                 how = f"warps {warps}, exact D {exact_d}, " + ("top-k" if kth == "topk" else f"ways {ways}")
                 rows.append([ctx, B, f"select {name}", how, f"{us:.1f}"])
                 print(rows[-1], flush=True)
-        for mode, value in ((sk.FIXED, 5.0), (sk.TOPK, NB // 100), (sk.TOPP, 0.99)) if "search" in parts_run else ():
+        searches = [(sk.FIXED, 5.0, None), (sk.TOPK, NB // 100, None), (sk.TOPP, 0.99, None)]
+        # TopK's k-th share each way: in the selection kernel (top-k, search) or from the shares kernel's splits
+        searches += [(sk.TOPK, NB // 100, kth) for kth in ("topk", "search", 256, 512, 1024)]
+        shipped_keep = None  # TopK's kept leaves as shipped, which the other ways must match
+        for mode, value, kth in searches if "search" in parts_run else ():
             args_ = (t["q"], t["keys"], t["valid"], t["center"], t["radius"], t["count"], t["var"], t["mag"],
                      t["weight"], t["first"], t["last"], t["n_valid"], 1.0, mode, value, margin_factor(D, True), 4,
                      256)
-            us = graph_ms(lambda: sk.ball_search_op(*args_), dev, args.rep_ms) * 1e3
-            rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", "both kernels (ball_search_op)",
+            how = "as shipped"
+            launch = sk.select_launch
+            if kth is not None:
+                how = f"k-th share by {kth}" if isinstance(kth, str) else f"k-th share from splits of {kth} leaves"
+                launch = functools.partial(sk.select_launch, kth=kth if isinstance(kth, str) else "shares",
+                                           split=kth if isinstance(kth, int) else 512)
+            with mock.patch.object(sk, "select_launch", launch):
+                got = sk.ball_search_op(*args_)
+                if kth is not None and not torch.equal(got[0], shipped_keep):  # the shares are distinct: no ties
+                    how += ", KEPT OTHER LEAVES THAN SHIPPED"
+                us = graph_ms(lambda: sk.ball_search_op(*args_), dev, args.rep_ms) * 1e3
+            if mode == sk.TOPK and kth is None:
+                shipped_keep = got[0]
+            rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", f"both kernels (ball_search_op), {how}",
                          f"{us:.1f}"])
             print(rows[-1], flush=True)
         if "sketch" in parts_run:

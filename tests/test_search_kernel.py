@@ -24,10 +24,11 @@ from hira import Fixed, TopK, TopP
 from hira.selection.search import Selection, leaf_bounds, search_rows
 
 
-def _kernel_search(index, rows, threshold, ways=None, scale=None, kth=None) -> Selection:
+def _kernel_search(index, rows, threshold, ways=None, scale=None, kth=None, split=8) -> Selection:
     """The kernels' selection: through ``search_rows`` on CUDA, straight from the module in the interpreter; with
     ``ways`` pivots a pass in the selection's searches (default the launch's own), ``TopK``'s k-th share found as
-    ``kth`` says (``select_launch``), the rows multiplied by ``scale`` in the kernels (None: none)."""
+    ``kth`` says (``select_launch``; "shares": from the shares kernel's programs of ``split`` leaves), the rows
+    multiplied by ``scale`` in the kernels (None: none)."""
     if rows.is_cuda and ways is None and kth is None:
         return search_rows(index, rows, threshold, scale=scale)
     if not rows.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -37,7 +38,7 @@ def _kernel_search(index, rows, threshold, ways=None, scale=None, kth=None) -> S
     except ImportError:
         pytest.skip("triton is not installed: the kernels cannot run in its interpreter")
     assert search_kernel.applies(index, rows, threshold)
-    launch = functools.partial(search_kernel.select_launch, ways=ways, kth=kth)
+    launch = functools.partial(search_kernel.select_launch, ways=ways, kth=kth, split=split)
     with mock.patch.object(search_kernel, "select_launch", launch):
         return Selection(*search_kernel.ball_search(index, rows, threshold, 1.0 if scale is None else scale))
 
@@ -52,7 +53,7 @@ def _thresholds():
 
 @settings(max_examples=40)
 @given(case=index_cases(), G=st.sampled_from([1, 3, 4]), q_kind=st.sampled_from(Q_KINDS), threshold=_thresholds(),
-       ways=st.sampled_from([None, 2, 4, 16]), kth=st.sampled_from([None, "topk", "search"]),
+       ways=st.sampled_from([None, 2, 4, 16]), kth=st.sampled_from([None, "topk", "search", "shares"]),
        scale=st.sampled_from([None, 0.125, 0.3]), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        seed=st.integers(0, 2**31 - 1))
 def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold, ways, kth, scale, dtype, seed):
@@ -66,16 +67,19 @@ def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold
 @settings(max_examples=15, deadline=None)
 @given(case=index_cases(max_n=3000, block_sizes=(16,)), G=st.sampled_from([1, 4]), q_kind=st.sampled_from(Q_KINDS),
        threshold=st.one_of(st.integers(1, 40).map(TopK), st.sampled_from([0.5, 0.9, 0.99]).map(TopP)),
-       ways=st.sampled_from([2, 4, 16]), kth=st.sampled_from([None, "topk", "search"]), seed=st.integers(0, 2**31 - 1))
-def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G, q_kind, threshold, ways, kth, seed):
+       ways=st.sampled_from([2, 4, 16]), kth=st.sampled_from([None, "topk", "search", "shares"]),
+       split=st.sampled_from([2, 8, 64]), seed=st.integers(0, 2**31 - 1))
+def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G, q_kind, threshold, ways, kth, split,
+                                                                seed):
     """As above where the budgeted modes skip most leaves (up to ~190 leaves per head), so that the searches for
-    the k-th share and the p cut have many candidates."""
+    the k-th share and the p cut have many candidates, and the shares kernel's splits (of 2, 8 or 64 leaves) keep
+    fewer candidates than they hold."""
     _check_same_choice(device, dataclasses.replace(case, window_tokens=0), G, q_kind, threshold, ways, seed,
-                       kth=kth)
+                       kth=kth, split=split)
 
 
 @settings(max_examples=10, deadline=None)
-@given(NB=st.integers(2, 40), k=st.integers(1, 12), kth=st.sampled_from([None, "topk", "search"]),
+@given(NB=st.integers(2, 40), k=st.integers(1, 12), kth=st.sampled_from([None, "topk", "search", "shares"]),
        seed=st.integers(0, 2**31 - 1))
 def test_kernels_keep_the_first_of_tied_leaves(device, NB, k, kth, seed):
     """Where every leaf ties (identical blocks: identical bounds and shares), ``TopK(k)`` keeps exactly the first k
@@ -91,7 +95,25 @@ def test_kernels_keep_the_first_of_tied_leaves(device, NB, k, kth, seed):
     assert torch.equal(got.keep[0, 0].cpu(), torch.arange(NB) < k)
 
 
-def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None, dtype=torch.float32, kth=None):
+@settings(max_examples=10, deadline=None)
+@given(NB=st.integers(2, 40), k=st.integers(1, 24), split=st.sampled_from([2, 4, 8]), seed=st.integers(0, 2**31 - 1))
+def test_the_shares_kernel_keeps_the_k_largest_where_they_crowd_one_split(device, NB, k, split, seed):
+    """Where the shares fall with the leaf's index (block i's keys all u·(NB − i)/2 for rows u), the k largest are
+    the first k leaves, crowded into the first splits of the shares kernel: ``TopK(k)`` keeps exactly those."""
+    BS, D = 16, 32
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.nn.functional.normalize(torch.randn(D, generator=gen), dim=0)
+    height = (NB - torch.arange(NB).float()) / 2
+    keys = (height[:, None, None] * u).expand(NB, BS, D).reshape(1, 1, NB * BS, D).to(device)
+    cfg = hira.HiraConfig(block_size=BS, clustering="none", sink_tokens=0, window_tokens=0)
+    index = hira.build_index(keys, keys, cfg)
+    rows = u.expand(1, 1, 4, D).to(device)
+    got = _kernel_search(index, rows, TopK(k), kth="shares", split=split)
+    assert torch.equal(got.keep[0, 0].cpu(), torch.arange(NB) < k)
+
+
+def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None, dtype=torch.float32, kth=None,
+                       split=8):
     case = dataclasses.replace(case, key_sketch=False)
     keys, values, key_mask = case.tensors(device, dtype)
     index = hira.build_index(keys, values, case.config(), key_mask=key_mask, capacity=case.N + case.slack)
@@ -102,7 +124,7 @@ def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=Non
         raw = (rows / scale).bfloat16()
         rows = raw.float() * scale
     want = search_rows(index, rows, threshold, kernel=False)
-    got = _kernel_search(index, raw, threshold, ways, scale, kth)
+    got = _kernel_search(index, raw, threshold, ways, scale, kth, split)
     differ = got.keep != want.keep
     est = leaf_bounds(index, rows).est  # [B, H, R, NB]
     if isinstance(threshold, TopK):

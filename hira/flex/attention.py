@@ -30,6 +30,22 @@ def compiled_flex_attention():
     return _COMPILED_FLEX
 
 
+@torch.compiler.assume_constant_result
+def _capability_major(device_index: int | None) -> int:
+    """The CUDA device's compute capability major, a constant of the compiled step (dynamo does not trace into
+    ``torch.cuda.get_device_capability``)."""
+    return torch.cuda.get_device_capability(device_index)[0]
+
+
+def kernel_options(q_rows: torch.Tensor) -> dict | None:
+    """flex_attention's kernel options for Hira's calls on ``q_rows``' device: on sm_90, 3 pipeline stages, where
+    inductor's decode heuristic gives it 1 (on the H200 the attention over every block −26%, over 5% of 512K −17%;
+    benchmarks/NOTES.md §31); elsewhere inductor's own choice (not measured)."""
+    if q_rows.is_cuda and _capability_major(q_rows.device.index) == 9:
+        return {"num_stages": 3}
+    return None
+
+
 def fold_gqa(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[B, Hq, S, D] -> [B, H, G·S, D]: the query heads of a KV group become rows (row = g·S + s)."""
     B, Hq, S, D = q.shape
@@ -85,9 +101,11 @@ def block_attention(
     """
     if return_lse and q_rows.is_cuda:
         # return_lse is deprecated (its warning costs a recompile on torch 2.11); AuxRequest is the supported form.
-        out, aux = compiled_flex_attention()(q_rows, keys, values, block_mask=block_mask, scale=scale, return_aux=AuxRequest(lse=True))
+        out, aux = compiled_flex_attention()(q_rows, keys, values, block_mask=block_mask, scale=scale,
+                                             kernel_options=kernel_options(q_rows), return_aux=AuxRequest(lse=True))
         return out, aux.lse.float()
-    out = compiled_flex_attention()(q_rows, keys, values, block_mask=block_mask, scale=scale)
+    out = compiled_flex_attention()(q_rows, keys, values, block_mask=block_mask, scale=scale,
+                                    kernel_options=kernel_options(q_rows))
     if not return_lse:
         return out, None
     return out, _masked_lse(q_rows, keys, block_mask, valid, scale)

@@ -226,7 +226,7 @@ def search_rows(
     """Select the leaves to read for the given query rows.
 
     Tensor program (no validation, no host sync): compile-able with ``fullgraph=True``. On CUDA the ball path of
-    ``Fixed``, ``TopK`` and ``TopP`` runs as two Triton kernels instead, where they are faster
+    ``Fixed``, ``TopK`` and ``TopP`` runs as two or three Triton kernels instead, where they are faster
     (``hira.selection.search_kernel``): the same choice up to ties.
 
     Args:

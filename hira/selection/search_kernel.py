@@ -1,4 +1,4 @@
-"""The ball-path search in two Triton kernels (CUDA): ``search_rows``'s choice of leaves for ``Fixed``, ``TopK`` and
+"""The ball-path search in two or three Triton kernels (CUDA): ``search_rows``'s choice of leaves for ``Fixed``, ``TopK`` and
 ``TopP``, written straight into FlexAttention's block lists.
 
 The compiled tensor program is about eighteen small kernels per step (a product, a row softmax, a top-k, a gather
@@ -8,15 +8,19 @@ Here:
 1. ``_leaf_bounds_kernel``, one program per (batch·KV head, chunk of leaves): reads the chunk's centres once for all
    query rows, writes every leaf's bound and estimate ([B, H, R, NB]) and per chunk and row the partial reductions
    the selection needs: the estimate's max and Σ exp(est − max), the bound's max and its first argmax.
-2. ``_select_kernel``, two programs per (batch·KV head), both starting from each row's top leaf (from the
+2. For ``TopK`` past ``TOPK_LEAVES`` leaves, ``_shares_kernel``, one program per (batch·KV head, split of 512
+   leaves): each leaf's share of the group (from the partials and the estimates) and the split's k largest (padded)
+   as candidates for the k-th largest (benchmarks/NOTES.md §31: the whole search at 512K 31.5 → 23.9 µs).
+3. ``_select_kernel``, two programs per (batch·KV head), both starting from each row's top leaf (from the
    partials). One scores the top leaf's keys exactly. The other combines the partials into each row's log-sum-exp,
-   picks the leaves with the mode's rule in registers (``TopK``: the k-th largest share by triton's top-k up to
-   ``TOPK_LEAVES`` leaves, past them by a search over its float bits; ``TopP``: per row, the smallest estimate whose leaves ranked above it carry less than p, by a search over
-   its bits; ``Fixed``: bound ≥ τ), adds the forced leaves, and writes the keep table, ``kv_num_blocks`` /
-   ``kv_indices`` (kept leaves first, ascending, then the rest), τ, the certificate's skipped-mass bound and whether
-   each row's top leaf was kept (the kept-mass bound is its exact score if so). On sm90+ it is launched while the
-   bounds kernel runs (programmatic dependent launch): its programs read the index's own tensors, then wait for
-   the bounds kernel's outputs (−2 to −3 µs a step, benchmarks/NOTES.md §26).
+   picks the leaves with the mode's rule in registers (``TopK``: the k-th largest share by triton's top-k, of every
+   leaf up to ``TOPK_LEAVES`` leaves, of the shares kernel's candidates past them; ``TopP``: per row, the smallest
+   estimate whose leaves ranked above it carry less than p, by a search over its bits; ``Fixed``: bound ≥ τ), adds
+   the forced leaves, and writes the keep table, ``kv_num_blocks`` / ``kv_indices`` (kept leaves first, ascending,
+   then the rest), τ, the certificate's skipped-mass bound and whether each row's top leaf was kept (the kept-mass
+   bound is its exact score if so). On sm90+ each kernel is launched while the one before it runs (programmatic
+   dependent launch): its programs read the index's own tensors, then wait for the earlier kernel's outputs (−2 to
+   −3 µs a step, benchmarks/NOTES.md §26).
 
 The rules are the tensor program's (``hira.selection.threshold``) restated without a sort; ties are broken by
 index (the tensor program's ``topk`` leaves them unspecified) and ``TopP`` keeps every leaf tied at its cut. The
@@ -24,7 +28,7 @@ tests compare the two on CUDA and, in triton's interpreter, on the CPU: the same
 the key sketch and the sharded search keep the tensor program, and so do sizes past ``_MAX_SIZE``, where it is
 faster.
 
-Both kernels are one opaque custom operator, ``hira::ball_search``: inductor does not analyse them (as a
+The kernels are one opaque custom operator, ``hira::ball_search``: inductor does not analyse them (as a
 ``triton_op`` inside the compiled step, the attention read the block lists with wrong dependencies).
 
 Shapes: B batch, H KV heads, R query rows, NB leaves, BS block size, D head dim.
@@ -47,6 +51,7 @@ FIXED, TOPK, TOPP = 0, 1, 2  # the modes this search covers, as the kernels' MOD
 MODES = {Fixed: FIXED, TopK: TOPK, TopP: TOPP}
 MAX_ROWS = 16  # query rows per KV head the kernels take (a decode step: G·S ≤ 16)
 _CHUNK = 32  # leaves per program of the bounds kernel
+_SHARES_WARPS = 4  # warps per program of the shares kernel
 # Where the kernels beat the compiled tensor program (H200), in batch · KV heads · rows · leaves (powers of two): at
 # most 64K for TopP (its per-row search lost at 512K: 144 against 98 µs, NOTES.md §17 and §25), 256K for Fixed and
 # TopK (the whole search 40 against 81 µs at 128K with batch 8, 67 against 125 at 1M, §25; larger sizes not measured).
@@ -129,14 +134,58 @@ def _top_leaf(u_max, u_arg):
 
 
 @triton.jit
+def _row_lse(p_max, p_sum):
+    """Each row's log-sum-exp from the bounds kernel's per-chunk partials ([R_PAD, NCH_PAD]: max, Σ exp(x − max))."""
+    m_all = tl.max(p_max, axis=1)
+    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
+    return m_ref + tl.log(tl.sum(p_sum * tl.exp(p_max - m_ref[:, None]), axis=1))
+
+
+@triton.jit
+def _shares_kernel(
+    count_ptr, est_ptr, est_max_ptr, est_sum_ptr, bits_ptr, cand_ptr, NB, NCH, NSPLIT,
+    R: tl.constexpr, R_PAD: tl.constexpr, NCH_PAD: tl.constexpr, SPLIT: tl.constexpr, LOCAL_PAD: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """``TopK``'s shares over many programs, one per (batch·KV head, split of SPLIT leaves): each leaf's share of
+    the group, Σ_r exp(est − lse_r), as its float bits (-1 for a dead leaf), and the split's LOCAL_PAD largest,
+    from which the selection kernel takes the head's k-th largest (every leaf above it is among them)."""
+    if PDL:  # the selection kernel may start as soon as every program here has
+        gdc_launch_dependents()
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    r = tl.arange(0, R_PAD)
+    rmask = r < R
+    row = bh * R + r
+    n = s * SPLIT + tl.arange(0, SPLIT)
+    nmask = n < NB
+    c = tl.arange(0, NCH_PAD)
+    part = row[:, None] * NCH + c[None, :]
+    pmask = rmask[:, None] & (c < NCH)[None, :]
+    count = tl.load(count_ptr + bh * NB + n, mask=nmask, other=0)
+    if PDL:  # everything below reads the bounds kernel's outputs
+        gdc_wait()
+    p_max = tl.load(est_max_ptr + part, mask=pmask, other=float("-inf"))
+    p_sum = tl.load(est_sum_ptr + part, mask=pmask, other=0.0)
+    est = tl.load(est_ptr + row[:, None] * NB + n[None, :], mask=rmask[:, None] & nmask[None, :],
+                  other=float("-inf"))  # [R_PAD, SPLIT]
+    lse = _row_lse(p_max, p_sum)
+    share = tl.sum(tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(est - lse[:, None])), axis=0)
+    bits = tl.where(count > 0, share.to(tl.int32, bitcast=True), -1)
+    tl.store(bits_ptr + bh * NB + n, bits, mask=nmask)
+    tl.store(cand_ptr + (bh * NSPLIT + s) * LOCAL_PAD + tl.arange(0, LOCAL_PAD), tl.topk(bits, LOCAL_PAD))
+
+
+@triton.jit
 def _select_kernel(
     q_ptr, keys_ptr, valid_ptr, count_ptr, first_ptr, last_ptr, n_valid_ptr,
     ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
-    keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, exact_ptr, top_kept_ptr, frac_ptr, read_ptr,
-    H, NB, NCH, C, scale, value, k, sink_tokens, window_tokens,
+    bits_ptr, cand_ptr, keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, exact_ptr, top_kept_ptr, frac_ptr, read_ptr,
+    H, NB, NCH, NSPLIT, C, scale, value, k, sink_tokens, window_tokens,
     MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr,
     BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr, WAYS: tl.constexpr, TOPK_ITERS: tl.constexpr,
-    TOPP_ITERS: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr,
+    TOPP_ITERS: tl.constexpr, TOPK_PAD: tl.constexpr, SPLIT: tl.constexpr, LOCAL_PAD: tl.constexpr,
+    CAND_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """For one (batch, KV head) (program axis 0) and every row at once ([rows, leaves] tiles: a block-wide reduction
     is the unit of latency here, not arithmetic), one of two jobs (axis 1): 0, the mode's choice of leaves, its block
@@ -190,34 +239,42 @@ def _select_kernel(
         gdc_wait()
     u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
     u_arg = tl.load(ub_arg_ptr + part, mask=pmask, other=0)
-    p_max = tl.load(est_max_ptr + part, mask=pmask, other=float("-inf"))
-    p_sum = tl.load(est_sum_ptr + part, mask=pmask, other=0.0)
+    BY_SHARES: tl.constexpr = MODE == 1 and SPLIT > 0  # TopK with the shares kernel's shares and candidates
+    if MODE != 0 and not BY_SHARES:
+        p_max = tl.load(est_max_ptr + part, mask=pmask, other=float("-inf"))
+        p_sum = tl.load(est_sum_ptr + part, mask=pmask, other=0.0)
     ub = tl.load(ub_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
-    if MODE != 0:
+    if BY_SHARES:
+        bits = tl.load(bits_ptr + leaf, mask=nmask, other=-1)
+        cand = tl.load(cand_ptr + bh * NSPLIT * LOCAL_PAD + tl.arange(0, CAND_PAD),
+                       mask=tl.arange(0, CAND_PAD) < NSPLIT * LOCAL_PAD, other=-1)
+    elif MODE != 0:
         est = tl.load(est_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
     live = count > 0
     n_live = tl.sum(live.to(tl.int32), axis=0)
     forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
     top = _top_leaf(u_max, u_arg)
     ways = tl.arange(0, WAYS)  # the searches' pivots: lo + j·step, j = 0 (lo itself, known) … WAYS − 1
-    # Each row's log-sum-exp of the estimates, from the chunks' partials.
-    m_all = tl.max(p_max, axis=1)
-    m_ref = tl.where(m_all == float("-inf"), 0.0, m_all)
-    lse = m_ref + tl.log(tl.sum(p_sum * tl.exp(p_max - m_ref[:, None]), axis=1))  # [R_PAD]
     keep = forced
     if MODE == 0:  # Fixed: a bound reaching τ in any row
         keep = keep | (live & (tl.max((ub >= value).to(tl.int32), axis=0) > 0))
     else:
-        frac = tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(est - lse[:, None]))
+        if not BY_SHARES:
+            lse = _row_lse(p_max, p_sum)  # [R_PAD]
+            frac = tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(est - lse[:, None]))
         if MODE == 1:
-            # TopK: the k largest shares of the group among live leaves. The k-th largest: with TOPK_PAD, from the
-            # TOPK_PAD largest share bits (triton's bitonic top-k, which halves the tile as it goes); else by a
-            # WAYS-ary search over the float bits (shares ≥ 0). Then the shares above it and, of those equal to it,
-            # the first by index.
-            share = tl.sum(frac, axis=0)
-            bits = tl.where(live, share.to(tl.int32, bitcast=True), -1)
+            # TopK: the k largest shares of the group among live leaves. The k-th largest: from the shares kernel's
+            # candidates (BY_SHARES) or, with TOPK_PAD, from the TOPK_PAD largest share bits, by triton's bitonic
+            # top-k (which halves the tile as it goes); else by a WAYS-ary search over the float bits (shares ≥ 0).
+            # Then the shares above it and, of those equal to it, the first by index.
+            if not BY_SHARES:
+                share = tl.sum(frac, axis=0)
+                bits = tl.where(live, share.to(tl.int32, bitcast=True), -1)
             kk = tl.minimum(k, n_live)
-            if TOPK_PAD > 0:
+            if BY_SHARES:
+                largest = tl.topk(cand, TOPK_PAD)  # [TOPK_PAD], descending
+                lo = tl.sum(tl.where(tl.arange(0, TOPK_PAD) == kk - 1, largest, 0), axis=0)
+            elif TOPK_PAD > 0:
                 largest = tl.topk(bits, TOPK_PAD)  # [TOPK_PAD], descending
                 lo = tl.sum(tl.where(tl.arange(0, TOPK_PAD) == kk - 1, largest, 0), axis=0)
             else:
@@ -286,36 +343,51 @@ def _passes(size: int, ways: int) -> int:
     return n
 
 
-# The most leaves (padded) where ``TopK`` takes its k-th share from triton's top-k: its bitonic stages run on the
-# whole tile before it shrinks, so past this the search is faster (``select_launch``).
+# The most leaves (padded) where ``TopK`` takes its k-th share from triton's top-k of every leaf in the selection
+# kernel: its bitonic stages run on the whole tile before it shrinks; past this the shares kernel's splits are faster
+# (``select_launch``), and below it slower (the whole search at 128K 15.1 against 17.8 µs, NOTES.md §31).
 TOPK_LEAVES = 2048
 
 
 def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None = None, k: int = 0,
-                  kth: str | None = None) -> dict:
+                  kth: str | None = None, split: int = 512) -> dict:
     """The selection kernel's launch parameters: 8 warps, 16 from 8K leaves on (measured best at 128K and 1M,
     benchmarks/bench_search_kernel.py); key tiles of all channels for the exact score where ≤ 64K values; the
     searches' pivots per pass (``ways``, a power of two ≥ 2; default 4, or fewer where the search's tile would pass
     16K values: ``TopK``'s is [ways, leaves], ``TopP``'s [rows, ways, leaves]); and how ``TopK`` finds its k-th
-    largest share (``kth``): "topk", from the k largest (padded to a power of two, ``TOPK_PAD``), or "search", the
-    ways-ary search (``TOPK_PAD`` 0); by default "topk" up to ``TOPK_LEAVES`` leaves, "search" past them.
+    largest share (``kth``): "topk", from the k largest (padded to a power of two, ``TOPK_PAD``); "search", the
+    ways-ary search (``TOPK_PAD`` 0); or "shares", from the shares kernel's candidates, the ``LOCAL_PAD`` largest
+    of each ``split`` leaves (a power of two; ``SPLIT`` 0 where the selection kernel computes the shares itself); by
+    default "topk" up to ``TOPK_LEAVES`` leaves, "shares" past them.
 
     The selection alone at 8 warps (H200, benchmarks/NOTES.md §30), by top-k against the search at 2 / 4 / 8 / 16
     ways: 128K (1,024 leaves, k = 10) 11.0 against 16.3 / 14.7 / 15.6 / 16.9 µs; 256K (2,048, k = 20) 16.6 against
     21.0 / 18.8 / 20.3 / 22.4; 512K (4,096, k = 41) 34.4 against 26.3 / 24.6 / 26.9 / 30.4. ``TopP`` took 34.8 /
-    37.4 / 42.9 / 52.0 µs at 128K."""
+    37.4 / 42.9 / 52.0 µs at 128K. The whole search (both kernels, or all three) by the search against the shares
+    kernel's splits of 256 / 512 / 1,024 leaves (§31): 512K 31.4 against 34.3 / 23.9 / 25.4 µs, 1M 59.7 against
+    64.4 / 43.1 / —; at 128K the top-k took 15.3 against 26.1 / 17.8 / 18.0."""
     r_pad, nb_pad = triton.next_power_of_2(R), triton.next_power_of_2(NB)
     exact_d = max(1, min(triton.next_power_of_2(D), 65536 // (r_pad * BS)))
     if ways is None:
         width = nb_pad * (r_pad if mode == TOPP else 1)
         ways = max(2, min(4, 16384 // width))
     if kth is None:
-        kth = "topk" if nb_pad <= TOPK_LEAVES else "search"
+        kth = "topk" if nb_pad <= TOPK_LEAVES else "shares"
     # triton's top-k takes k ≥ 2 (k = 1 reduces its tile to a scalar it cannot reshape)
-    by_topk = mode == TOPK and kth == "topk" and nb_pad >= 2
-    topk_pad = min(max(2, triton.next_power_of_2(k)), nb_pad) if by_topk else 0
+    k_pad = max(2, triton.next_power_of_2(k))
+    by_shares = mode == TOPK and kth == "shares"
+    split = min(max(2, split), nb_pad) if by_shares else 0
+    local_pad = min(k_pad, split) if by_shares else 0  # every leaf above the k-th is among its split's largest
+    cand_pad = triton.next_power_of_2(triton.cdiv(NB, split) * local_pad) if by_shares else 0
+    if by_shares:
+        topk_pad = min(k_pad, cand_pad)
+    elif mode == TOPK and kth == "topk" and nb_pad >= 2:
+        topk_pad = min(k_pad, nb_pad)
+    else:
+        topk_pad = 0
     return dict(EXACT_D=exact_d, num_warps=8 if r_pad * nb_pad <= 16384 else 16, WAYS=ways,
-                TOPK_ITERS=_passes(0x7F800001, ways), TOPP_ITERS=_passes(2**32, ways), TOPK_PAD=topk_pad)
+                TOPK_ITERS=_passes(0x7F800001, ways), TOPP_ITERS=_passes(2**32, ways), TOPK_PAD=topk_pad,
+                SPLIT=split, LOCAL_PAD=local_pad, CAND_PAD=cand_pad)
 
 
 @torch.library.custom_op("hira::ball_search", mutates_args=())
@@ -366,14 +438,25 @@ def ball_search_op(
     read = torch.empty_like(frac)
     k = int(value) if mode == TOPK else 0
     value = torch.tensor(value, dtype=torch.float32).item()  # as the kernels take it on CUDA (the interpreter: as is)
+    launch = select_launch(mode, R, NB, D, C // NB, k=k)
+    pdl_launch = {"launch_pdl": True} if pdl else {}
+    count = count.contiguous()
+    split, nsplit = launch["SPLIT"], triton.cdiv(NB, max(launch["SPLIT"], 1))
+    bits = torch.empty(B, H, NB if split else 1, device=q.device, dtype=torch.int32)
+    cand = torch.empty(B, H, nsplit if split else 1, launch["LOCAL_PAD"] or 1, device=q.device, dtype=torch.int32)
+    if split:
+        _shares_kernel[(B * H, nsplit)](
+            count, est, est_max, est_sum, bits, cand, NB, nch, nsplit, R=R, R_PAD=triton.next_power_of_2(R),
+            NCH_PAD=triton.next_power_of_2(nch), SPLIT=split, LOCAL_PAD=launch["LOCAL_PAD"], PDL=pdl,
+            num_warps=_SHARES_WARPS, **pdl_launch,
+        )
     _select_kernel[(B * H, 2)](
-        q, keys.contiguous(), valid.contiguous(), count.contiguous(), leaf_first.contiguous(),
-        leaf_last.contiguous(), n_valid.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg,
-        keep, num, idx, tau, skip, exact, top_kept, frac, read, H, NB, nch, C, scale, value, k, sink_tokens,
+        q, keys.contiguous(), valid.contiguous(), count, leaf_first.contiguous(), leaf_last.contiguous(),
+        n_valid.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, bits, cand,
+        keep, num, idx, tau, skip, exact, top_kept, frac, read, H, NB, nch, nsplit, C, scale, value, k, sink_tokens,
         window_tokens,
         MODE=mode, R=R, R_PAD=triton.next_power_of_2(R), D=D, BS=C // NB, NB_PAD=triton.next_power_of_2(NB),
-        NCH_PAD=triton.next_power_of_2(nch), PDL=pdl, **select_launch(mode, R, NB, D, C // NB, k=k),
-        **({"launch_pdl": True} if pdl else {}),
+        NCH_PAD=triton.next_power_of_2(nch), PDL=pdl, **launch, **pdl_launch,
     )
     return keep.view(torch.bool), num, idx, tau, skip, frac, read, exact, top_kept.view(torch.bool)
 

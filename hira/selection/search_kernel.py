@@ -1,5 +1,5 @@
-"""The ball-path search in two or three Triton kernels (CUDA): ``search_rows``'s choice of leaves for ``Fixed``, ``TopK`` and
-``TopP``, written straight into FlexAttention's block lists.
+"""The ball-path search in two or three Triton kernels (CUDA): ``search_rows``'s choice of leaves for ``Fixed``,
+``TopK`` and ``TopP``, written straight into FlexAttention's block lists.
 
 The compiled tensor program is about eighteen small kernels per step (a product, a row softmax, a top-k, a gather
 of the top leaf's keys, two log-sum-exps, prefix sums, …); each costs a launch and a wait even inside a CUDA graph.
@@ -8,19 +8,21 @@ Here:
 1. ``_leaf_bounds_kernel``, one program per (batch·KV head, chunk of leaves): reads the chunk's centres once for all
    query rows, writes every leaf's bound and estimate ([B, H, R, NB]) and per chunk and row the partial reductions
    the selection needs: the estimate's max and Σ exp(est − max), the bound's max and its first argmax.
-2. For ``TopK`` past ``TOPK_LEAVES`` leaves, ``_shares_kernel``, one program per (batch·KV head, split of 512
-   leaves): each leaf's share of the group (from the partials and the estimates) and the split's k largest (padded)
-   as candidates for the k-th largest (benchmarks/NOTES.md §31: the whole search at 512K 31.5 → 23.9 µs).
+2. For ``TopK`` past ``TOPK_LEAVES`` leaves and a small k, ``_shares_kernel``, one program per (batch·KV head,
+   split of 512 leaves): each leaf's share of the group (from the partials and the estimates) and the split's k
+   largest (padded) as candidates for the k-th largest (benchmarks/NOTES.md §31: the whole search at 512K 31.5 →
+   23.9 µs).
 3. ``_select_kernel``, two programs per (batch·KV head), both starting from each row's top leaf (from the
    partials). One scores the top leaf's keys exactly. The other combines the partials into each row's log-sum-exp,
    picks the leaves with the mode's rule in registers (``TopK``: the k-th largest share by triton's top-k, of every
-   leaf up to ``TOPK_LEAVES`` leaves, of the shares kernel's candidates past them; ``TopP``: per row, the smallest
-   estimate whose leaves ranked above it carry less than p, by a search over its bits; ``Fixed``: bound ≥ τ), adds
-   the forced leaves, and writes the keep table, ``kv_num_blocks`` / ``kv_indices`` (kept leaves first, ascending,
-   then the rest), τ, the certificate's skipped-mass bound and whether each row's top leaf was kept (the kept-mass
-   bound is its exact score if so). On sm90+ each kernel is launched while the one before it runs (programmatic
-   dependent launch): its programs read the index's own tensors, then wait for the earlier kernel's outputs (−2 to
-   −3 µs a step, benchmarks/NOTES.md §26).
+   leaf up to ``TOPK_LEAVES`` leaves, of the shares kernel's candidates past them, else by a search over the
+   shares' float bits; ``TopP``: per row, the smallest estimate whose leaves ranked above it carry less than p, by a
+   search over its bits; ``Fixed``: bound ≥ τ), adds the forced leaves, and writes the keep table,
+   ``kv_num_blocks`` / ``kv_indices`` (kept leaves first, ascending, then the rest), τ, the certificate's
+   skipped-mass bound and whether each row's top leaf was kept (the kept-mass bound is its exact score if so). On
+   sm90+ each kernel is launched while the one before it runs (programmatic dependent launch): its programs read
+   the index's own tensors, then wait for the earlier kernel's outputs (−2 to −3 µs a step, benchmarks/NOTES.md
+   §26).
 
 The rules are the tensor program's (``hira.selection.threshold``) restated without a sort; ties are broken by
 index (the tensor program's ``topk`` leaves them unspecified) and ``TopP`` keeps every leaf tied at its cut. The
@@ -349,6 +351,12 @@ def _passes(size: int, ways: int) -> int:
 TOPK_LEAVES = 2048
 
 
+# Past ``TOPK_LEAVES``, ``TopK`` takes the shares kernel where each split keeps at most 1/SHARES_PRUNE of its leaves
+# as candidates, the search elsewhere: at 1% of 512K and 1M (64 and 128 of 512) the shares won, at 5% of 512K (256 of
+# 512) they lost (the step 0.0814 against 0.0987 ms, NOTES.md §31).
+SHARES_PRUNE = 4
+
+
 def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None = None, k: int = 0,
                   kth: str | None = None, split: int = 512) -> dict:
     """The selection kernel's launch parameters: 8 warps, 16 from 8K leaves on (measured best at 128K and 1M,
@@ -358,7 +366,8 @@ def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None 
     largest share (``kth``): "topk", from the k largest (padded to a power of two, ``TOPK_PAD``); "search", the
     ways-ary search (``TOPK_PAD`` 0); or "shares", from the shares kernel's candidates, the ``LOCAL_PAD`` largest
     of each ``split`` leaves (a power of two; ``SPLIT`` 0 where the selection kernel computes the shares itself); by
-    default "topk" up to ``TOPK_LEAVES`` leaves, "shares" past them.
+    default "topk" up to ``TOPK_LEAVES`` leaves, past them "shares" where k is small enough (``SHARES_PRUNE``),
+    else "search".
 
     The selection alone at 8 warps (H200, benchmarks/NOTES.md §30), by top-k against the search at 2 / 4 / 8 / 16
     ways: 128K (1,024 leaves, k = 10) 11.0 against 16.3 / 14.7 / 15.6 / 16.9 µs; 256K (2,048, k = 20) 16.6 against
@@ -371,10 +380,10 @@ def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None 
     if ways is None:
         width = nb_pad * (r_pad if mode == TOPP else 1)
         ways = max(2, min(4, 16384 // width))
-    if kth is None:
-        kth = "topk" if nb_pad <= TOPK_LEAVES else "shares"
     # triton's top-k takes k ≥ 2 (k = 1 reduces its tile to a scalar it cannot reshape)
     k_pad = max(2, triton.next_power_of_2(k))
+    if kth is None:
+        kth = "topk" if nb_pad <= TOPK_LEAVES else "shares" if k_pad * SHARES_PRUNE <= split else "search"
     by_shares = mode == TOPK and kth == "shares"
     split = min(max(2, split), nb_pad) if by_shares else 0
     local_pad = min(k_pad, split) if by_shares else 0  # every leaf above the k-th is among its split's largest

@@ -3,9 +3,9 @@
 selection kernel (per mode: warps, channels per key tile of the exact score, pivots per pass of its searches or, for
 ``TopK``, the k-th share from triton's top-k), each replayed alone from a CUDA graph, then the whole search as
 shipped and, for ``TopK``, with its k-th share found each way (in the selection kernel, or from the shares kernel's
-splits of 256 to 1,024 leaves), on synthetic leaves (Llama-3-8B shapes: 8 KV heads, 4 query rows, D 128, 128-key
-blocks); and the key sketch's tensor-core scan (blocks per program, warps, a register cap), with its bandwidth over
-the bytes it reads.
+splits of 256 to 1,024 leaves, with 4 to 16 warps for the selection), on synthetic leaves (Llama-3-8B shapes: 8 KV
+heads, 4 query rows, D 128, 128-key blocks); and the key sketch's tensor-core scan (blocks per program, warps, a
+register cap), with its bandwidth over the bytes it reads.
 
     python3 benchmarks/bench_search_kernel.py --out $OUT/search_kernel.md
 
@@ -15,7 +15,6 @@ A floor row times one tiny kernel the same way (graph replay, L2 flushed before 
 from __future__ import annotations
 
 import argparse
-import functools
 import itertools
 import os
 import sys
@@ -98,6 +97,18 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
     return fn
 
 
+def _launch_with(kth: str, split: int, warps: int | None):
+    """``select_launch`` with ``TopK``'s k-th share found as ``kth`` says (splits of ``split`` leaves for "shares")
+    and, given ``warps``, that many warps for the selection kernel."""
+    shipped = sk.select_launch  # the module's own, before a patch puts this one in its place
+
+    def launch(*args, **kwargs):
+        got = shipped(*args, **dict(kwargs, kth=kth, split=split))
+        return got if warps is None else dict(got, num_warps=warps)
+
+    return launch
+
+
 def sketch(B: int, NB: int, dev):
     """A synthetic key sketch: codes, per-block scales, validity (an empty last block) and query rows."""
     g = torch.Generator(device=dev).manual_seed(0)
@@ -169,28 +180,30 @@ def main():
                 how = f"warps {warps}, exact D {exact_d}, " + ("top-k" if kth == "topk" else f"ways {ways}")
                 rows.append([ctx, B, f"select {name}", how, f"{us:.1f}"])
                 print(rows[-1], flush=True)
+        # (mode, value, how TopK finds its k-th share: None as shipped, or (kth, split, the selection's warps))
         searches = [(sk.FIXED, 5.0, None), (sk.TOPK, NB // 100, None), (sk.TOPP, 0.99, None)]
-        # TopK's k-th share each way: in the selection kernel (top-k, search) or from the shares kernel's splits
-        searches += [(sk.TOPK, NB // 100, kth) for kth in ("topk", "search", 256, 512, 1024)]
+        searches += [(sk.TOPK, NB // 100, way) for way in (
+            ("topk", 512, None), ("search", 512, None), ("shares", 256, None), ("shares", 512, None),
+            ("shares", 1024, None), ("shares", 512, 4), ("shares", 512, 16))]
         shipped_keep = None  # TopK's kept leaves as shipped, which the other ways must match
-        for mode, value, kth in searches if "search" in parts_run else ():
+        for mode, value, way in searches if "search" in parts_run else ():
             args_ = (t["q"], t["keys"], t["valid"], t["center"], t["radius"], t["count"], t["var"], t["mag"],
                      t["weight"], t["first"], t["last"], t["n_valid"], 1.0, mode, value, margin_factor(D, True), 4,
                      256)
-            how = "as shipped"
-            launch = sk.select_launch
-            if kth is not None:
-                how = f"k-th share by {kth}" if isinstance(kth, str) else f"k-th share from splits of {kth} leaves"
-                launch = functools.partial(sk.select_launch, kth=kth if isinstance(kth, str) else "shares",
-                                           split=kth if isinstance(kth, int) else 512)
+            how, launch = "as shipped", sk.select_launch
+            if way is not None:
+                kth, split, warps = way
+                how = f"k-th share by {kth}" + (f" from splits of {split} leaves" if kth == "shares" else "")
+                how += f", {warps} warps" if warps else ""
+                launch = _launch_with(kth, split, warps)
             with mock.patch.object(sk, "select_launch", launch):
                 got = sk.ball_search_op(*args_)
-                if kth is not None and not torch.equal(got[0], shipped_keep):  # the shares are distinct: no ties
+                if way is not None and not torch.equal(got[0], shipped_keep):  # the shares are distinct: no ties
                     how += ", KEPT OTHER LEAVES THAN SHIPPED"
                 us = graph_ms(lambda: sk.ball_search_op(*args_), dev, args.rep_ms) * 1e3
-            if mode == sk.TOPK and kth is None:
+            if mode == sk.TOPK and way is None:
                 shipped_keep = got[0]
-            rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", f"both kernels (ball_search_op), {how}",
+            rows.append([ctx, B, f"search {('fixed', 'topk', 'topp')[mode]}", f"all kernels (ball_search_op), {how}",
                          f"{us:.1f}"])
             print(rows[-1], flush=True)
         if "sketch" in parts_run:

@@ -12,7 +12,8 @@ For every (block size, context, batch) that fits in memory:
         timed per call ("no graph") and replayed from a CUDA graph captured after warm-up ("graph");
       * compiled step: the same step function wrapped in ``torch.compile(step, fullgraph=True, dynamic=False)``
         (what ``torch.compile(model)`` does to a decode step: inductor fuses the search's small kernels and the
-        flex call into one graph), timed per call and replayed from a CUDA graph;
+        flex call into one graph; on the CPU, as ``hira.step`` there, the search compiled and the attention's
+        flex_attention compiled on its own), timed per call and replayed from a CUDA graph;
     plus search+mask alone (eager and compiled, both graph-replayed) and attention alone (the flex call with its
     fold, cast and LSE on a mask made beforehand, graph-replayed), for
       (a) forced kept fractions (TopK with k = fraction * NB), and
@@ -149,13 +150,14 @@ def compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
-def hira_step(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale: float, kernel: bool = True):
+def hira_step(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale: float, kernel: bool = True, search=select):
     """Everything one decode step of one layer costs but the append (``hira.step.plan`` without it is
     ``hira.step.select``: fold and scale of the query rows, search), then BlockMask, flex attention with its LSE and
-    the stats (``attend_selection``, what ``hira.step.run`` calls). The index stays as built, so the step replays."""
+    the stats (``attend_selection``, what ``hira.step.run`` calls). The index stays as built, so the step replays.
+    ``search``: ``select`` or a compiled form of it."""
 
     def step():
-        sel = select(index, q, thr, scale, kernel)
+        sel = search(index, q, thr, scale, kernel)
         out, stats = attend_selection(q, index, sel, scale)
         # every stat HiraCache keeps (last_stats), so that a compiled step cannot drop any of them as dead code
         return out, stats.kept_fraction, stats.read_fraction, stats.skip_bound, sel.keep, stats.prior_skip_bound
@@ -444,9 +446,16 @@ def want_compiled(args, name: str) -> bool:
 def compiled_step(args, device, index, q, thr, scale, step, out, keep, row, codes, compiled_fns, name, use_graph,
                   kernel):
     """``torch.compile(step, fullgraph=True, dynamic=False)``: compile, check against the eager step, time it per
-    call (under fail_on_recompile: it must not recompile) and from a CUDA graph; then search+mask compiled alone."""
-    cstep = compiled(step)
-    codes.add(step.__code__)
+    call (under fail_on_recompile: it must not recompile) and from a CUDA graph; then search+mask compiled alone.
+    On the CPU the step is compiled as ``hira.step`` compiles it there: the search compiled, the attention as it is
+    (its flex_attention compiled on its own), because flex_attention compiled in one graph with the BlockMask's
+    construction returns wrong values on the CPU (benchmarks/NOTES.md §11b)."""
+    if device.type == "cuda":
+        cstep = compiled(step)
+        codes.add(step.__code__)
+    else:
+        cstep = hira_step(index, q, thr, scale, kernel, search=compiled(select))
+        codes.add(select.__code__)
     g0 = unique_graphs()
     t0 = time.perf_counter()
     cout = cstep()  # compiles
@@ -566,7 +575,8 @@ def markdown(results: list, meta: dict) -> str:
     L.append("")
     L.append("ms = median (do_bench on CUDA: L2 flushed before every rep). 'eager step' = the Python step as written "
              "(search, mask and stats eager, flex_attention compiled on its own); 'compiled step' = the same step "
-             "function under torch.compile(step, fullgraph=True, dynamic=False). 'graph' = replay of a "
+             "function under torch.compile(step, fullgraph=True, dynamic=False) (on the CPU, as hira.step runs it "
+             "there, its search compiled and the rest as in the eager step). 'graph' = replay of a "
              "torch.cuda.CUDAGraph captured after warm-up (CUDA only); 'no graph' = the step called from Python. "
              "x SDPA = SDPA ms / method ms, graph replays on CUDA (eager step / compiled step). "
              "kept = blocks read / non-empty blocks (mean over batch, KV heads), sinks and window included; "

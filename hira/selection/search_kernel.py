@@ -144,6 +144,19 @@ def _row_lse(p_max, p_sum):
 
 
 @triton.jit
+def _row_fractions(est, lse):
+    """Each leaf's fraction of each row's estimated mass, exp(est − lse): [R_PAD, leaves], 0 in a row without mass."""
+    return tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(est - lse[:, None]))
+
+
+@triton.jit
+def _share_bits(frac, live):
+    """Each leaf's share of the group (its fractions summed over the rows) as float bits, -1 for a dead leaf: an
+    int32 order of the shares (≥ 0) with every dead leaf below them."""
+    return tl.where(live, tl.sum(frac, axis=0).to(tl.int32, bitcast=True), -1)
+
+
+@triton.jit
 def _shares_kernel(
     count_ptr, est_ptr, est_max_ptr, est_sum_ptr, bits_ptr, cand_ptr, NB, NCH, NSPLIT,
     R: tl.constexpr, R_PAD: tl.constexpr, NCH_PAD: tl.constexpr, SPLIT: tl.constexpr, LOCAL_PAD: tl.constexpr,
@@ -171,9 +184,7 @@ def _shares_kernel(
     p_sum = tl.load(est_sum_ptr + part, mask=pmask, other=0.0)
     est = tl.load(est_ptr + row[:, None] * NB + n[None, :], mask=rmask[:, None] & nmask[None, :],
                   other=float("-inf"))  # [R_PAD, SPLIT]
-    lse = _row_lse(p_max, p_sum)
-    share = tl.sum(tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(est - lse[:, None])), axis=0)
-    bits = tl.where(count > 0, share.to(tl.int32, bitcast=True), -1)
+    bits = _share_bits(_row_fractions(est, _row_lse(p_max, p_sum)), count > 0)
     tl.store(bits_ptr + bh * NB + n, bits, mask=nmask)
     tl.store(cand_ptr + (bh * NSPLIT + s) * LOCAL_PAD + tl.arange(0, LOCAL_PAD), tl.topk(bits, LOCAL_PAD))
 
@@ -262,22 +273,20 @@ def _select_kernel(
         keep = keep | (live & (tl.max((ub >= value).to(tl.int32), axis=0) > 0))
     else:
         if not BY_SHARES:
-            lse = _row_lse(p_max, p_sum)  # [R_PAD]
-            frac = tl.where(lse[:, None] == float("-inf"), 0.0, tl.exp(est - lse[:, None]))
+            frac = _row_fractions(est, _row_lse(p_max, p_sum))  # [R_PAD, NB_PAD]
         if MODE == 1:
             # TopK: the k largest shares of the group among live leaves. The k-th largest: from the shares kernel's
             # candidates (BY_SHARES) or, with TOPK_PAD, from the TOPK_PAD largest share bits, by triton's bitonic
             # top-k (which halves the tile as it goes); else by a WAYS-ary search over the float bits (shares ≥ 0).
             # Then the shares above it and, of those equal to it, the first by index.
-            if not BY_SHARES:
-                share = tl.sum(frac, axis=0)
-                bits = tl.where(live, share.to(tl.int32, bitcast=True), -1)
-            kk = tl.minimum(k, n_live)
             if BY_SHARES:
-                largest = tl.topk(cand, TOPK_PAD)  # [TOPK_PAD], descending
-                lo = tl.sum(tl.where(tl.arange(0, TOPK_PAD) == kk - 1, largest, 0), axis=0)
-            elif TOPK_PAD > 0:
-                largest = tl.topk(bits, TOPK_PAD)  # [TOPK_PAD], descending
+                pool = cand
+            else:
+                bits = _share_bits(frac, live)
+                pool = bits
+            kk = tl.minimum(k, n_live)
+            if TOPK_PAD > 0:  # (always with BY_SHARES)
+                largest = tl.topk(pool, TOPK_PAD)  # [TOPK_PAD], descending
                 lo = tl.sum(tl.where(tl.arange(0, TOPK_PAD) == kk - 1, largest, 0), axis=0)
             else:
                 lo = tl.full([], 0, tl.int32)  # at least kk shares are ≥ lo
@@ -451,9 +460,10 @@ def ball_search_op(
     pdl_launch = {"launch_pdl": True} if pdl else {}
     count = count.contiguous()
     split, nsplit = launch["SPLIT"], triton.cdiv(NB, max(launch["SPLIT"], 1))
-    bits = torch.empty(B, H, NB if split else 1, device=q.device, dtype=torch.int32)
-    cand = torch.empty(B, H, nsplit if split else 1, launch["LOCAL_PAD"] or 1, device=q.device, dtype=torch.int32)
+    bits = cand = ub_arg  # without the shares kernel the selection kernel reads neither: any int32 tensor will do
     if split:
+        bits = torch.empty(B, H, NB, device=q.device, dtype=torch.int32)
+        cand = torch.empty(B, H, nsplit, launch["LOCAL_PAD"], device=q.device, dtype=torch.int32)
         _shares_kernel[(B * H, nsplit)](
             count, est, est_max, est_sum, bits, cand, NB, nch, nsplit, R=R, R_PAD=triton.next_power_of_2(R),
             NCH_PAD=triton.next_power_of_2(nch), SPLIT=split, LOCAL_PAD=launch["LOCAL_PAD"], PDL=pdl,

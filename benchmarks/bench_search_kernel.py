@@ -84,13 +84,13 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
            torch.empty(B, H, **f), torch.empty(B, H, **f)]
 
     k = int(value) if mode == sk.TOPK else 0
-    launch = dict(sk.select_launch(mode, R, NB, D, BS, ways, k, kth), num_warps=warps, EXACT_D=exact_d)
-    unused = torch.empty(1, device=dev, dtype=torch.int32)
+    launch = dict(sk._one_program(sk.select_launch(mode, R, NB, D, BS, ways, k, kth)), num_warps=warps,
+                  EXACT_D=exact_d)
 
     def fn():
-        sk._select_kernel[(B * H, 2)](  # the k-th share in the kernel itself: no shares kernel's outputs
-            t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts, unused, unused,
-            *res, H, NB, nch, 1, C, 1.0, value, k, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
+        sk._select_kernel[(B * H, 2)](
+            t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts,
+            *res, H, NB, nch, C, 1.0, value, k, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
             NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), PDL=False, **launch)
         return res
 

@@ -68,11 +68,11 @@ def test_kernels_choose_as_the_tensor_program(device, case, G, q_kind, threshold
 @given(case=index_cases(max_n=3000, block_sizes=(16,)), G=st.sampled_from([1, 4]), q_kind=st.sampled_from(Q_KINDS),
        threshold=st.one_of(st.integers(1, 40).map(TopK), st.sampled_from([0.5, 0.9, 0.99]).map(TopP)),
        ways=st.sampled_from([2, 4, 16]), kth=st.sampled_from([None, "topk", "search", "shares"]),
-       split=st.sampled_from([2, 8, 64]), seed=st.integers(0, 2**31 - 1))
+       split=st.sampled_from([4, 16, 64]), seed=st.integers(0, 2**31 - 1))
 def test_kernels_choose_as_the_tensor_program_among_many_leaves(device, case, G, q_kind, threshold, ways, kth, split,
                                                                 seed):
     """As above where the budgeted modes skip most leaves (up to ~190 leaves per head), so that the searches for
-    the k-th share and the p cut have many candidates, and the shares kernel's splits (of 2, 8 or 64 leaves) keep
+    the k-th share and the p cut have many candidates, and the shares kernel's splits (of 4, 16 or 64 leaves) keep
     fewer candidates than they hold."""
     _check_same_choice(device, dataclasses.replace(case, window_tokens=0), G, q_kind, threshold, ways, seed,
                        kth=kth, split=split)

@@ -54,6 +54,7 @@ MODES = {Fixed: FIXED, TopK: TOPK, TopP: TOPP}
 MAX_ROWS = 16  # query rows per KV head the kernels take (a decode step: G·S ≤ 16)
 _CHUNK = 32  # leaves per program of the bounds kernel
 _SHARES_WARPS = 4  # warps per program of the shares kernel
+_SPLITS_WARPS = 8  # warps per program of the selection by splits
 # Where the kernels beat the compiled tensor program (H200), in batch · KV heads · rows · leaves (powers of two): at
 # most 64K for TopP (its per-row search lost at 512K: 144 against 98 µs, NOTES.md §17 and §25), 256K for Fixed and
 # TopK (the whole search 40 against 81 µs at 128K with batch 8, 67 against 125 at 1M, §25; larger sizes not measured).
@@ -190,15 +191,37 @@ def _shares_kernel(
 
 
 @triton.jit
+def _exact_top_score(q_ptr, keys_ptr, valid_ptr, ub_max_ptr, ub_arg_ptr, exact_ptr, bh, b, row, rmask, part, pmask,
+                     C, scale, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr, BS: tl.constexpr):
+    """The exact score of each row's top leaf's best real key, in float64 (as ``exact_leaf_score``), from the
+    bounds kernel's partials ([R_PAD, NCH_PAD] at ``part``)."""
+    u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
+    top = _top_leaf(u_max, tl.load(ub_arg_ptr + part, mask=pmask, other=0))
+    s = tl.arange(0, BS)
+    slot = top.to(tl.int64)[:, None] * BS + s[None, :]  # [R_PAD, BS]
+    dot = tl.zeros([R_PAD, BS], dtype=tl.float64)
+    for d0 in tl.static_range(0, D, EXACT_D):  # [rows, BS, EXACT_D] tiles of keys
+        d = d0 + tl.arange(0, EXACT_D)
+        dmask = d < D
+        qd = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
+        qd = qd.to(tl.float32) * scale
+        kd = tl.load(keys_ptr + (bh * C + slot)[:, :, None] * D + d[None, None, :],
+                     mask=rmask[:, None, None] & dmask[None, None, :], other=0.0)
+        dot += tl.sum(kd.to(tl.float64) * qd.to(tl.float64)[:, None, :], axis=2)
+    real = tl.load(valid_ptr + b * C + slot, mask=rmask[:, None], other=0) != 0
+    exact = tl.max(tl.where(real, dot.to(tl.float32), float("-inf")), axis=1)  # [R_PAD]
+    tl.store(exact_ptr + row, exact, mask=rmask)
+
+
+@triton.jit
 def _select_kernel(
     q_ptr, keys_ptr, valid_ptr, count_ptr, first_ptr, last_ptr, n_valid_ptr,
     ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
-    bits_ptr, cand_ptr, keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, exact_ptr, top_kept_ptr, frac_ptr, read_ptr,
-    H, NB, NCH, NSPLIT, C, scale, value, k, sink_tokens, window_tokens,
+    keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, exact_ptr, top_kept_ptr, frac_ptr, read_ptr,
+    H, NB, NCH, C, scale, value, k, sink_tokens, window_tokens,
     MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr,
     BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr, WAYS: tl.constexpr, TOPK_ITERS: tl.constexpr,
-    TOPP_ITERS: tl.constexpr, TOPK_PAD: tl.constexpr, SPLIT: tl.constexpr, LOCAL_PAD: tl.constexpr,
-    CAND_PAD: tl.constexpr, PDL: tl.constexpr,
+    TOPP_ITERS: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr,
 ):
     """For one (batch, KV head) (program axis 0) and every row at once ([rows, leaves] tiles: a block-wide reduction
     is the unit of latency here, not arithmetic), one of two jobs (axis 1): 0, the mode's choice of leaves, its block
@@ -217,25 +240,10 @@ def _select_kernel(
     part = row[:, None] * NCH + c[None, :]
     pmask = rmask[:, None] & (c < NCH)[None, :]
     if tl.program_id(1) == 1:
-        # The exact score of each row's top leaf's best real key, in float64 (as ``exact_leaf_score``).
         if PDL:
             gdc_wait()
-        u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
-        top = _top_leaf(u_max, tl.load(ub_arg_ptr + part, mask=pmask, other=0))
-        s = tl.arange(0, BS)
-        slot = top.to(tl.int64)[:, None] * BS + s[None, :]  # [R_PAD, BS]
-        dot = tl.zeros([R_PAD, BS], dtype=tl.float64)
-        for d0 in tl.static_range(0, D, EXACT_D):  # [rows, BS, EXACT_D] tiles of keys
-            d = d0 + tl.arange(0, EXACT_D)
-            dmask = d < D
-            qd = tl.load(q_ptr + row[:, None] * D + d[None, :], mask=rmask[:, None] & dmask[None, :], other=0.0)
-            qd = qd.to(tl.float32) * scale
-            kd = tl.load(keys_ptr + (bh * C + slot)[:, :, None] * D + d[None, None, :],
-                         mask=rmask[:, None, None] & dmask[None, None, :], other=0.0)
-            dot += tl.sum(kd.to(tl.float64) * qd.to(tl.float64)[:, None, :], axis=2)
-        real = tl.load(valid_ptr + b * C + slot, mask=rmask[:, None], other=0) != 0
-        exact = tl.max(tl.where(real, dot.to(tl.float32), float("-inf")), axis=1)  # [R_PAD]
-        tl.store(exact_ptr + row, exact, mask=rmask)
+        _exact_top_score(q_ptr, keys_ptr, valid_ptr, ub_max_ptr, ub_arg_ptr, exact_ptr, bh, b, row, rmask, part,
+                         pmask, C, scale, R_PAD, D, EXACT_D, BS)
         return
     n = tl.arange(0, NB_PAD)
     nmask = n < NB
@@ -252,16 +260,11 @@ def _select_kernel(
         gdc_wait()
     u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
     u_arg = tl.load(ub_arg_ptr + part, mask=pmask, other=0)
-    BY_SHARES: tl.constexpr = MODE == 1 and SPLIT > 0  # TopK with the shares kernel's shares and candidates
-    if MODE != 0 and not BY_SHARES:
+    if MODE != 0:
         p_max = tl.load(est_max_ptr + part, mask=pmask, other=float("-inf"))
         p_sum = tl.load(est_sum_ptr + part, mask=pmask, other=0.0)
     ub = tl.load(ub_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
-    if BY_SHARES:
-        bits = tl.load(bits_ptr + leaf, mask=nmask, other=-1)
-        cand = tl.load(cand_ptr + bh * NSPLIT * LOCAL_PAD + tl.arange(0, CAND_PAD),
-                       mask=tl.arange(0, CAND_PAD) < NSPLIT * LOCAL_PAD, other=-1)
-    elif MODE != 0:
+    if MODE != 0:
         est = tl.load(est_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
     live = count > 0
     n_live = tl.sum(live.to(tl.int32), axis=0)
@@ -272,21 +275,16 @@ def _select_kernel(
     if MODE == 0:  # Fixed: a bound reaching τ in any row
         keep = keep | (live & (tl.max((ub >= value).to(tl.int32), axis=0) > 0))
     else:
-        if not BY_SHARES:
-            frac = _row_fractions(est, _row_lse(p_max, p_sum))  # [R_PAD, NB_PAD]
+        frac = _row_fractions(est, _row_lse(p_max, p_sum))  # [R_PAD, NB_PAD]
         if MODE == 1:
-            # TopK: the k largest shares of the group among live leaves. The k-th largest: from the shares kernel's
-            # candidates (BY_SHARES) or, with TOPK_PAD, from the TOPK_PAD largest share bits, by triton's bitonic
-            # top-k (which halves the tile as it goes); else by a WAYS-ary search over the float bits (shares ≥ 0).
-            # Then the shares above it and, of those equal to it, the first by index.
-            if BY_SHARES:
-                pool = cand
-            else:
-                bits = _share_bits(frac, live)
-                pool = bits
+            # TopK: the k largest shares of the group among live leaves. The k-th largest: with TOPK_PAD, from the
+            # TOPK_PAD largest share bits (triton's bitonic top-k, which halves the tile as it goes); else by a
+            # WAYS-ary search over the float bits (shares ≥ 0). Then the shares above it and, of those equal to it,
+            # the first by index.
+            bits = _share_bits(frac, live)
             kk = tl.minimum(k, n_live)
-            if TOPK_PAD > 0:  # (always with BY_SHARES)
-                largest = tl.topk(pool, TOPK_PAD)  # [TOPK_PAD], descending
+            if TOPK_PAD > 0:
+                largest = tl.topk(bits, TOPK_PAD)  # [TOPK_PAD], descending
                 lo = tl.sum(tl.where(tl.arange(0, TOPK_PAD) == kk - 1, largest, 0), axis=0)
             else:
                 lo = tl.full([], 0, tl.int32)  # at least kk shares are ≥ lo
@@ -344,6 +342,102 @@ def _select_kernel(
         tl.store(tau_ptr + row, tl.full([R_PAD], value, tl.float32), mask=rmask)
     else:
         tl.store(tau_ptr + row, tl.full([R_PAD], float("-inf"), tl.float32), mask=rmask)
+
+
+@triton.jit
+def _select_splits_kernel(
+    q_ptr, keys_ptr, valid_ptr, count_ptr, first_ptr, last_ptr, n_valid_ptr, ub_ptr, ub_max_ptr, ub_arg_ptr,
+    bits_ptr, cand_ptr, keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, exact_ptr, top_kept_ptr, frac_ptr, read_ptr,
+    H, NB, NCH, NSPLIT, C, scale, k, sink_tokens, window_tokens,
+    R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr, BS: tl.constexpr,
+    NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr, SPLIT: tl.constexpr, LOCAL_PAD: tl.constexpr,
+    CAND_PAD: tl.constexpr, TOPK_PAD: tl.constexpr, PDL: tl.constexpr,
+):
+    """``TopK``'s selection over many programs, from the shares kernel's shares and candidates: one program per
+    (batch·KV head, split of SPLIT leaves) and one more for the exact score (axis 1 = NSPLIT). Each split's program
+    takes the k-th largest share from the candidates and counts, over every leaf of its head, the kept leaves and
+    the ties before its split (one pass over [leaves] vectors, no [rows, leaves] tile), then writes its own leaves'
+    keep flags and places in the block lists, its rows' top-leaf flags, and per row the log-sum-exp of its skipped
+    leaves' mass bounds ([B, H, R, NSPLIT] at ``skip_ptr``; the caller's compiled code combines them)."""
+    bh = tl.program_id(0).to(tl.int64)
+    b = bh // H
+    s = tl.program_id(1)
+    r = tl.arange(0, R_PAD)
+    rmask = r < R
+    row = bh * R + r
+    c = tl.arange(0, NCH_PAD)
+    part = row[:, None] * NCH + c[None, :]
+    pmask = rmask[:, None] & (c < NCH)[None, :]
+    if s == NSPLIT:
+        if PDL:
+            gdc_wait()
+        _exact_top_score(q_ptr, keys_ptr, valid_ptr, ub_max_ptr, ub_arg_ptr, exact_ptr, bh, b, row, rmask, part,
+                         pmask, C, scale, R_PAD, D, EXACT_D, BS)
+        return
+    n = tl.arange(0, NB_PAD)  # every leaf of the head
+    nmask = n < NB
+    leaf = bh * NB + n
+    start = s * SPLIT
+    m = start + tl.arange(0, SPLIT)  # this program's leaves
+    mmask = m < NB
+    own = bh * NB + m
+    count = tl.load(count_ptr + leaf, mask=nmask, other=0)
+    first = tl.load(first_ptr + leaf, mask=nmask, other=-1)
+    last = tl.load(last_ptr + leaf, mask=nmask, other=-1)
+    count_m = tl.load(count_ptr + own, mask=mmask, other=0)
+    first_m = tl.load(first_ptr + own, mask=mmask, other=-1)
+    last_m = tl.load(last_ptr + own, mask=mmask, other=-1)
+    n_valid = tl.load(n_valid_ptr + b)
+    if PDL:  # everything below reads the earlier kernels' outputs
+        gdc_wait()
+    bits = tl.load(bits_ptr + leaf, mask=nmask, other=-1)
+    bits_m = tl.load(bits_ptr + own, mask=mmask, other=-1)
+    cand = tl.load(cand_ptr + bh * NSPLIT * LOCAL_PAD + tl.arange(0, CAND_PAD),
+                   mask=tl.arange(0, CAND_PAD) < NSPLIT * LOCAL_PAD, other=-1)
+    u_max = tl.load(ub_max_ptr + part, mask=pmask, other=float("-inf"))  # [R_PAD, NCH_PAD]
+    u_arg = tl.load(ub_arg_ptr + part, mask=pmask, other=0)
+    ub = tl.load(ub_ptr + row[:, None] * NB + m[None, :], mask=rmask[:, None] & mmask[None, :],
+                 other=float("-inf"))  # [R_PAD, SPLIT]
+    # The head's k-th largest share, and its kept leaves counted (as ``_select_kernel``'s TopK).
+    live = count > 0
+    n_live = tl.sum(live.to(tl.int32), axis=0)
+    kk = tl.minimum(k, n_live)
+    largest = tl.topk(cand, TOPK_PAD)  # [TOPK_PAD], descending
+    lo = tl.sum(tl.where(tl.arange(0, TOPK_PAD) == kk - 1, largest, 0), axis=0)
+    tied_i = (bits == lo).to(tl.int32)
+    room = kk - tl.sum((bits > lo).to(tl.int32), axis=0)
+    chosen = (bits > lo) | ((tied_i == 1) & (tl.cumsum(tied_i, axis=0) <= room))
+    forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
+    keep_i = (forced | (chosen & (kk > 0))).to(tl.int32)
+    num = tl.sum(keep_i, axis=0)
+    before = n < start
+    kept_before = tl.sum(tl.where(before, keep_i, 0), axis=0)
+    tied_before = tl.sum(tl.where(before, tied_i, 0), axis=0)
+    # This program's leaves: the same choice, their places in the lists, their rows' certificate part.
+    live_m = count_m > 0
+    tied_m = (bits_m == lo).to(tl.int32)
+    chosen_m = (bits_m > lo) | ((tied_m == 1) & (tied_before + tl.cumsum(tied_m, axis=0) <= room))
+    forced_m = live_m & ((first_m < sink_tokens) | (last_m >= n_valid - window_tokens))
+    keep_m = forced_m | (chosen_m & (kk > 0))
+    keep_mi = keep_m.to(tl.int32)
+    dest = tl.where(keep_m, kept_before + tl.cumsum(keep_mi, axis=0) - 1,
+                    num + (start - kept_before) + tl.cumsum(1 - keep_mi, axis=0) - 1)
+    tl.store(idx_ptr + bh * NB + dest, m.to(tl.int32), mask=mmask)
+    tl.store(keep_ptr + own, keep_mi.to(tl.int8), mask=mmask)
+    if s == 0:
+        tl.store(num_ptr + bh, num)
+        tl.store(frac_ptr + bh, num.to(tl.float32) / tl.maximum(n_live, 1).to(tl.float32))
+        tl.store(read_ptr + bh, tl.sum(count * keep_i, axis=0).to(tl.float32)
+                 / tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32))
+        tl.store(tau_ptr + row, tl.full([R_PAD], float("-inf"), tl.float32), mask=rmask)
+    log_n = tl.log(tl.maximum(count_m, 1).to(tl.float32))
+    mass = tl.where((live_m & ~keep_m)[None, :], ub + log_n[None, :], float("-inf"))
+    mx = tl.max(mass, axis=1)
+    m_ref = tl.where(mx == float("-inf"), 0.0, mx)
+    tl.store(skip_ptr + row * NSPLIT + s, m_ref + tl.log(tl.sum(tl.exp(mass - m_ref[:, None]), axis=1)), mask=rmask)
+    top = _top_leaf(u_max, u_arg)
+    top_kept = tl.max(((m[None, :] == top[:, None]) & keep_m[None, :]).to(tl.int32), axis=1)
+    tl.store(top_kept_ptr + row, top_kept.to(tl.int8), mask=rmask & (top >= start) & (top < start + SPLIT))
 
 
 def _passes(size: int, ways: int) -> int:
@@ -449,7 +543,6 @@ def ball_search_op(
     num = torch.empty(B, H, 1, device=q.device, dtype=torch.int32)
     idx = torch.empty(B, H, 1, NB, device=q.device, dtype=torch.int32)
     tau = torch.empty(B, H, R, **f32)
-    skip = torch.empty_like(tau)
     exact = torch.empty_like(tau)
     top_kept = torch.empty(B, H, R, device=q.device, dtype=torch.int8)
     frac = torch.empty(B, H, **f32)
@@ -459,9 +552,14 @@ def ball_search_op(
     launch = select_launch(mode, R, NB, D, C // NB, k=k)
     pdl_launch = {"launch_pdl": True} if pdl else {}
     count = count.contiguous()
-    split, nsplit = launch["SPLIT"], triton.cdiv(NB, max(launch["SPLIT"], 1))
-    bits = cand = ub_arg  # without the shares kernel the selection kernel reads neither: any int32 tensor will do
-    if split:
+    split, nsplit = launch["SPLIT"], _skip_parts(launch, NB)
+    skip = torch.empty(B, H, R, nsplit, **f32)
+    index_args = (q, keys.contiguous(), valid.contiguous(), count, leaf_first.contiguous(), leaf_last.contiguous(),
+                  n_valid.contiguous())
+    shapes = dict(R=R, R_PAD=triton.next_power_of_2(R), D=D, BS=C // NB, NB_PAD=triton.next_power_of_2(NB),
+                  NCH_PAD=triton.next_power_of_2(nch), PDL=pdl)
+    outputs = (keep, num, idx, tau, skip, exact, top_kept, frac, read)
+    if split:  # TopK over many programs: the shares kernel, then the selection by splits
         bits = torch.empty(B, H, NB, device=q.device, dtype=torch.int32)
         cand = torch.empty(B, H, nsplit, launch["LOCAL_PAD"], device=q.device, dtype=torch.int32)
         _shares_kernel[(B * H, nsplit)](
@@ -469,26 +567,41 @@ def ball_search_op(
             NCH_PAD=triton.next_power_of_2(nch), SPLIT=split, LOCAL_PAD=launch["LOCAL_PAD"], PDL=pdl,
             num_warps=_SHARES_WARPS, **pdl_launch,
         )
-    _select_kernel[(B * H, 2)](
-        q, keys.contiguous(), valid.contiguous(), count, leaf_first.contiguous(), leaf_last.contiguous(),
-        n_valid.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, bits, cand,
-        keep, num, idx, tau, skip, exact, top_kept, frac, read, H, NB, nch, nsplit, C, scale, value, k, sink_tokens,
-        window_tokens,
-        MODE=mode, R=R, R_PAD=triton.next_power_of_2(R), D=D, BS=C // NB, NB_PAD=triton.next_power_of_2(NB),
-        NCH_PAD=triton.next_power_of_2(nch), PDL=pdl, **launch, **pdl_launch,
-    )
+        _select_splits_kernel[(B * H, nsplit + 1)](
+            *index_args, ub, ub_max, ub_arg, bits, cand, *outputs, H, NB, nch, nsplit, C, scale, k, sink_tokens,
+            window_tokens, SPLIT=split, LOCAL_PAD=launch["LOCAL_PAD"], CAND_PAD=launch["CAND_PAD"],
+            TOPK_PAD=launch["TOPK_PAD"], EXACT_D=launch["EXACT_D"], num_warps=_SPLITS_WARPS, **shapes, **pdl_launch,
+        )
+    else:
+        _select_kernel[(B * H, 2)](
+            *index_args, ub, est, est_max, est_sum, ub_max, ub_arg, *outputs, H, NB, nch, C, scale, value, k,
+            sink_tokens, window_tokens, MODE=mode, **shapes, **_one_program(launch), **pdl_launch,
+        )
     return keep.view(torch.bool), num, idx, tau, skip, frac, read, exact, top_kept.view(torch.bool)
 
 
+def _one_program(launch: dict) -> dict:
+    """``select_launch``'s parameters of ``_select_kernel`` (without those of the selection by splits)."""
+    return {key: v for key, v in launch.items() if key not in ("SPLIT", "LOCAL_PAD", "CAND_PAD")}
+
+
+def _skip_parts(launch: dict, NB: int) -> int:
+    """The parts of each row's certificate the selection writes: one per split of the selection by splits, else
+    one."""
+    return triton.cdiv(NB, launch["SPLIT"]) if launch["SPLIT"] else 1
+
+
 @ball_search_op.register_fake
-def _(q, keys, valid, center, *rest):
-    B, H, R, _ = q.shape
+def _(q, keys, valid, center, radius, count, var, magnitude, spread_weight, leaf_first, leaf_last, n_valid, scale,
+      mode, value, *rest):
+    B, H, R, D = q.shape
     NB = center.shape[2]
+    parts = _skip_parts(select_launch(mode, R, NB, D, keys.shape[2] // NB, k=int(value) if mode == TOPK else 0), NB)
     f32 = dict(device=q.device, dtype=torch.float32)
     return (q.new_empty(B, H, NB, dtype=torch.bool), q.new_empty(B, H, 1, dtype=torch.int32),
-            q.new_empty(B, H, 1, NB, dtype=torch.int32), torch.empty(B, H, R, **f32), torch.empty(B, H, R, **f32),
-            torch.empty(B, H, **f32), torch.empty(B, H, **f32), torch.empty(B, H, R, **f32),
-            q.new_empty(B, H, R, dtype=torch.bool))
+            q.new_empty(B, H, 1, NB, dtype=torch.int32), torch.empty(B, H, R, **f32),
+            torch.empty(B, H, R, parts, **f32), torch.empty(B, H, **f32), torch.empty(B, H, **f32),
+            torch.empty(B, H, R, **f32), q.new_empty(B, H, R, dtype=torch.bool))
 
 
 def applies(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> bool:
@@ -506,9 +619,10 @@ def ball_search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: 
     ``applies``)."""
     leaves = index.levels[0]
     value = name_and_value(threshold)[1]  # τ, k or p
-    *chosen, frac, read, exact, top_kept = ball_search_op(
+    keep, num, idx, tau, skip, frac, read, exact, top_kept = ball_search_op(
         q, index.keys, index.valid, leaves.center, leaves.radius, leaves.count, leaves.var, leaves.scale,
         index.spread_weight, index.leaf_first, index.leaf_last, index.n_valid, scale, MODES[type(threshold)], value,
         margin_factor(q.shape[-1], q.is_cuda), index.sink_tokens, index.window_tokens,
     )
-    return (*chosen, exact.masked_fill(~top_kept, -math.inf), frac, read)
+    # the certificate's parts (one per split of the selection by splits) combined here, in the caller's compiled code
+    return keep, num, idx, tau, skip.logsumexp(-1), exact.masked_fill(~top_kept, -math.inf), frac, read

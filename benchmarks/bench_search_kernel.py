@@ -61,6 +61,7 @@ def bounds_fn(t, chunk: int, warps: int):
     f = dict(device=t["q"].device, dtype=torch.float32)
     out = [torch.empty(B, H, R, NB, **f) for _ in range(2)] + [torch.empty(B, H, R, nch, **f) for _ in range(3)]
     out.append(torch.empty(B, H, R, nch, device=t["q"].device, dtype=torch.int32))
+    out.append(torch.empty(B, H, R, **f))  # the kept-mass bound, set to +inf here
 
     def fn():
         sk._leaf_bounds_kernel[(B * H, nch)](
@@ -78,10 +79,10 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
     C = NB * BS
     dev = t["q"].device
     f = dict(device=dev, dtype=torch.float32)
+    # keep, kv_num_blocks, kv_indices, tau, the certificate, the kept-mass bound (the bounds kernel's +inf), fractions
     res = [torch.empty(B, H, NB, device=dev, dtype=torch.int8), torch.empty(B, H, 1, device=dev, dtype=torch.int32),
            torch.empty(B, H, 1, NB, device=dev, dtype=torch.int32), torch.empty(B, H, R, **f),
-           torch.empty(B, H, R, **f), torch.empty(B, H, R, **f), torch.empty(B, H, R, device=dev, dtype=torch.int8),
-           torch.empty(B, H, **f), torch.empty(B, H, **f)]
+           torch.empty(B, H, R, **f), parts[6], torch.empty(B, H, **f), torch.empty(B, H, **f)]
 
     k = int(value) if mode == sk.TOPK else 0
     launch = dict(sk._one_program(sk.select_launch(mode, R, NB, D, BS, ways, k, kth)), num_warps=warps,
@@ -89,7 +90,7 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
 
     def fn():
         sk._select_kernel[(B * H, 2)](
-            t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts,
+            t["q"], t["keys"], t["valid"], t["count"], t["first"], t["last"], t["n_valid"], *parts[:6],
             *res, H, NB, nch, C, 1.0, value, k, 4, 256, MODE=mode, R=R, R_PAD=R, D=D, BS=BS,
             NB_PAD=triton.next_power_of_2(NB), NCH_PAD=triton.next_power_of_2(nch), PDL=False, **launch)
         return res

@@ -112,6 +112,34 @@ def test_the_shares_kernel_keeps_the_k_largest_where_they_crowd_one_split(device
     assert torch.equal(got.keep[0, 0].cpu(), torch.arange(NB) < k)
 
 
+@settings(max_examples=10, deadline=None)
+@given(NB=st.integers(3, 40), k=st.integers(1, 2), kth=st.sampled_from([None, "topk", "search", "shares"]),
+       split=st.sampled_from([2, 4]), seed=st.integers(0, 2**31 - 1))
+def test_the_kept_mass_bound_is_minus_inf_where_the_top_leaf_is_skipped(device, NB, k, kth, split, seed):
+    """One leaf has the largest bound of every row and a small share (its keys are long and orthogonal to the
+    rows), the first k leaves the largest shares: ``TopK(k)`` skips the top leaf, so the kept-mass bound is -inf,
+    whichever program decides that leaf's fate (the one that scores it exactly never knows)."""
+    BS, D = 16, 32
+    gen = torch.Generator().manual_seed(seed)
+    keys = 0.1 * torch.randn(NB, BS, D, generator=gen)
+    keys[:, :, 0] = 0.0
+    keys[:k, :, 0] = 4.0  # the k largest shares: the first k leaves
+    top = int(torch.randint(k, NB, (1,), generator=gen))
+    keys[top, :, 1:] = 6 * torch.nn.functional.normalize(torch.randn(BS, D - 1, generator=gen), dim=-1)
+    keys = keys.reshape(1, 1, NB * BS, D).to(device)
+    cfg = hira.HiraConfig(block_size=BS, clustering="none", sink_tokens=0, window_tokens=0)
+    index = hira.build_index(keys, keys, cfg)
+    rows = torch.zeros(1, 1, 4, D)
+    rows[..., 0] = 1.0 + 0.5 * torch.rand(4, generator=gen)
+    rows = rows.to(device)
+    want = search_rows(index, rows, TopK(k), kernel=False)
+    assert torch.equal(want.keep[0, 0].cpu(), torch.arange(NB) < k)
+    assert (want.log_kept_lb == -math.inf).all()  # the case is what it claims: the top leaf is skipped
+    got = _kernel_search(index, rows, TopK(k), kth=kth, split=split)
+    assert torch.equal(got.keep.cpu(), want.keep.cpu())
+    assert (got.log_kept_lb == -math.inf).all()
+
+
 def _check_same_choice(device, case, G, q_kind, threshold, ways, seed, scale=None, dtype=torch.float32, kth=None,
                        split=8):
     case = dataclasses.replace(case, key_sketch=False)

@@ -10,19 +10,24 @@ Here:
    the selection needs: the estimate's max and Σ exp(est − max), the bound's max and its first argmax.
 2. For ``TopK`` past ``TOPK_LEAVES`` leaves and a small k, ``_shares_kernel``, one program per (batch·KV head,
    split of 512 leaves): each leaf's share of the group (from the partials and the estimates) and the split's k
-   largest (padded) as candidates for the k-th largest (benchmarks/NOTES.md §31: the whole search at 512K 31.5 →
-   23.9 µs).
-3. ``_select_kernel``, two programs per (batch·KV head), both starting from each row's top leaf (from the
+   largest (padded) as candidates for the k-th largest, then ``_select_splits_kernel``, one program per (batch·KV
+   head, split) and one for the exact score: each split's program takes the k-th largest share from the
+   candidates and writes its own leaves' keep flags, list places and certificate part (benchmarks/NOTES.md §31–32:
+   the step at 1% of 512K 0.0450 → 0.0433 ms, of 1M 0.0741 → 0.0709).
+3. Otherwise ``_select_kernel``, two programs per (batch·KV head), both starting from each row's top leaf (from the
    partials). One scores the top leaf's keys exactly. The other combines the partials into each row's log-sum-exp,
-   picks the leaves with the mode's rule in registers (``TopK``: the k-th largest share by triton's top-k, of every
-   leaf up to ``TOPK_LEAVES`` leaves, of the shares kernel's candidates past them, else by a search over the
-   shares' float bits; ``TopP``: per row, the smallest estimate whose leaves ranked above it carry less than p, by a
-   search over its bits; ``Fixed``: bound ≥ τ), adds the forced leaves, and writes the keep table,
-   ``kv_num_blocks`` / ``kv_indices`` (kept leaves first, ascending, then the rest), τ, the certificate's
-   skipped-mass bound and whether each row's top leaf was kept (the kept-mass bound is its exact score if so). On
-   sm90+ each kernel is launched while the one before it runs (programmatic dependent launch): its programs read
-   the index's own tensors, then wait for the earlier kernel's outputs (−2 to −3 µs a step, benchmarks/NOTES.md
-   §26).
+   picks the leaves with the mode's rule in registers (``TopK``: the k-th largest share by triton's top-k of every
+   leaf up to ``TOPK_LEAVES`` leaves, else by a search over the shares' float bits; ``TopP``: per row, the smallest
+   estimate whose leaves ranked above it carry less than p, by a search over its bits; ``Fixed``: bound ≥ τ), adds
+   the forced leaves, and writes the keep table, ``kv_num_blocks`` / ``kv_indices`` (kept leaves first, ascending,
+   then the rest), τ and the certificate's skipped-mass bound.
+
+Each row's kept-mass bound (the top leaf's exact score if that leaf is kept, else -inf) is written by the kernels
+themselves, as an atomic minimum over the +inf that the bounds kernel writes: the exact-score program lowers it to
+the score, the program that decides the top leaf's fate to -inf if it was not kept (no launch after the kernels:
+search+mask at 128K 16.6 → 15.2 µs, NOTES §32). On sm90+ each kernel is launched while the one before it runs
+(programmatic dependent launch): its programs read the index's own tensors, then wait for the earlier kernel's
+outputs (−2 to −3 µs a step, benchmarks/NOTES.md §26).
 
 The rules are the tensor program's (``hira.selection.threshold``) restated without a sort; ties are broken by
 index (the tensor program's ``topk`` leaves them unspecified) and ``TopP`` keeps every leaf tied at its cut. The
@@ -37,8 +42,6 @@ Shapes: B batch, H KV heads, R query rows, NB leaves, BS block size, D head dim.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 import triton
@@ -64,7 +67,7 @@ _MAX_SIZE = {FIXED: 262144, TOPK: 262144, TOPP: 65536}
 @triton.jit
 def _leaf_bounds_kernel(
     q_ptr, center_ptr, radius_ptr, count_ptr, var_ptr, mag_ptr, weight_ptr,
-    ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
+    ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr, kept_lb_ptr,
     NB, NCH, margin_coef, scale,
     R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, CHUNK: tl.constexpr,
     PDL: tl.constexpr,
@@ -119,6 +122,8 @@ def _leaf_bounds_kernel(
     tl.store(est_sum_ptr + part, e_sum, mask=rmask)
     tl.store(ub_max_ptr + part, u_max, mask=rmask)
     tl.store(ub_arg_ptr + part, u_arg, mask=rmask)
+    if ch == 0:  # the kept-mass bound starts at +inf: the selection kernel's programs lower it (atomic min)
+        tl.store(kept_lb_ptr + bh * R + r, tl.full([R_PAD], float("inf"), tl.float32), mask=rmask)
 
 
 @triton.jit
@@ -191,7 +196,7 @@ def _shares_kernel(
 
 
 @triton.jit
-def _exact_top_score(q_ptr, keys_ptr, valid_ptr, ub_max_ptr, ub_arg_ptr, exact_ptr, bh, b, row, rmask, part, pmask,
+def _exact_top_score(q_ptr, keys_ptr, valid_ptr, ub_max_ptr, ub_arg_ptr, kept_lb_ptr, bh, b, row, rmask, part, pmask,
                      C, scale, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr, BS: tl.constexpr):
     """The exact score of each row's top leaf's best real key, in float64 (as ``exact_leaf_score``), from the
     bounds kernel's partials ([R_PAD, NCH_PAD] at ``part``)."""
@@ -210,14 +215,14 @@ def _exact_top_score(q_ptr, keys_ptr, valid_ptr, ub_max_ptr, ub_arg_ptr, exact_p
         dot += tl.sum(kd.to(tl.float64) * qd.to(tl.float64)[:, None, :], axis=2)
     real = tl.load(valid_ptr + b * C + slot, mask=rmask[:, None], other=0) != 0
     exact = tl.max(tl.where(real, dot.to(tl.float32), float("-inf")), axis=1)  # [R_PAD]
-    tl.store(exact_ptr + row, exact, mask=rmask)
+    tl.atomic_min(kept_lb_ptr + row, exact, mask=rmask)  # the selection lowers it to -inf if not kept
 
 
 @triton.jit
 def _select_kernel(
     q_ptr, keys_ptr, valid_ptr, count_ptr, first_ptr, last_ptr, n_valid_ptr,
     ub_ptr, est_ptr, est_max_ptr, est_sum_ptr, ub_max_ptr, ub_arg_ptr,
-    keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, exact_ptr, top_kept_ptr, frac_ptr, read_ptr,
+    keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, kept_lb_ptr, frac_ptr, read_ptr,
     H, NB, NCH, C, scale, value, k, sink_tokens, window_tokens,
     MODE: tl.constexpr, R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr,
     BS: tl.constexpr, NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr, WAYS: tl.constexpr, TOPK_ITERS: tl.constexpr,
@@ -225,8 +230,8 @@ def _select_kernel(
 ):
     """For one (batch, KV head) (program axis 0) and every row at once ([rows, leaves] tiles: a block-wide reduction
     is the unit of latency here, not arithmetic), one of two jobs (axis 1): 0, the mode's choice of leaves, its block
-    lists, its certificate's skipped-mass bound and whether each row's top leaf was kept; 1, the exact score of each
-    row's top leaf. Two programs, so that the exact score's dependent read of the keys runs beside the selection
+    lists, its certificate's skipped-mass bound, and the kept-mass bound lowered to -inf where a row's top leaf was
+    not kept; 1, the kept-mass bound lowered to the exact score of each row's top leaf. Two programs, so that the exact score's dependent read of the keys runs beside the selection
     rather than inside it.
 
     With ``PDL`` (programmatic dependent launch, CUDA) the kernel is launched while the bounds kernel still runs: it
@@ -242,7 +247,7 @@ def _select_kernel(
     if tl.program_id(1) == 1:
         if PDL:
             gdc_wait()
-        _exact_top_score(q_ptr, keys_ptr, valid_ptr, ub_max_ptr, ub_arg_ptr, exact_ptr, bh, b, row, rmask, part,
+        _exact_top_score(q_ptr, keys_ptr, valid_ptr, ub_max_ptr, ub_arg_ptr, kept_lb_ptr, bh, b, row, rmask, part,
                          pmask, C, scale, R_PAD, D, EXACT_D, BS)
         return
     n = tl.arange(0, NB_PAD)
@@ -337,7 +342,8 @@ def _select_kernel(
     m_ref = tl.where(m == float("-inf"), 0.0, m)
     tl.store(skip_ptr + row, m_ref + tl.log(tl.sum(tl.exp(mass - m_ref[:, None]), axis=1)), mask=rmask)
     top_kept = tl.max(((n[None, :] == top[:, None]) & keep[None, :]).to(tl.int32), axis=1)
-    tl.store(top_kept_ptr + row, top_kept.to(tl.int8), mask=rmask)
+    # The kept-mass bound: the top leaf's exact score (the other program's) if that leaf is kept, else -inf.
+    tl.atomic_min(kept_lb_ptr + row, tl.full([R_PAD], float("-inf"), tl.float32), mask=rmask & (top_kept == 0))
     if MODE == 0:
         tl.store(tau_ptr + row, tl.full([R_PAD], value, tl.float32), mask=rmask)
     else:
@@ -347,7 +353,7 @@ def _select_kernel(
 @triton.jit
 def _select_splits_kernel(
     q_ptr, keys_ptr, valid_ptr, count_ptr, first_ptr, last_ptr, n_valid_ptr, ub_ptr, ub_max_ptr, ub_arg_ptr,
-    bits_ptr, cand_ptr, keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, exact_ptr, top_kept_ptr, frac_ptr, read_ptr,
+    bits_ptr, cand_ptr, keep_ptr, num_ptr, idx_ptr, tau_ptr, skip_ptr, kept_lb_ptr, frac_ptr, read_ptr,
     H, NB, NCH, NSPLIT, C, scale, k, sink_tokens, window_tokens,
     R: tl.constexpr, R_PAD: tl.constexpr, D: tl.constexpr, EXACT_D: tl.constexpr, BS: tl.constexpr,
     NB_PAD: tl.constexpr, NCH_PAD: tl.constexpr, SPLIT: tl.constexpr, LOCAL_PAD: tl.constexpr,
@@ -357,7 +363,7 @@ def _select_splits_kernel(
     (batch·KV head, split of SPLIT leaves) and one more for the exact score (axis 1 = NSPLIT). Each split's program
     takes the k-th largest share from the candidates and counts, over every leaf of its head, the kept leaves and
     the ties before its split (one pass over [leaves] vectors, no [rows, leaves] tile), then writes its own leaves'
-    keep flags and places in the block lists, its rows' top-leaf flags, and per row the log-sum-exp of its skipped
+    keep flags and places in the block lists, the kept-mass bound of its rows whose top leaf it holds, and per row the log-sum-exp of its skipped
     leaves' mass bounds ([B, H, R, NSPLIT] at ``skip_ptr``; the caller's compiled code combines them)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
@@ -371,7 +377,7 @@ def _select_splits_kernel(
     if s == NSPLIT:
         if PDL:
             gdc_wait()
-        _exact_top_score(q_ptr, keys_ptr, valid_ptr, ub_max_ptr, ub_arg_ptr, exact_ptr, bh, b, row, rmask, part,
+        _exact_top_score(q_ptr, keys_ptr, valid_ptr, ub_max_ptr, ub_arg_ptr, kept_lb_ptr, bh, b, row, rmask, part,
                          pmask, C, scale, R_PAD, D, EXACT_D, BS)
         return
     n = tl.arange(0, NB_PAD)  # every leaf of the head
@@ -437,7 +443,8 @@ def _select_splits_kernel(
     tl.store(skip_ptr + row * NSPLIT + s, m_ref + tl.log(tl.sum(tl.exp(mass - m_ref[:, None]), axis=1)), mask=rmask)
     top = _top_leaf(u_max, u_arg)
     top_kept = tl.max(((m[None, :] == top[:, None]) & keep_m[None, :]).to(tl.int32), axis=1)
-    tl.store(top_kept_ptr + row, top_kept.to(tl.int8), mask=rmask & (top >= start) & (top < start + SPLIT))
+    tl.atomic_min(kept_lb_ptr + row, tl.full([R_PAD], float("-inf"), tl.float32),
+                  mask=rmask & (top >= start) & (top < start + SPLIT) & (top_kept == 0))
 
 
 def _passes(size: int, ways: int) -> int:
@@ -509,12 +516,11 @@ def ball_search_op(
     leaf_first: torch.Tensor, leaf_last: torch.Tensor, n_valid: torch.Tensor, scale: float, mode: int, value: float,
     margin_coef: float, sink_tokens: int, window_tokens: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-           torch.Tensor, torch.Tensor]:
-    """``Selection``'s tensors (keep, kv_num_blocks, kv_indices, tau, log_skip_ub, kept_fraction, read_fraction)
-    for query rows q [B, H, R, D] (any float dtype, multiplied by ``scale`` in float32) over the leaf balls
-    (``search_rows`` on an index without a sketch), then for ``log_kept_lb`` each row's top leaf's exact score and
-    whether that leaf was kept ([B, H, R] float32 and bool; ``ball_search`` combines them, in the caller's compiled
-    code rather than in a launch of its own).
+           torch.Tensor]:
+    """``Selection``'s tensors (keep, kv_num_blocks, kv_indices, tau, log_skip_ub, log_kept_lb, kept_fraction,
+    read_fraction) for query rows q [B, H, R, D] (any float dtype, multiplied by ``scale`` in float32) over the leaf
+    balls (``search_rows`` on an index without a sketch), except that log_skip_ub comes in parts, [B, H, R, parts]:
+    one per split of the selection by splits (``ball_search`` combines them, in the caller's compiled code), else one.
 
     ``mode`` is FIXED (``value`` τ), TOPK (``value`` k) or TOPP (``value`` p); ``margin_coef`` the rounding margin's
     factor (``hira.index.bounds.rounding_margin``).
@@ -530,12 +536,13 @@ def ball_search_op(
     est_sum = torch.empty_like(est_max)
     ub_max = torch.empty_like(est_max)
     ub_arg = torch.empty(B, H, R, nch, device=q.device, dtype=torch.int32)
+    kept_lb = torch.empty(B, H, R, **f32)
     q = q.contiguous()
     # Programmatic dependent launch (NVIDIA sm90+): the selection kernel starts while the bounds kernel runs.
     pdl = q.is_cuda and torch.version.hip is None and torch.cuda.get_device_capability(q.device)[0] >= 9
     _leaf_bounds_kernel[(B * H, nch)](
         q, center.contiguous(), radius.contiguous(), count.contiguous(), var.contiguous(), magnitude.contiguous(),
-        spread_weight.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, NB, nch, margin_coef, scale,
+        spread_weight.contiguous(), ub, est, est_max, est_sum, ub_max, ub_arg, kept_lb, NB, nch, margin_coef, scale,
         R=R, R_PAD=triton.next_power_of_2(R), D=D, D_PAD=triton.next_power_of_2(D), CHUNK=_CHUNK, PDL=pdl,
         num_warps=4,
     )
@@ -543,8 +550,6 @@ def ball_search_op(
     num = torch.empty(B, H, 1, device=q.device, dtype=torch.int32)
     idx = torch.empty(B, H, 1, NB, device=q.device, dtype=torch.int32)
     tau = torch.empty(B, H, R, **f32)
-    exact = torch.empty_like(tau)
-    top_kept = torch.empty(B, H, R, device=q.device, dtype=torch.int8)
     frac = torch.empty(B, H, **f32)
     read = torch.empty_like(frac)
     k = int(value) if mode == TOPK else 0
@@ -558,7 +563,7 @@ def ball_search_op(
                   n_valid.contiguous())
     shapes = dict(R=R, R_PAD=triton.next_power_of_2(R), D=D, BS=C // NB, NB_PAD=triton.next_power_of_2(NB),
                   NCH_PAD=triton.next_power_of_2(nch), PDL=pdl)
-    outputs = (keep, num, idx, tau, skip, exact, top_kept, frac, read)
+    outputs = (keep, num, idx, tau, skip, kept_lb, frac, read)
     if split:  # TopK over many programs: the shares kernel, then the selection by splits
         bits = torch.empty(B, H, NB, device=q.device, dtype=torch.int32)
         cand = torch.empty(B, H, nsplit, launch["LOCAL_PAD"], device=q.device, dtype=torch.int32)
@@ -577,7 +582,7 @@ def ball_search_op(
             *index_args, ub, est, est_max, est_sum, ub_max, ub_arg, *outputs, H, NB, nch, C, scale, value, k,
             sink_tokens, window_tokens, MODE=mode, **shapes, **_one_program(launch), **pdl_launch,
         )
-    return keep.view(torch.bool), num, idx, tau, skip, frac, read, exact, top_kept.view(torch.bool)
+    return keep.view(torch.bool), num, idx, tau, skip, kept_lb, frac, read
 
 
 def _one_program(launch: dict) -> dict:
@@ -600,8 +605,8 @@ def _(q, keys, valid, center, radius, count, var, magnitude, spread_weight, leaf
     f32 = dict(device=q.device, dtype=torch.float32)
     return (q.new_empty(B, H, NB, dtype=torch.bool), q.new_empty(B, H, 1, dtype=torch.int32),
             q.new_empty(B, H, 1, NB, dtype=torch.int32), torch.empty(B, H, R, **f32),
-            torch.empty(B, H, R, parts, **f32), torch.empty(B, H, **f32), torch.empty(B, H, **f32),
-            torch.empty(B, H, R, **f32), q.new_empty(B, H, R, dtype=torch.bool))
+            torch.empty(B, H, R, parts, **f32), torch.empty(B, H, R, **f32), torch.empty(B, H, **f32),
+            torch.empty(B, H, **f32))
 
 
 def applies(index: HiraIndex, q: torch.Tensor, threshold: Threshold) -> bool:
@@ -619,10 +624,12 @@ def ball_search(index: HiraIndex, q: torch.Tensor, threshold: Threshold, scale: 
     ``applies``)."""
     leaves = index.levels[0]
     value = name_and_value(threshold)[1]  # τ, k or p
-    keep, num, idx, tau, skip, frac, read, exact, top_kept = ball_search_op(
+    keep, num, idx, tau, skip, kept_lb, frac, read = ball_search_op(
         q, index.keys, index.valid, leaves.center, leaves.radius, leaves.count, leaves.var, leaves.scale,
         index.spread_weight, index.leaf_first, index.leaf_last, index.n_valid, scale, MODES[type(threshold)], value,
         margin_factor(q.shape[-1], q.is_cuda), index.sink_tokens, index.window_tokens,
     )
-    # the certificate's parts (one per split of the selection by splits) combined here, in the caller's compiled code
-    return keep, num, idx, tau, skip.logsumexp(-1), exact.masked_fill(~top_kept, -math.inf), frac, read
+    # the certificate's parts (one per split of the selection by splits) combined here, in the caller's compiled
+    # code; one part is taken as it is (a view: no launch after the kernels)
+    skip = skip.squeeze(-1) if skip.shape[-1] == 1 else skip.logsumexp(-1)
+    return keep, num, idx, tau, skip, kept_lb, frac, read

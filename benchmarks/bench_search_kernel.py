@@ -100,7 +100,8 @@ def select_fn(t, parts, nch, mode: int, value: float, warps: int, exact_d: int, 
 
 def _launch_with(kth: str, split: int, warps: int | None):
     """``select_launch`` with ``TopK``'s k-th share found as ``kth`` says (splits of ``split`` leaves for "shares")
-    and, given ``warps``, that many warps for the selection kernel."""
+    and, given ``warps``, that many warps for the one-program selection kernel (the selection by splits takes its
+    own from ``_SPLITS_WARPS``)."""
     shipped = sk.select_launch  # the module's own, before a patch puts this one in its place
 
     def launch(*args, **kwargs):
@@ -197,7 +198,8 @@ def main():
                 how = f"k-th share by {kth}" + (f" from splits of {split} leaves" if kth == "shares" else "")
                 how += f", {warps} warps" if warps else ""
                 launch = _launch_with(kth, split, warps)
-            with mock.patch.object(sk, "select_launch", launch):
+            split_warps = way[2] if way is not None and way[0] == "shares" and way[2] else sk._SPLITS_WARPS
+            with mock.patch.object(sk, "select_launch", launch), mock.patch.object(sk, "_SPLITS_WARPS", split_warps):
                 got = sk.ball_search_op(*args_)
                 if way is not None and not torch.equal(got[0], shipped_keep):  # the shares are distinct: no ties
                     how += ", KEPT OTHER LEAVES THAN SHIPPED"

@@ -13,7 +13,7 @@ Here:
    largest (padded) as candidates for the k-th largest, then ``_select_splits_kernel``, one program per (batch·KV
    head, split) and one for the exact score: each split's program takes the k-th largest share from the
    candidates and writes its own leaves' keep flags, list places and certificate part (benchmarks/NOTES.md §31–32:
-   the step at 1% of 512K 0.0450 → 0.0433 ms, of 1M 0.0741 → 0.0709).
+   the step at 1% of 512K 0.0444 → 0.0428 ms, of 1M 0.0730 → 0.0711).
 3. Otherwise ``_select_kernel``, two programs per (batch·KV head), both starting from each row's top leaf (from the
    partials). One scores the top leaf's keys exactly. The other combines the partials into each row's log-sum-exp,
    picks the leaves with the mode's rule in registers (``TopK``: the k-th largest share by triton's top-k of every
@@ -25,7 +25,7 @@ Here:
 Each row's kept-mass bound (the top leaf's exact score if that leaf is kept, else -inf) is written by the kernels
 themselves, as an atomic minimum over the +inf that the bounds kernel writes: the exact-score program lowers it to
 the score, the program that decides the top leaf's fate to -inf if it was not kept (no launch after the kernels:
-search+mask at 128K 16.6 → 15.2 µs, NOTES §32). On sm90+ each kernel is launched while the one before it runs
+search+mask at 128K 16.5 → 15.0–15.3 µs, NOTES §32). On sm90+ each kernel is launched while the one before it runs
 (programmatic dependent launch): its programs read the index's own tensors, then wait for the earlier kernel's
 outputs (−2 to −3 µs a step, benchmarks/NOTES.md §26).
 
@@ -231,8 +231,8 @@ def _select_kernel(
     """For one (batch, KV head) (program axis 0) and every row at once ([rows, leaves] tiles: a block-wide reduction
     is the unit of latency here, not arithmetic), one of two jobs (axis 1): 0, the mode's choice of leaves, its block
     lists, its certificate's skipped-mass bound, and the kept-mass bound lowered to -inf where a row's top leaf was
-    not kept; 1, the kept-mass bound lowered to the exact score of each row's top leaf. Two programs, so that the exact score's dependent read of the keys runs beside the selection
-    rather than inside it.
+    not kept; 1, the kept-mass bound lowered to the exact score of each row's top leaf. Two programs, so that the
+    exact score's dependent read of the keys runs beside the selection rather than inside it.
 
     With ``PDL`` (programmatic dependent launch, CUDA) the kernel is launched while the bounds kernel still runs: it
     reads the index's own tensors first and the bounds kernel's outputs only past ``gdc_wait``."""
@@ -363,8 +363,9 @@ def _select_splits_kernel(
     (batch·KV head, split of SPLIT leaves) and one more for the exact score (axis 1 = NSPLIT). Each split's program
     takes the k-th largest share from the candidates and counts, over every leaf of its head, the kept leaves and
     the ties before its split (one pass over [leaves] vectors, no [rows, leaves] tile), then writes its own leaves'
-    keep flags and places in the block lists, the kept-mass bound of its rows whose top leaf it holds, and per row the log-sum-exp of its skipped
-    leaves' mass bounds ([B, H, R, NSPLIT] at ``skip_ptr``; the caller's compiled code combines them)."""
+    keep flags and places in the block lists, the kept-mass bound of its rows whose top leaf it holds (-inf if
+    skipped), and per row the log-sum-exp of its skipped leaves' mass bounds ([B, H, R, NSPLIT] at ``skip_ptr``;
+    the caller's compiled code combines them)."""
     bh = tl.program_id(0).to(tl.int64)
     b = bh // H
     s = tl.program_id(1)

@@ -509,15 +509,16 @@ def _release(codes) -> None:
 
 
 def profile_step(args, index, q, scale, NB, device, log, compiled_fns) -> dict:
-    """torch.profiler over graph replays of the Hira step (topk 5%): device time per kernel, kernels per step."""
+    """torch.profiler over graph replays of the Hira step (topk at ``--profile-fraction``): device time per kernel,
+    kernels per step; the compiled step and search+mask too where that selection was compiled (``--compiled``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    thr = TopK(max(1, round(0.05 * NB)))
-    res = {}
+    thr = TopK(max(1, round(args.profile_fraction * NB)))
+    res = {"selection": profile_label(args)}
     todo = [("step", hira_step(index, q, thr, scale)), ("search_mask", hira_search_mask(index, q, thr, scale))]
-    five = [v for k, v in compiled_fns.items() if k.startswith("topk 5% ")]
-    if five:
-        todo += [("compiled_step", five[0][0]), ("compiled_search_mask", five[0][1])]
+    compiled = [v for k, v in compiled_fns.items() if k.startswith(f"{profile_label(args)} ")]
+    if compiled:
+        todo += [("compiled_step", compiled[0][0]), ("compiled_search_mask", compiled[0][1])]
     for label, fn in todo:
         g, _ = capture_graph(fn)
         n = 20
@@ -555,6 +556,11 @@ def profile_step(args, index, q, scale, NB, device, log, compiled_fns) -> dict:
         torch.cuda.synchronize()
     res["eager_table"] = prof.key_averages().table(sort_by="cpu_time_total", row_limit=30)
     return res
+
+
+def profile_label(args) -> str:
+    """The profiled selection's label prefix, as the selections are named ("topk 5%")."""
+    return f"topk {args.profile_fraction * 100:g}%"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -653,7 +659,8 @@ def markdown(results: list, meta: dict) -> str:
     L.append("")
     prof = [c for c in results if c.get("profile")]
     for c in prof:
-        L.append(f"## Profile: BS={c['bs']} context {fmt_size(c['N'])} B={c['B']}, topk 5%, graph replay\n")
+        L.append(f"## Profile: BS={c['bs']} context {fmt_size(c['N'])} B={c['B']}, {c['profile']['selection']}, "
+                 "graph replay ('step' and 'search_mask' eager, 'compiled_*' compiled)\n")
         for label in ("step", "search_mask", "compiled_step", "compiled_search_mask"):
             if label not in c["profile"]:
                 continue
@@ -737,6 +744,8 @@ def main(argv=None):
                     help="only the first N combos run get the compiled variants (-1: all; default all, 1 with --quick: "
                          "a CPU inductor compile of the step takes 20-35 s)")
     ap.add_argument("--profile-block-size", type=int, default=128)
+    ap.add_argument("--profile-fraction", type=float, default=0.05,
+                    help="the profiled step's topk fraction (compiled too where --compiled names it)")
     ap.add_argument("--time-budget", type=float, default=0.0, help="seconds; skip remaining combos past it (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="markdown file for the full table (a .json beside it)")

@@ -476,16 +476,17 @@ def select_launch(mode: int, R: int, NB: int, D: int, BS: int, ways: int | None 
     16K values: ``TopK``'s is [ways, leaves], ``TopP``'s [rows, ways, leaves]); and how ``TopK`` finds its k-th
     largest share (``kth``): "topk", from the k largest (padded to a power of two, ``TOPK_PAD``); "search", the
     ways-ary search (``TOPK_PAD`` 0); or "shares", from the shares kernel's candidates, the ``LOCAL_PAD`` largest
-    of each ``split`` leaves (a power of two; ``SPLIT`` 0 where the selection kernel computes the shares itself); by
-    default "topk" up to ``TOPK_LEAVES`` leaves, past them "shares" where k is small enough (``SHARES_PRUNE``),
-    else "search".
+    of each ``split`` leaves (a power of two; ``SPLIT`` 0 where the selection kernel computes the shares itself),
+    then the selection by splits (``_select_splits_kernel``); by default "topk" up to ``TOPK_LEAVES`` leaves, past
+    them "shares" where k is small enough (``SHARES_PRUNE``), else "search".
 
     The selection alone at 8 warps (H200, benchmarks/NOTES.md §30), by top-k against the search at 2 / 4 / 8 / 16
     ways: 128K (1,024 leaves, k = 10) 11.0 against 16.3 / 14.7 / 15.6 / 16.9 µs; 256K (2,048, k = 20) 16.6 against
     21.0 / 18.8 / 20.3 / 22.4; 512K (4,096, k = 41) 34.4 against 26.3 / 24.6 / 26.9 / 30.4. ``TopP`` took 34.8 /
     37.4 / 42.9 / 52.0 µs at 128K. The whole search (both kernels, or all three) by the search against the shares
     kernel's splits of 256 / 512 / 1,024 leaves (§31): 512K 31.4 against 34.3 / 23.9 / 25.4 µs, 1M 59.7 against
-    64.4 / 43.1 / —; at 128K the top-k took 15.3 against 26.1 / 17.8 / 18.0."""
+    64.4 / 43.1 / —; at 128K the top-k took 15.3 against 26.1 / 17.8 / 18.0. With the selection by splits (§32):
+    512K 22.3 µs (splits of 256 / 1,024 leaves: 37.6 / 24.0), 1M 39.1 (86.6 / 39.6)."""
     r_pad, nb_pad = triton.next_power_of_2(R), triton.next_power_of_2(NB)
     exact_d = max(1, min(triton.next_power_of_2(D), 65536 // (r_pad * BS)))
     if ways is None:

@@ -163,6 +163,36 @@ def _share_bits(frac, live):
 
 
 @triton.jit
+def _forced_leaves(count, first, last, n_valid, sink_tokens, window_tokens):
+    """The live leaves that hold a sink token or a token of the recent window: always read."""
+    return (count > 0) & ((first < sink_tokens) | (last >= n_valid - window_tokens))
+
+
+@triton.jit
+def _first_by_share(bits, lo, room, tied_before):
+    """``TopK``'s choice among leaves given the k-th largest share bits ``lo``: the shares above it and, of those
+    equal to it, the first ``room`` by index, ``tied_before`` tied leaves ranking ahead of these."""
+    tied = (bits == lo).to(tl.int32)
+    return (bits > lo) | ((tied == 1) & (tied_before + tl.cumsum(tied, axis=0) <= room))
+
+
+@triton.jit
+def _logsumexp_rows(x):
+    """Each row's log-sum-exp of x [R_PAD, N] (-inf for a row of -inf)."""
+    m = tl.max(x, axis=1)
+    m_ref = tl.where(m == float("-inf"), 0.0, m)
+    return m_ref + tl.log(tl.sum(tl.exp(x - m_ref[:, None]), axis=1))
+
+
+@triton.jit
+def _store_fractions(frac_ptr, read_ptr, bh, num, n_live, count, keep_i):
+    """A head's kept fraction (kept over live leaves) and read fraction (keys in kept leaves over all keys)."""
+    tl.store(frac_ptr + bh, num.to(tl.float32) / tl.maximum(n_live, 1).to(tl.float32))
+    tl.store(read_ptr + bh, tl.sum(count * keep_i, axis=0).to(tl.float32)
+             / tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32))
+
+
+@triton.jit
 def _shares_kernel(
     count_ptr, est_ptr, est_max_ptr, est_sum_ptr, bits_ptr, cand_ptr, NB, NCH, NSPLIT,
     R: tl.constexpr, R_PAD: tl.constexpr, NCH_PAD: tl.constexpr, SPLIT: tl.constexpr, LOCAL_PAD: tl.constexpr,
@@ -273,7 +303,7 @@ def _select_kernel(
         est = tl.load(est_ptr + tile, mask=tmask, other=float("-inf"))  # [R_PAD, NB_PAD]
     live = count > 0
     n_live = tl.sum(live.to(tl.int32), axis=0)
-    forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
+    forced = _forced_leaves(count, first, last, n_valid, sink_tokens, window_tokens)
     top = _top_leaf(u_max, u_arg)
     ways = tl.arange(0, WAYS)  # the searches' pivots: lo + j·step, j = 0 (lo itself, known) … WAYS − 1
     keep = forced
@@ -300,10 +330,7 @@ def _select_kernel(
                     enough = tl.sum((bits[None, :] >= pivot[:, None]).to(tl.int32), axis=1) >= kk
                     lo = lo + tl.sum((enough & (ways > 0)).to(tl.int32), axis=0) * step  # counts fall with the pivot
                     hi = tl.minimum(hi, lo + step)
-            above = bits > lo
-            tied = bits == lo
-            room = kk - tl.sum(above.to(tl.int32), axis=0)
-            chosen = above | (tied & (tl.cumsum(tied.to(tl.int32), axis=0) <= room))
+            chosen = _first_by_share(bits, lo, kk - tl.sum((bits > lo).to(tl.int32), axis=0), 0)
             keep = tl.where(kk > 0, keep | chosen, keep)
         else:
             # TopP: per row, keep a leaf if the leaves ranked above it (forced first) carry less than p: the
@@ -331,16 +358,12 @@ def _select_kernel(
     tl.store(idx_ptr + bh * NB + dest, n.to(tl.int32), mask=nmask)
     tl.store(keep_ptr + leaf, keep_i.to(tl.int8), mask=nmask)
     tl.store(num_ptr + bh, num)
-    tl.store(frac_ptr + bh, num.to(tl.float32) / tl.maximum(n_live, 1).to(tl.float32))
-    tl.store(read_ptr + bh, tl.sum(count * keep_i, axis=0).to(tl.float32)
-             / tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32))
+    _store_fractions(frac_ptr, read_ptr, bh, num, n_live, count, keep_i)
     # The certificate: an upper bound on the skipped leaves' mass (count·exp(bound)), the kept top leaf's score.
     skipped = (live & ~keep)[None, :]
     log_n = tl.log(tl.maximum(count, 1).to(tl.float32))
     mass = tl.where(skipped, ub + log_n[None, :], float("-inf"))
-    m = tl.max(mass, axis=1)
-    m_ref = tl.where(m == float("-inf"), 0.0, m)
-    tl.store(skip_ptr + row, m_ref + tl.log(tl.sum(tl.exp(mass - m_ref[:, None]), axis=1)), mask=rmask)
+    tl.store(skip_ptr + row, _logsumexp_rows(mass), mask=rmask)
     top_kept = tl.max(((n[None, :] == top[:, None]) & keep[None, :]).to(tl.int32), axis=1)
     # The kept-mass bound: the top leaf's exact score (the other program's) if that leaf is kept, else -inf.
     tl.atomic_min(kept_lb_ptr + row, tl.full([R_PAD], float("-inf"), tl.float32), mask=rmask & (top_kept == 0))
@@ -411,20 +434,18 @@ def _select_splits_kernel(
     kk = tl.minimum(k, n_live)
     largest = tl.topk(cand, TOPK_PAD)  # [TOPK_PAD], descending
     lo = tl.sum(tl.where(tl.arange(0, TOPK_PAD) == kk - 1, largest, 0), axis=0)
-    tied_i = (bits == lo).to(tl.int32)
     room = kk - tl.sum((bits > lo).to(tl.int32), axis=0)
-    chosen = (bits > lo) | ((tied_i == 1) & (tl.cumsum(tied_i, axis=0) <= room))
-    forced = live & ((first < sink_tokens) | (last >= n_valid - window_tokens))
+    chosen = _first_by_share(bits, lo, room, 0)
+    forced = _forced_leaves(count, first, last, n_valid, sink_tokens, window_tokens)
     keep_i = (forced | (chosen & (kk > 0))).to(tl.int32)
     num = tl.sum(keep_i, axis=0)
     before = n < start
     kept_before = tl.sum(tl.where(before, keep_i, 0), axis=0)
-    tied_before = tl.sum(tl.where(before, tied_i, 0), axis=0)
+    tied_before = tl.sum((before & (bits == lo)).to(tl.int32), axis=0)
     # This program's leaves: the same choice, their places in the lists, their rows' certificate part.
     live_m = count_m > 0
-    tied_m = (bits_m == lo).to(tl.int32)
-    chosen_m = (bits_m > lo) | ((tied_m == 1) & (tied_before + tl.cumsum(tied_m, axis=0) <= room))
-    forced_m = live_m & ((first_m < sink_tokens) | (last_m >= n_valid - window_tokens))
+    chosen_m = _first_by_share(bits_m, lo, room, tied_before)
+    forced_m = _forced_leaves(count_m, first_m, last_m, n_valid, sink_tokens, window_tokens)
     keep_m = forced_m | (chosen_m & (kk > 0))
     keep_mi = keep_m.to(tl.int32)
     dest = tl.where(keep_m, kept_before + tl.cumsum(keep_mi, axis=0) - 1,
@@ -433,15 +454,11 @@ def _select_splits_kernel(
     tl.store(keep_ptr + own, keep_mi.to(tl.int8), mask=mmask)
     if s == 0:
         tl.store(num_ptr + bh, num)
-        tl.store(frac_ptr + bh, num.to(tl.float32) / tl.maximum(n_live, 1).to(tl.float32))
-        tl.store(read_ptr + bh, tl.sum(count * keep_i, axis=0).to(tl.float32)
-                 / tl.maximum(tl.sum(count, axis=0), 1).to(tl.float32))
+        _store_fractions(frac_ptr, read_ptr, bh, num, n_live, count, keep_i)
         tl.store(tau_ptr + row, tl.full([R_PAD], float("-inf"), tl.float32), mask=rmask)
     log_n = tl.log(tl.maximum(count_m, 1).to(tl.float32))
     mass = tl.where((live_m & ~keep_m)[None, :], ub + log_n[None, :], float("-inf"))
-    mx = tl.max(mass, axis=1)
-    m_ref = tl.where(mx == float("-inf"), 0.0, mx)
-    tl.store(skip_ptr + row * NSPLIT + s, m_ref + tl.log(tl.sum(tl.exp(mass - m_ref[:, None]), axis=1)), mask=rmask)
+    tl.store(skip_ptr + row * NSPLIT + s, _logsumexp_rows(mass), mask=rmask)
     top = _top_leaf(u_max, u_arg)
     top_kept = tl.max(((m[None, :] == top[:, None]) & keep_m[None, :]).to(tl.int32), axis=1)
     tl.atomic_min(kept_lb_ptr + row, tl.full([R_PAD], float("-inf"), tl.float32),

@@ -423,7 +423,11 @@ def run_combo(args, device, bs: int, N: int, B: int, results: list, log) -> None
 
     if cuda and args.profile_context and N == args.profile_context and B == 1 and bs == args.profile_block_size:
         try:
-            combo["profile"] = profile_step(args, index, q, scale, NB, device, log, compiled_fns)
+            profiled = [(name, thr) for name, thr, kernel in sels
+                        if kernel and label_matches(name, args.profile_selection)]
+            if not profiled:
+                raise ValueError(f"--profile-selection {args.profile_selection!r} names no selection of this run")
+            combo["profile"] = profile_step(index, q, scale, *profiled[0], log, compiled_fns)
         except Exception as e:  # noqa: BLE001
             log(f"profile failed: {e!r}")
     results.append(combo)
@@ -440,7 +444,7 @@ def want_compiled(args, name: str) -> bool:
     combo (the first ``--compiled-combos`` combos run)?"""
     if args.compiled_combos >= 0 and args.combos_run > args.compiled_combos:
         return False
-    return any(c == "all" or name == c or name.startswith(c + " ") for c in args.compiled)
+    return any(c == "all" or label_matches(name, c) for c in args.compiled)
 
 
 def compiled_step(args, device, index, q, thr, scale, step, out, keep, row, codes, compiled_fns, name, use_graph,
@@ -508,17 +512,16 @@ def _release(codes) -> None:
     codes.clear()
 
 
-def profile_step(args, index, q, scale, NB, device, log, compiled_fns) -> dict:
-    """torch.profiler over graph replays of the Hira step (topk at ``--profile-fraction``): device time per kernel,
-    kernels per step; the compiled step and search+mask too where that selection was compiled (``--compiled``)."""
+def profile_step(index, q, scale, name, thr, log, compiled_fns) -> dict:
+    """torch.profiler over graph replays of the Hira step with selection ``name`` (``--profile-selection``): device
+    time per kernel, kernels per step; the compiled step and search+mask too where that selection was compiled
+    (``--compiled``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    thr = TopK(max(1, round(args.profile_fraction * NB)))
-    res = {"selection": profile_label(args)}
+    res = {"selection": name}
     todo = [("step", hira_step(index, q, thr, scale)), ("search_mask", hira_search_mask(index, q, thr, scale))]
-    compiled = [v for k, v in compiled_fns.items() if k.startswith(f"{profile_label(args)} ")]
-    if compiled:
-        todo += [("compiled_step", compiled[0][0]), ("compiled_search_mask", compiled[0][1])]
+    if name in compiled_fns:
+        todo += [("compiled_step", compiled_fns[name][0]), ("compiled_search_mask", compiled_fns[name][1])]
     for label, fn in todo:
         g, _ = capture_graph(fn)
         n = 20
@@ -558,14 +561,10 @@ def profile_step(args, index, q, scale, NB, device, log, compiled_fns) -> dict:
     return res
 
 
-def profile_label(args) -> str:
-    """The profiled selection's label prefix, as the selections are named ("topk 5%")."""
-    return f"topk {args.profile_fraction * 100:g}%"
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Report
-# --------------------------------------------------------------------------------------------------------------
+def label_matches(name: str, prefix: str) -> bool:
+    """Is ``prefix`` (as ``--compiled`` and ``--profile-selection`` give them: 'topk 5%', 'certified1e-2') the label
+    ``name`` of a selection, or its start up to a space ('topk 5%' names 'topk 5% (k=51)')?"""
+    return name == prefix or name.startswith(prefix + " ")
 
 
 def _clean(msg: str, n: int = 160) -> str:
@@ -744,8 +743,9 @@ def main(argv=None):
                     help="only the first N combos run get the compiled variants (-1: all; default all, 1 with --quick: "
                          "a CPU inductor compile of the step takes 20-35 s)")
     ap.add_argument("--profile-block-size", type=int, default=128)
-    ap.add_argument("--profile-fraction", type=float, default=0.05,
-                    help="the profiled step's topk fraction (compiled too where --compiled names it)")
+    ap.add_argument("--profile-selection", default="topk 5%",
+                    help="the profiled step's selection, a label prefix as for --compiled ('topk 1%%', "
+                         "'certified1e-2'); its compiled step too where --compiled names it")
     ap.add_argument("--time-budget", type=float, default=0.0, help="seconds; skip remaining combos past it (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="markdown file for the full table (a .json beside it)")

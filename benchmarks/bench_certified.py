@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import math
 import statistics
 import sys
@@ -126,8 +127,7 @@ def measure_config(Q, K, V, scale, cfg: HiraConfig, acc: dict, label: str):
         n_keep = keep.sum(-1, keepdim=True)
         rank = share.argsort(-1, descending=True).argsort(-1)
         oracle = torch.zeros_like(keep) | (rank < n_keep)
-        o_sel = type(sel)(oracle[None], sel.kv_num_blocks, sel.kv_indices, sel.tau, sel.log_skip_ub,
-                          sel.log_kept_lb, sel.kept_fraction)
+        o_sel = dataclasses.replace(sel, keep=oracle[None])
         _, _, err_oracle, _ = outcome(o_sel)
         acc.setdefault((label, "topk err"), []).extend(err.flatten().tolist())
         acc.setdefault((label, "oracle err"), []).extend(err_oracle.flatten().tolist())

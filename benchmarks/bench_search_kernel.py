@@ -132,11 +132,13 @@ def sketch_fn(t, G: int, warps: int, maxnreg: int | None):
         launch["maxnreg"] = maxnreg
     NG = triton.cdiv(NB, G)
     words = t["codes"].view(torch.int32)
-    out = [torch.empty(B, H, R, NB, device=t["q"].device, dtype=torch.float32) for _ in range(2)]
+    out = [torch.empty(B, H, R, NB, device=t["q"].device, dtype=torch.float32) for _ in range(3)]
+    terms = sketch_kernel.half_width_terms(D)
 
     def fn():
         sketch_kernel._block_stats_dot_kernel[(B * H * NG,)](
-            t["q"], words, t["lo"], t["step"], t["valid"], *out, H, NB, C, NG, R=R, D=D, W=D // 8, BS=BS, **launch)
+            t["q"], words, t["lo"], t["step"], t["valid"], *out, H, NB, C, NG, *terms, R=R, D=D, W=D // 8, BS=BS,
+            **launch)
         return out
 
     return fn

@@ -28,7 +28,7 @@ from hira.kernels import cuda_kernels
 
 LEVELS = 15  # codes 0..15: 4 bits
 # Quantisation error per channel, in steps: 1/2, plus a float32 allowance for the code's rounding.
-_HALF_STEP = 0.5 + 2.0**-12
+HALF_STEP = 0.5 + 2.0**-12
 
 
 @dataclass
@@ -112,11 +112,11 @@ def _unpack(codes: torch.Tensor, D: int) -> torch.Tensor:
     return c[..., :D].float()
 
 
-def _half_width(q: torch.Tensor, sketch: KeySketch) -> torch.Tensor:
+def half_width(q: torch.Tensor, sketch: KeySketch) -> torch.Tensor:
     """[B, H, R, NB]: the quantisation error Σ|q_i|·step_i·(1/2 + 2^-12) plus the rounding margin of computing q·k̃."""
     D = q.shape[-1]
     lo, step = sketch.lo.float(), sketch.step.float()  # [B, H, NB, D]
-    err = _HALF_STEP * (q.abs() @ step.transpose(-1, -2))  # [B, H, R, NB]
+    err = HALF_STEP * (q.abs() @ step.transpose(-1, -2))  # [B, H, R, NB]
     magnitude = lo.norm(dim=-1) + LEVELS * step.norm(dim=-1)  # [B, H, NB] bounds ‖k̃‖ and each term's size
     qn = q.norm(dim=-1, keepdim=True)  # [B, H, R, 1]
     return err + rounding_margin(qn, magnitude[:, :, None, :], D, q.is_cuda)
@@ -153,7 +153,7 @@ def key_score_bounds(q: torch.Tensor, sketch: KeySketch, valid: torch.Tensor) ->
         (estimate, half_width): estimate [B, H, R, NB, BS] float32 q·k̃ (-inf in invalid slots) and
         half_width [B, H, R, NB] such that |q·k − estimate| ≤ half_width for every real key.
     """
-    return key_scores(q, sketch, valid), _half_width(q, sketch)
+    return key_scores(q, sketch, valid), half_width(q, sketch)
 
 
 def block_score_stats(
@@ -163,18 +163,17 @@ def block_score_stats(
     [B, H, R, NB] float32 (-inf for blocks without a real key). Every key's score lies within half-width of q·k̃.
 
     On CUDA a Triton kernel reads each block's codes once (``hira.index.sketch_kernel``): on the tensor cores for
-    head dims that are a power of two of at least 16, its float16 rounding added to the half-width; else with FMAs
-    for multiples of 8. Elsewhere the tensor program of ``key_scores``.
+    head dims that are a power of two of at least 16, writing the half-width too, its float16 rounding added; else
+    with FMAs for multiples of 8. Elsewhere the tensor program of ``key_scores``.
     """
     if q.is_cuda and _KERNELS is not None and _KERNELS.dot_applies(q.shape[-1]):
-        top, lse = _KERNELS.sketch_block_stats_dot(q, sketch.codes, sketch.lo, sketch.step, valid)
-        return top, lse, _half_width(q, sketch) + _KERNELS.dot_error(q, sketch.step)
+        return _KERNELS.sketch_block_stats_dot(q, sketch.codes, sketch.lo, sketch.step, valid)
     if q.is_cuda and _KERNELS is not None and q.shape[-1] % 8 == 0:
         top, lse = _KERNELS.sketch_block_stats(q, sketch.codes, sketch.lo, sketch.step, valid)
     else:
         est = key_scores(q, sketch, valid)
         top, lse = est.amax(-1), est.logsumexp(-1)
-    return top, lse, _half_width(q, sketch)
+    return top, lse, half_width(q, sketch)
 
 
 _KERNELS = cuda_kernels("hira.index.sketch_kernel")

@@ -18,6 +18,9 @@ import torch
 import triton
 import triton.language as tl
 
+from hira.index.bounds import margin_factor
+from hira.index.sketch import HALF_STEP
+
 
 @triton.jit
 def _block_stats_kernel(
@@ -101,8 +104,8 @@ def _block_product(words, wn, block_of_col, j: tl.constexpr, BS: tl.constexpr, D
 
 @triton.jit
 def _block_stats_dot_kernel(
-    q_ptr, words_ptr, lo_ptr, step_ptr, valid_ptr, max_ptr, lse_ptr,
-    H, NB, C, NG,
+    q_ptr, words_ptr, lo_ptr, step_ptr, valid_ptr, max_ptr, lse_ptr, half_ptr,
+    H, NB, C, NG, per_step, per_lo, per_max,
     R: tl.constexpr, R_PAD: tl.constexpr, G: tl.constexpr, N: tl.constexpr, D: tl.constexpr, W: tl.constexpr,
     BS: tl.constexpr,
 ):
@@ -112,6 +115,9 @@ def _block_stats_dot_kernel(
     other blocks' columns 0), and the G products add into one [BS, N] tile, so that the epilogue (the scale, the
     validity, max and log-sum-exp over the keys) runs once for G blocks with every column real where G·R_PAD = 16
     (one block per program kept 4 of 16 columns at R = 4, and the epilogue was a third of its instructions).
+
+    Each column's half-width comes from the same tiles (``half_width_terms``): per_step·Σ|q·step| + per_lo·Σ|q·lo| +
+    per_max·max|q·step|.
 
     Every load comes first, the G blocks' codes at once: a layout change or a reduction is a barrier, and a load
     written after one waits for everything before it."""
@@ -141,6 +147,11 @@ def _block_stats_dot_kernel(
     base = tl.sum(q * lo, axis=1)  # [N]
     w = q * step
     scale = tl.max(tl.abs(w), axis=1)
+    half = per_step * tl.sum(tl.abs(w), axis=1) + per_lo * tl.sum(tl.abs(q * lo), axis=1) + per_max * scale
+    out = (bh * R + r) * NB + n
+    # Stored at once: live across the products, it took the kernel from 172 to 242 registers (with the norms of an
+    # earlier form) and from 55 to 67 µs at 128K on the H200 (benchmarks/NOTES.md §33).
+    tl.store(half_ptr + out, half, mask=real_col)
     scale = tl.where(scale > 0, scale, 1.0)
     wn = (w / scale[:, None]).to(tl.float16)
     dot = _block_product(words0, wn, block_of_col, 0, BS, D)
@@ -153,7 +164,6 @@ def _block_stats_dot_kernel(
     m = tl.max(est, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     lse = m_safe + tl.log(tl.sum(tl.exp(est - m_safe[None, :]), axis=0))
-    out = (bh * R + r) * NB + n
     tl.store(max_ptr + out, m, mask=real_col)
     tl.store(lse_ptr + out, lse, mask=real_col)
 
@@ -177,21 +187,41 @@ def dot_applies(D: int) -> bool:
 @torch.library.custom_op("hira::sketch_block_stats_dot", mutates_args=())
 def sketch_block_stats_dot(
     q: torch.Tensor, codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, valid: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``sketch_block_stats`` on the tensor cores (``dot_applies(D)``): the same outputs up to ``dot_error``."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``sketch_block_stats`` on the tensor cores (``dot_applies(D)``): the same max and log-sum-exp up to
+    ``dot_error``, and a half-width that covers both, at most ``hira.index.sketch.half_width`` plus ``dot_error``
+    (``half_width_terms``), each [B, H, R, NB] float32."""
     B, H, R, D = q.shape
     NB = lo.shape[2]
     C = codes.shape[2]
     words = codes.contiguous().view(torch.int32)
     out_max = torch.empty(B, H, R, NB, device=q.device, dtype=torch.float32)
     out_lse = torch.empty_like(out_max)
+    out_half = torch.empty_like(out_max)
     launch = dot_launch(R)
     NG = triton.cdiv(NB, launch["G"])
     _block_stats_dot_kernel[(B * H * NG,)](
         q.contiguous(), words, lo.contiguous(), step.contiguous(), valid.contiguous(),
-        out_max, out_lse, H, NB, C, NG, R=R, D=D, W=D // 8, BS=C // NB, **launch,
+        out_max, out_lse, out_half, H, NB, C, NG, *half_width_terms(D),
+        R=R, D=D, W=D // 8, BS=C // NB, **launch,
     )
-    return out_max, out_lse
+    return out_max, out_lse, out_half
+
+
+def half_width_terms(D: int) -> tuple[float, float, float]:
+    """The tensor-core kernel's half-width, as factors of Σ|q·step|, Σ|q·lo| and max|q·step| per block and row:
+
+    - the quantisation error, HALF_STEP·Σ|q·step| (as in ``hira.index.sketch.half_width``);
+    - the float32 rounding of computing q·k̃ = q·lo + Σ c·(q·step) with c ≤ 15: ``margin_factor``'s ulps per term
+      times Σ|q·lo| + 15·Σ|q·step|, which is at most ``half_width``'s ‖q‖·(‖lo‖ + 15‖step‖) (Cauchy–Schwarz); the
+      kernel's products are float32 FMAs and exact products of float16 inputs, so no TF32 allowance;
+    - the float16 rounding of q·step: ``dot_error``'s terms, its subnormal floor per unit of max|q·step| itself
+      rather than of max|q|·max step (the larger).
+
+    So it is at most ``half_width`` plus ``dot_error``, and needs no norm: two sums more per column than the scan
+    already takes."""
+    rounding = margin_factor(D, False)
+    return (HALF_STEP + 15 * DOT_REL_ERROR + 15 * rounding, rounding, 15 * DOT_ABS_ERROR * D)
 
 
 def dot_error(q: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -230,12 +260,13 @@ def sketch_block_stats(
     return out_max, out_lse
 
 
-def _stats_like(q, codes, lo, step, valid):
-    """The fake of both sketch scans: (max, lse) [B, H, R, NB] each."""
-    B, H, R, _ = q.shape
-    out = q.new_empty(B, H, R, lo.shape[2])
+@sketch_block_stats.register_fake
+def _(q, codes, lo, step, valid):
+    out = q.new_empty(q.shape[:3] + lo.shape[2:3])
     return out, torch.empty_like(out)
 
 
-sketch_block_stats.register_fake(_stats_like)
-sketch_block_stats_dot.register_fake(_stats_like)
+@sketch_block_stats_dot.register_fake
+def _(q, codes, lo, step, valid):
+    out = q.new_empty(q.shape[:3] + lo.shape[2:3])
+    return out, torch.empty_like(out), torch.empty_like(out)

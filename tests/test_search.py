@@ -339,10 +339,10 @@ def test_prior_bound_is_one_when_a_rows_best_block_is_dropped(device):
 @pytest.mark.parametrize(
     "device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 )
-def test_selections_past_the_scan_limit_are_the_tensor_programs(device):
-    """Past ``MAX_SCAN_BLOCKS`` leaves the block lists are a stable sort and the ``TopP`` and ``Certified`` rules
-    run as opaque operators (inductor failed to compile their prefix sums there on CUDA): the same results as the
-    tensor programs, eager and compiled."""
+def test_selections_past_the_scan_limit_compile(device):
+    """Past ``MAX_SCAN_BLOCKS`` leaves the block lists are a stable sort and the ``TopP`` rule runs as an opaque
+    operator (inductor failed to compile their prefix sums there on CUDA); the ``Certified`` rule, which has no
+    prefix sum, compiles as it is: the same results eager and compiled."""
     from hira.flex.mask import MAX_SCAN_BLOCKS, block_lists
     from hira.selection import threshold as modes
 
@@ -352,13 +352,73 @@ def test_selections_past_the_scan_limit_are_the_tensor_programs(device):
     forced = (torch.rand(1, 2, NB, generator=gen) < 0.01).to(device)
     first = (torch.rand(1, 2, 4, NB, generator=gen) < 0.01).to(device)
     keep = modes._topp_keep_program(est, forced, 0.9)
-    certified = modes._certified_keep_program(est, est - 1.0, first, 0.01)
+    certified = modes._certified_keep(est, est - 1.0, first, 0.01)
+    assert 0 < int(certified.sum()) < 2 * NB
     for run in (lambda f: f, lambda f: torch.compile(f, fullgraph=True, dynamic=False)):
         assert torch.equal(run(modes._topp_keep)(est, forced, 0.9), keep)
         assert torch.equal(run(modes._certified_keep)(est, est - 1.0, first, 0.01), certified)
         num, idx = run(block_lists)(keep)
         assert torch.equal(num, keep.sum(-1, dtype=torch.int32))
         assert torch.equal(idx, torch.argsort((~keep).to(torch.int8), dim=-1, stable=True).int())
+
+
+def shortest_certified_lists(ub: torch.Tensor, lb: torch.Tensor, first: torch.Tensor, eps: float) -> torch.Tensor:
+    """The certified rule by a sort, in float64: per row [..., NB], the ``first`` leaves, then the others by mass
+    bound, up to the shortest such list after which the rest's bound is ≤ ε of the total. -> [..., NB] bool."""
+    ub, lb = ub.double(), lb.double()
+    order = ub.masked_fill(first, math.inf).argsort(dim=-1, descending=True, stable=True)
+    u, kept = ub.gather(-1, order), lb.gather(-1, order).logcumsumexp(-1)
+    rest = u.flip(-1).logcumsumexp(-1).flip(-1)
+    rest = torch.cat([rest[..., 1:], torch.full_like(u[..., :1], -math.inf)], -1)  # bound of the leaves after t
+    ok = torch.isneginf(rest) | (rest - kept <= math.log(eps / (1 - eps)))
+    ok &= torch.arange(u.shape[-1]) >= first.sum(-1, keepdim=True) - 1  # every first leaf listed
+    listed = torch.arange(u.shape[-1]) <= ok.int().argmax(-1, keepdim=True)
+    return torch.zeros_like(listed).scatter_(-1, order, listed)
+
+
+@settings(max_examples=60)
+@given(
+    NB=st.integers(1, 3000),
+    spread=st.floats(0.0, 30.0),
+    width=st.floats(0.0, 8.0),
+    unknown=st.sampled_from([0.0, 0.5, 1.0]),
+    empty=st.sampled_from([0.0, 0.1, 1.0]),
+    eps=st.sampled_from([0.3, 1e-2, 1e-3, 1e-5]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_certified_cut_keeps_the_shortest_list_up_to_its_resolution(device, NB, spread, width, unknown, empty, eps,
+                                                                      seed):
+    """Per row, the certified rule's cut keeps every leaf of the shortest sorted list (float64), its kept set's bound
+    on the rest is ≤ ε of the total, and the leaves it keeps beyond that list have bounds within the search's
+    resolution of the list's last one: rows of mass bounds spread over up to 30 nats, lower bounds up to 8 nats below
+    them or unknown, empty leaves."""
+    from hira.selection import threshold as modes
+
+    gen = torch.Generator().manual_seed(seed)
+    R = 3
+    ub = torch.randn(1, 1, R, NB, generator=gen) * spread
+    lb = torch.where(torch.rand(1, 1, R, NB, generator=gen) < unknown, -math.inf,
+                     ub - torch.rand(1, 1, R, NB, generator=gen) * width)
+    gone = torch.rand(1, 1, R, NB, generator=gen) < empty
+    ub, lb = ub.masked_fill(gone, -math.inf), lb.masked_fill(gone, -math.inf)
+    first = (torch.rand(1, 1, R, NB, generator=gen) < 0.01) | (torch.arange(NB) == ub.argmax(-1, keepdim=True))
+    cut = modes._certified_cut(ub.to(device), lb.to(device), first.to(device), eps).cpu()
+    others = ub.masked_fill(first, -math.inf)
+    kept = (first | (others >= cut))[0, 0]  # [R, NB] per row
+    ub, lb, first = ub[0, 0], lb[0, 0], first[0, 0]
+    shortest = shortest_certified_lists(ub, lb, first, eps)
+    live = ub > -math.inf
+    assert not bool((shortest & live & ~kept).any()), "a leaf of the shortest list was left out"
+    rest = ub.double().masked_fill(kept | ~live, -math.inf).logsumexp(-1)
+    kept_mass = lb.double().masked_fill(~kept, -math.inf).logsumexp(-1)
+    assert bool((torch.isneginf(rest) | (torch.sigmoid(rest - kept_mass) <= eps * (1 + 1e-4))).all())
+    extra = kept & live & ~shortest & ~first
+    if extra.any():
+        other = ub.masked_fill(first | ~live, math.nan)  # [R, NB]
+        last = other.masked_fill(~shortest, math.nan).nan_to_num(math.inf).amin(-1, keepdim=True)  # list's last bound
+        span = other.nan_to_num(-math.inf).amax(-1, keepdim=True) - other.nan_to_num(math.inf).amin(-1, keepdim=True)
+        resolution = span / modes.CUT_WAYS**modes.CUT_PASSES
+        assert bool((ub >= last - resolution * (1 + 1e-3) - 1e-5)[extra].all())
 
 
 @settings(max_examples=12, deadline=None)

@@ -207,29 +207,77 @@ def _topp_keep_program(est: torch.Tensor, forced: torch.Tensor, p: float) -> tor
     return keep_rows.any(dim=2)
 
 
+# The certified rule's search for its cut: per row, passes over thresholds between a bound known to be enough and
+# the largest bound, each pass trying CUT_WAYS evenly spaced ones and narrowing to the gap where "enough" begins.
+CUT_WAYS = 32
+CUT_PASSES = 3
+
+
 def _certified_keep(log_mass_ub: torch.Tensor, log_mass_lb: torch.Tensor, first: torch.Tensor, eps: float):
-    """Per row, the shortest list of leaves (``first`` ones, then by mass bound) after which the mass bound of the
-    rest is at most ε of the total: U_rest / (U_rest + L_kept) ≤ ε; union over the rows of a KV head.
+    """Per row, the ``first`` leaves and every other leaf whose mass bound reaches a cut θ, the highest cut found
+    after which the mass bound of the rest is at most ε of the total: U_rest / (U_rest + L_kept) ≤ ε; union over the
+    rows of a KV head.
 
-    Growing a row's list only lowers U_rest and raises L_kept, so the union keeps every row within ε.
-    log_mass_ub, log_mass_lb: [B, H, R, NB]; first: [B, H, R, NB] bool leaves listed first. Past
-    ``MAX_SCAN_BLOCKS`` leaves, an opaque operator running the same code eagerly.
+    Lowering θ only lowers U_rest and raises L_kept, so the union keeps every row within ε. The cut is searched, not
+    taken from a sort (a sort and two log-cumulative scans were 55 µs of a 128K certified step on the H200, its
+    search 21 µs, benchmarks/NOTES.md §33): ``_certified_cut``.
+
+    Args:
+        log_mass_ub, log_mass_lb: [B, H, R, NB] log mass bounds (-inf: empty leaf, or nothing known from below).
+        first: [B, H, R, NB] bool leaves always listed (forced leaves, each row's top-bound leaf).
+    Returns:
+        [B, H, NB] bool.
     """
-    if first.shape[-1] > MAX_SCAN_BLOCKS:
-        return _certified_keep_op(log_mass_ub, log_mass_lb, first, eps)
-    return _certified_keep_program(log_mass_ub, log_mass_lb, first, eps)
+    cut = _certified_cut(log_mass_ub, log_mass_lb, first, eps)
+    return (first | (log_mass_ub.masked_fill(first, -math.inf) >= cut)).any(dim=2)
 
 
-def _certified_keep_program(log_mass_ub, log_mass_lb, first, eps: float):
-    order = log_mass_ub.masked_fill(first, math.inf).argsort(dim=-1, descending=True)
-    u = torch.gather(log_mass_ub, -1, order)
-    kept_lb = torch.gather(log_mass_lb, -1, order).logcumsumexp(-1)  # L of the first t + 1 leaves
-    from_here = u.flip(-1).logcumsumexp(-1).flip(-1)  # U of the leaves from position t on
-    rest_ub = torch.cat([from_here[..., 1:], torch.full_like(u[..., :1], -math.inf)], -1)
-    ok = torch.isneginf(rest_ub) | (rest_ub - kept_lb <= math.log(eps / (1 - eps)))
-    cut = ok.to(torch.int32).argmax(-1, keepdim=True)  # the first t that is enough (the last one always is)
-    listed = torch.arange(u.shape[-1], device=u.device) <= cut
-    return torch.zeros_like(listed).scatter_(-1, order, listed).any(dim=2)
+def _certified_cut(log_mass_ub: torch.Tensor, log_mass_lb: torch.Tensor, first: torch.Tensor, eps: float
+                   ) -> torch.Tensor:
+    """[B, H, R, 1] each row's cut for ``_certified_keep`` (+inf where the ``first`` leaves alone are enough).
+
+    ``CUT_PASSES`` passes of ``CUT_WAYS`` thresholds each, from the largest bound of the other leaves down to one
+    below which the rest cannot outweigh the first leaves' kept mass (n leaves of mass below e^θ each), each pass
+    narrowing to the gap where "enough" begins. The cut is within (largest − lowest) / ``CUT_WAYS``^``CUT_PASSES``
+    of the highest one that is enough, so the leaves kept beyond the shortest list are those with bounds in that
+    sliver above it, or tied with the last one listed.
+
+    Sums are float32, shifted by each row's largest bound: an upper mass term's exponent is clamped at -80 rather
+    than flushed to 0, a lower one may flush (both err on the side of keeping more).
+    """
+    c = eps / (1 - eps)
+    other = log_mass_ub.masked_fill(first, -math.inf)  # [B, H, R, NB] the other leaves' bounds
+    real = other > -math.inf
+    shift = log_mass_ub.amax(-1, keepdim=True)
+    shift = torch.where(shift > -math.inf, shift, 0.0)  # [B, H, R, 1]
+    upper = torch.where(real, (other - shift).clamp_min(-80.0).exp(), 0.0)  # ≥ e^(u − shift)
+    lower = (log_mass_lb - shift).exp()  # ≤ e^(l − shift)
+    kept_first = torch.where(first, lower, 0.0).sum(-1, keepdim=True)  # [B, H, R, 1]
+    lower = torch.where(first, 0.0, lower)
+
+    def enough(theta: torch.Tensor) -> torch.Tensor:  # [B, H, R, T] thresholds -> bool: the cut θ is enough
+        below = other[..., None, :] < theta[..., None]  # [B, H, R, T, NB]
+        rest = torch.where(below, upper[..., None, :], 0.0).sum(-1)
+        kept = kept_first + torch.where(below, 0.0, lower[..., None, :]).sum(-1)
+        return rest <= c * kept
+
+    top = other.amax(-1, keepdim=True)  # [B, H, R, 1] (-inf: no other leaf)
+    lowest = other.masked_fill(~real, math.inf).amin(-1, keepdim=True)
+    n = real.sum(-1, keepdim=True).clamp_min(1).float()
+    # Below this cut the rest is at most n·e^(θ − shift) ≤ c·kept_first: enough (0.001 of slack for rounding).
+    sure = shift + torch.log(c * kept_first / n) - 1e-3
+    some = top > -math.inf  # (rows without another leaf search between 0 and 0: the first leaves are enough)
+    hi = torch.where(some, top, 0.0)
+    lo = torch.where(some, torch.maximum(lowest, sure), 0.0)  # enough: every other leaf, or the sure cut
+    steps = torch.arange(CUT_WAYS, device=top.device, dtype=top.dtype)
+    for _ in range(CUT_PASSES):
+        theta = hi - (hi - lo) / CUT_WAYS * steps  # [B, H, R, T]: hi first, lo not tried (known enough)
+        ok = enough(theta)
+        s = torch.where(ok.any(-1, keepdim=True), ok.to(torch.int32).argmax(-1, keepdim=True), CUT_WAYS)
+        new_lo = torch.where(s < CUT_WAYS, theta.gather(-1, s.clamp_max(CUT_WAYS - 1)), lo)
+        hi = torch.where(s > 0, theta.gather(-1, (s - 1).clamp_min(0)), hi)
+        lo = new_lo
+    return torch.where(upper.sum(-1, keepdim=True) <= c * kept_first, math.inf, lo)
 
 
 @torch.library.custom_op("hira::topp_keep", mutates_args=())
@@ -241,13 +289,3 @@ def _topp_keep_op(est: torch.Tensor, forced: torch.Tensor, p: float) -> torch.Te
 def _(est, forced, p):
     return torch.empty_like(forced)
 
-
-@torch.library.custom_op("hira::certified_keep", mutates_args=())
-def _certified_keep_op(log_mass_ub: torch.Tensor, log_mass_lb: torch.Tensor, first: torch.Tensor,
-                       eps: float) -> torch.Tensor:
-    return _certified_keep_program(log_mass_ub, log_mass_lb, first, eps)
-
-
-@_certified_keep_op.register_fake
-def _(log_mass_ub, log_mass_lb, first, eps):
-    return first.new_empty(first.shape[:2] + first.shape[3:])

@@ -10,6 +10,10 @@ and [q·k̃ − e, q·k̃ + e], widened by the float32 (or TF32) rounding margin
 key. ``e`` is one number per block and row. On real keys (SmolLM2, 16–64-key blocks) it is 0.9–1.3 score units
 where ball and box bounds overshoot by 12–18 (benchmarks/bounds_results_8k.md).
 
+The codes of a key lie in the order the tensor-core kernel unpacks them (``nibble_channels``): each int32 word holds
+eight channels, its bits 4u–4u+3 and 16+4u–16+4u+3 channels 8i+2u and 8i+2u+1, so that one mask turns a word into
+a pair of float16 codes adjacent in the kernel's product.
+
 Bytes: D/2 per key plus 4·D per block (lo and step in bfloat16): 1/8 of K and V in 16-bit types, plus 1/BS of it
 for the scales (3.1% at 32-key blocks, 1.6% at 64).
 
@@ -36,7 +40,8 @@ class KeySketch:
     """The int4 sketch of one layer's key storage.
 
     Attributes:
-        codes: [B, H, C, ceil(D/2)] uint8, channel 2j in the low nibble of byte j, channel 2j+1 in the high one.
+        codes: [B, H, C, ceil(D/2)] uint8, nibble n (the low nibble of byte n // 2 for even n, the high one for odd
+            n) holding channel ``nibble_channels(D)[n]``.
         lo: [B, H, NB, D] bfloat16 per-block channel minimum, rounded down (0 in empty blocks).
         step: [B, H, NB, D] bfloat16 per-block channel step, rounded up (0 in empty blocks).
     """
@@ -50,6 +55,21 @@ class KeySketch:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+
+# The channels of one int32 word's eight nibbles (bytes 0–3, low nibble first), relative to 8i: bits 4u and 16 + 4u
+# hold channels 2u and 2u + 1.
+_WORD_CHANNELS = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def nibble_channels(D: int, device=None) -> torch.Tensor:
+    """[2·ceil(D/2)] int64: the channel each nibble of a key's codes holds; every full group of 8 channels in the
+    order ``_WORD_CHANNELS``, a last partial group (and the padding channel D of an odd D) in channel order."""
+    order = torch.arange(2 * ((D + 1) // 2), device=device)
+    full = D - D % 8
+    group = torch.tensor(_WORD_CHANNELS, device=device)
+    order[:full] = (torch.arange(0, full, 8, device=device)[:, None] + group).flatten()
+    return order
 
 
 def _to_bf16(x: torch.Tensor, up: bool) -> torch.Tensor:
@@ -87,6 +107,7 @@ def quantize_blocks(keys: torch.Tensor, valid: torch.Tensor) -> KeySketch:
     c = torch.where(v & (step_f > 0), c, 0.0).to(torch.uint8).view(B, H, M * BS, D)
     if D % 2:
         c = torch.cat([c, torch.zeros_like(c[..., :1])], dim=-1)
+    c = c[..., nibble_channels(D, c.device)]  # nibble order
     codes = c[..., 0::2] | (c[..., 1::2] << 4)
     return KeySketch(codes, lo_q, step_q)
 
@@ -107,9 +128,9 @@ def write_blocks(sketch: KeySketch, blocks: torch.Tensor, fresh: KeySketch, bloc
 
 
 def _unpack(codes: torch.Tensor, D: int) -> torch.Tensor:
-    """[..., ceil(D/2)] uint8 -> [..., D] float32 codes."""
-    c = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)
-    return c[..., :D].float()
+    """[..., ceil(D/2)] uint8 -> [..., D] float32 codes in channel order."""
+    c = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)  # nibble order
+    return c[..., torch.argsort(nibble_channels(D, codes.device))[:D]].float()
 
 
 def half_width(q: torch.Tensor, sketch: KeySketch) -> torch.Tensor:
@@ -134,7 +155,8 @@ def key_scores(q: torch.Tensor, sketch: KeySketch, valid: torch.Tensor) -> torch
         # As a broadcast product summed over channels, inductor fuses the unpacking into one reduction that reads
         # the codes as bytes; eagerly that product would be materialised (R·C·D floats), so eager code unpacks once.
         Dp = sketch.codes.shape[-1]
-        w = torch.nn.functional.pad(w, (0, 2 * Dp - D)).view(B, H, R, NB, 1, Dp, 2)
+        w = torch.nn.functional.pad(w, (0, 2 * Dp - D))[..., nibble_channels(D, w.device)]  # nibble order
+        w = w.view(B, H, R, NB, 1, Dp, 2)
         codes = sketch.codes.view(B, H, 1, NB, BS, Dp)
         dot = (w[..., 0] * (codes & 15) + w[..., 1] * (codes >> 4)).sum(-1)  # [B, H, R, NB, BS]
     else:

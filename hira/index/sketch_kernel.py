@@ -4,7 +4,9 @@ The tensor program (``hira.index.sketch.key_scores``) produces q·k̃ for every 
 per block; the unpacked codes or the per-key scores make it read several times the sketch's bytes (0.51 ms at 128K
 on an H100). Here a program reads its blocks' codes once, as int32 words (byte loads ran at 0.3 TB/s), unpacks them
 in registers, and writes only the per-block results: one block per program on the CUDA cores, up to four
-consecutive blocks per program on the tensor cores.
+consecutive blocks per program on the tensor cores (head dims 64, 128, 256, …), where the codes' order in storage
+(``hira.index.sketch.nibble_channels``) makes each int32 word two float16 pairs of the product's inputs by a mask
+and an or: 1.50 TB/s at 128K and 2.06 at 512K on the H200 (benchmarks/NOTES.md §34).
 
 Registered as an opaque custom operator: inductor does not analyse the kernel (as a ``triton_op`` inside the compiled
 step, the search's kernels were read with wrong dependencies, benchmarks/NOTES.md §17). Imported on CUDA
@@ -28,7 +30,8 @@ def _block_stats_kernel(
     H, NB, C,
     R: tl.constexpr, D: tl.constexpr, W: tl.constexpr, BS: tl.constexpr, BLOCK_W: tl.constexpr,
 ):
-    """One program per (b, h, block). The codes are read as int32 words: nibble t of word i is channel 8i + t."""
+    """One program per (b, h, block). The codes are read as int32 words: bits 4t–4t+3 of word i hold channel
+    8i + 2(t % 4) + t // 4 (``hira.index.sketch.nibble_channels``)."""
     pid = tl.program_id(0)  # (b, h, n) flattened
     n = pid % NB
     bh = pid // NB
@@ -43,7 +46,7 @@ def _block_stats_kernel(
         base = tl.zeros([BLOCK_W], dtype=tl.float32)
         acc = tl.zeros([BS, BLOCK_W], dtype=tl.float32)  # reduced once per row, not once per nibble
         for t in tl.static_range(8):
-            ch = 8 * i + t
+            ch = 8 * i + 2 * (t % 4) + t // 4
             inside = ch < D
             qc = tl.load(qrow + ch, mask=inside, other=0.0)
             lo = tl.load(lo_ptr + plane + ch, mask=inside, other=0.0).to(tl.float32)
@@ -61,18 +64,50 @@ def _block_stats_kernel(
 
 # The tensor-core kernel's rounding of q·step to float16, per unit of Σ|c|·|q·step| (c ≤ 15): half an ulp of float16
 # (2^-11) plus the float32 division before it (2^-22 with slack), and per unit of max|q·step| and channel, the
-# subnormal floor (2^-25).
+# subnormal floor: 2^-25 of the weights scaled to max 1, and for the tiles then divided by 16 (``_weight_tiles``),
+# whose division may round again below 2^-14, 2^-25 + 2^-21 (in the units of max 1): 2^-20 with slack.
 DOT_REL_ERROR = 2.0**-11 + 2.0**-22
-DOT_ABS_ERROR = 2.0**-25
+DOT_ABS_ERROR = 2.0**-20
 
 
 @triton.jit
-def _code_pair(x):
-    """The codes in bits 0–3 and 16–19 of int32 words x, as two float16 tensors (exact: 0..15)."""
-    h = (x & 0x000F000F) | 0x64006400  # halves 0x640c: the float16 1024 + c
+def _code_tile(x, MASK: tl.constexpr):
+    """[BS, 2W] float16 from int32 words x [BS, W]: the two nibbles MASK selects in each word (bits 0–3 and 16–19,
+    or 4–7 and 20–23), the word's two side by side. (x & MASK) | 0x64006400 is a pair of float16 values, 1024 + c
+    or 1024 + 16c (the bits lie in the mantissa), exact; less 1024, c or 16c. The pair is already the tensor cores'
+    register of two adjacent inputs: no permute (the channel-ordered codes of an earlier layout took ~400 permutes
+    per four blocks to interleave, benchmarks/NOTES.md §34)."""
+    h = (x & MASK) | 0x64006400
     lo = (h & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
     hi = (h >> 16).to(tl.int16).to(tl.float16, bitcast=True)
-    return lo - 1024.0, hi - 1024.0
+    BS: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    return tl.reshape(tl.join(lo, hi), (BS, 2 * W)) - 1024.0
+
+
+@triton.jit
+def _weight_tiles(wn):
+    """wn [N, D] float16 (channel order) -> the four [D/4, N] tiles of ``_block_dot``: tile u holds channels
+    8i + 2u + b at row 2i + b, tiles 1 and 3 divided by 16 (their codes come as 16c)."""
+    N: tl.constexpr = wn.shape[0]
+    D: tl.constexpr = wn.shape[1]
+    x = tl.permute(tl.reshape(wn, (N, D // 8, 4, 2)), (0, 1, 3, 2))  # (n, i, b, u)
+    even, odd = tl.split(tl.reshape(x, (N, D // 8, 2, 2, 2)))  # u = 2·u1 + u0, split on u0: (n, i, b, u1)
+    w0, w2 = tl.split(even)
+    w1, w3 = tl.split(odd)
+    return (tl.trans(tl.reshape(w0, (N, D // 4))), tl.trans(tl.reshape(w1, (N, D // 4)) * 0.0625),
+            tl.trans(tl.reshape(w2, (N, D // 4))), tl.trans(tl.reshape(w3, (N, D // 4)) * 0.0625))
+
+
+@triton.jit
+def _block_dot(words, w0, w1, w2, w3):
+    """[BS, N] float32: one block's codes (its int32 words [BS, W]) times every column of the weights, as four
+    products of K = D/4, one per pair of nibbles (``hira.index.sketch.nibble_channels``)."""
+    high = words >> 8
+    acc = tl.dot(_code_tile(words, 0x000F000F), w0)
+    acc = tl.dot(_code_tile(words, 0x00F000F0), w1, acc)
+    acc = tl.dot(_code_tile(high, 0x000F000F), w2, acc)
+    return tl.dot(_code_tile(high, 0x00F000F0), w3, acc)
 
 
 @triton.jit
@@ -84,25 +119,6 @@ def _block_words(words_ptr, bh, C, n, NB, BS: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _block_product(words, wn, block_of_col, j: tl.constexpr, BS: tl.constexpr, D: tl.constexpr):
-    """[BS, N] float32: the codes of the program's j-th block (its int32 words [BS, W]) times the columns of the
-    weights wn [N, D] float16 that belong to that block (the others multiplied by 0).
-
-    Nibble t of word i is channel 8i + t. Nibbles t and t + 4 (bits 4t and 16 + 4t) become the two halves of one word
-    (x & 0x000F000F) | 0x64006400: the float16 values 1024 + code, made exact codes by subtracting 1024 (an
-    int-to-float conversion per code ran at a quarter of the arithmetic rate). join adds a last dimension: joining
-    planes 4 apart first, then 2, then 1 puts plane t at the flat position 4·a + 2·b + c = t of the last three
-    dimensions."""
-    p0, p4 = _code_pair(words)
-    p1, p5 = _code_pair(words >> 4)
-    p2, p6 = _code_pair(words >> 8)
-    p3, p7 = _code_pair(words >> 12)
-    codes = tl.join(tl.join(tl.join(p0, p4), tl.join(p2, p6)), tl.join(tl.join(p1, p5), tl.join(p3, p7)))
-    w_j = tl.where((block_of_col == j)[:, None], wn, 0.0)
-    return tl.dot(tl.reshape(codes, (BS, D)), tl.trans(w_j))
-
-
-@triton.jit
 def _block_stats_dot_kernel(
     q_ptr, words_ptr, lo_ptr, step_ptr, valid_ptr, max_ptr, lse_ptr, half_ptr,
     H, NB, C, NG, per_step, per_lo, per_max,
@@ -110,11 +126,10 @@ def _block_stats_dot_kernel(
     BS: tl.constexpr,
 ):
     """One program per (b, h, group of G ≤ 4 consecutive blocks), every row at once. Column c of the product is row
-    c % R_PAD of block c // R_PAD: each block's codes, unpacked once into a [BS, D] float16 tile (exact: 0..15), are
-    multiplied on the tensor cores by its own columns of q·step (each scaled to max 1 and rounded to float16; the
-    other blocks' columns 0), and the G products add into one [BS, N] tile, so that the epilogue (the scale, the
-    validity, max and log-sum-exp over the keys) runs once for G blocks with every column real where G·R_PAD = 16
-    (one block per program kept 4 of 16 columns at R = 4, and the epilogue was a third of its instructions).
+    c % R_PAD of block c // R_PAD. Each block's codes are multiplied on the tensor cores by every column of q·step
+    (scaled to max 1 per column and rounded to float16), the same four weight tiles for every block, and the block
+    keeps its own columns of the result, so that the epilogue (the scale, the validity, max and log-sum-exp over the
+    keys) runs once for G blocks with every column real where G·R_PAD = 16.
 
     Each column's half-width comes from the same tiles (``half_width_terms``): per_step·Σ|q·step| + per_lo·Σ|q·lo| +
     per_max·max|q·step|.
@@ -149,17 +164,17 @@ def _block_stats_dot_kernel(
     scale = tl.max(tl.abs(w), axis=1)
     half = per_step * tl.sum(tl.abs(w), axis=1) + per_lo * tl.sum(tl.abs(q * lo), axis=1) + per_max * scale
     out = (bh * R + r) * NB + n
-    # Stored at once: live across the products, it took the kernel from 172 to 242 registers (with the norms of an
-    # earlier form) and from 55 to 67 µs at 128K on the H200 (benchmarks/NOTES.md §33).
+    # Stored at once: live across the products, it took an earlier form of the kernel from 172 to 242 registers
+    # and from 55 to 67 µs at 128K on the H200 (benchmarks/NOTES.md §33).
     tl.store(half_ptr + out, half, mask=real_col)
     scale = tl.where(scale > 0, scale, 1.0)
-    wn = (w / scale[:, None]).to(tl.float16)
-    dot = _block_product(words0, wn, block_of_col, 0, BS, D)
+    w0, w1, w2, w3 = _weight_tiles((w / scale[:, None]).to(tl.float16))
+    dot = _block_dot(words0, w0, w1, w2, w3)
     if G > 1:
-        dot += _block_product(words1, wn, block_of_col, 1, BS, D)
+        dot = tl.where((block_of_col == 1)[None, :], _block_dot(words1, w0, w1, w2, w3), dot)
     if G > 2:
-        dot += _block_product(words2, wn, block_of_col, 2, BS, D)
-        dot += _block_product(words3, wn, block_of_col, 3, BS, D)
+        dot = tl.where((block_of_col == 2)[None, :], _block_dot(words2, w0, w1, w2, w3), dot)
+        dot = tl.where((block_of_col == 3)[None, :], _block_dot(words3, w0, w1, w2, w3), dot)
     est = tl.where(real, base[None, :] + dot * scale[None, :], float("-inf"))
     m = tl.max(est, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -170,9 +185,10 @@ def _block_stats_dot_kernel(
 
 def dot_launch(R: int, G: int | None = None) -> dict:
     """``_block_stats_dot_kernel``'s launch for R rows: G consecutive blocks per program (default 16 columns' worth
-    of rows: R ≤ 4 takes 4 blocks, 8 takes 2, 1 to 4), the product's N columns, 4 warps. At 128K (R 4, H200) a copy
-    of the kernel took 75.8 / 64.5 / 62.1 µs at 1 / 2 / 4 blocks per program, and this kernel 55.6 µs at 4
-    (1.29 TB/s; benchmarks/NOTES.md §30; ``benchmarks/bench_search_kernel.py --parts sketch`` sweeps it)."""
+    of rows: R ≤ 4 takes 4 blocks, 8 takes 2, 1 to 4), the product's N columns, 4 warps (128 registers: four
+    programs per SM). At 128K and 512K (R 4, H200) a copy of the kernel took 47.5 / 138.8 µs at 4 blocks per
+    program and 4 warps, 50.5 / 153.0 at 2 blocks, 52.4 / 160.4 at 4 blocks and 8 warps, 92.7 / 310.7 at 8 blocks
+    and 8 warps (benchmarks/NOTES.md §34; ``benchmarks/bench_search_kernel.py --parts sketch`` sweeps it)."""
     r_pad = triton.next_power_of_2(R)
     if G is None:
         G = max(1, min(4, 16 // r_pad))
@@ -180,8 +196,9 @@ def dot_launch(R: int, G: int | None = None) -> dict:
 
 
 def dot_applies(D: int) -> bool:
-    """Whether ``sketch_block_stats_dot`` takes head dim D: a power of two of at least 16."""
-    return D >= 16 and D & (D - 1) == 0
+    """Whether ``sketch_block_stats_dot`` takes head dim D: a power of two of at least 64 (each of its four products
+    is over D/4 channels, and the tensor cores take at least 16)."""
+    return D >= 64 and D & (D - 1) == 0
 
 
 @torch.library.custom_op("hira::sketch_block_stats_dot", mutates_args=())

@@ -190,7 +190,8 @@ def hira_attention_only(index: HiraIndex, q: torch.Tensor, thr: Threshold, scale
 
     def fn():
         rows = fold_gqa(q, H).to(index.keys.dtype)
-        return block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True)
+        return block_attention(rows, index.keys, index.values, mask, index.valid, scale, return_lse=True,
+                               uneven=sel.uneven)
 
     return fn, sel
 
@@ -798,7 +799,7 @@ def main(argv=None):
 
         options = None if args.flex_options == "inductor" else {
             k.strip(): int(v) for k, v in (kv.split("=") for kv in args.flex_options.split(","))}
-        flex_module.kernel_options = lambda q_rows: options
+        flex_module.kernel_options = lambda q_rows, uneven=False: options
 
     # Many (shape, mask_mod) graphs live on flex_attention's one code object in this process: raise the limit
     # (a model uses one shape per layer), and fail loudly rather than fall back to eager past it.

@@ -188,7 +188,7 @@ def attend_rows(
     """
     if cache is None:
         return selected_attention(rows, index.keys, index.values, selection.kv_num_blocks, selection.kv_indices,
-                                  selection.keep, index.valid, index.block_size, scale)
+                                  selection.keep, index.valid, index.block_size, scale, uneven=selection.uneven)
     return attend_offloaded(rows, index.keys, index.values, index.valid, cache, selection.keep, scale,
                             index.block_size)
 

@@ -130,7 +130,8 @@ def _flat_plan(tensors, cache, q, k, v, threshold_name, threshold_value, scale, 
                sink_tokens, window_tokens):
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
     selection = plan(index, q, k, v, from_name(threshold_name, threshold_value), scale, _cache(cache))
-    return tuple(getattr(selection, f.name) for f in dataclasses.fields(selection))  # a dataclass is no output
+    # A dataclass is no output: its tensors are (``uneven``, a constant of the threshold, is not).
+    return tuple(getattr(selection, f.name) for f in dataclasses.fields(selection) if f.name != "uneven")
 
 
 # Compiled once per shape and threshold, shared by every layer (their inputs are tensors and constants, no objects).
@@ -149,7 +150,8 @@ def _step(tensors, cache, q, k, v, stats, *setting_and_layout) -> torch.Tensor:
     if q.is_cuda:
         return _compiled_step(tensors, cache, q, k, v, stats, *setting_and_layout)
     n_levels, block_size, branching, sink_tokens, window_tokens = setting_and_layout[3:]
-    selection = Selection(*_compiled_plan(tensors, cache, q, k, v, *setting_and_layout))
+    uneven = from_name(*setting_and_layout[:2]).uneven
+    selection = Selection(*_compiled_plan(tensors, cache, q, k, v, *setting_and_layout), uneven=uneven)
     index = _unflatten(tensors, n_levels, block_size, branching, sink_tokens, window_tokens)
     return run(q, index, selection, setting_and_layout[2], AttentionStats(*stats), _cache(cache))
 

@@ -316,3 +316,38 @@ def test_attention_past_int32_indexing():
     s = rows.float() @ k_sel.transpose(-1, -2) * D**-0.5
     torch.testing.assert_close(out.float(), s.softmax(-1) @ v_sel, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(lse, s.logsumexp(-1), atol=1e-2, rtol=1e-3)
+
+
+@pytest.mark.parametrize("threshold, uneven", [(Certified(1e-2), True), (TopK(2), False), (TopP(0.9), False),
+                                               (Fixed(0.0), False), (Dense(), False)])
+def test_certified_selections_ask_the_attention_for_more_kv_splits(threshold, uneven, monkeypatch, device):
+    """A certified selection's heads may keep very different numbers of blocks (``Threshold.uneven``): its
+    ``Selection`` says so and the attention passes it to ``kernel_options``, which on sm_90 then splits each head's
+    list over about four programs per SM; the other modes keep inductor's split."""
+    import hira.flex.attention as attention
+
+    seen = []
+    real = attention.kernel_options
+    monkeypatch.setattr(attention, "kernel_options", lambda q_rows, uneven=False: seen.append(uneven)
+                        or real(q_rows, uneven))
+    B, H, G, N, D = 1, 2, 2, 256, 16
+    gen = torch.Generator().manual_seed(0)
+    k, v = (torch.randn(B, H, N, D, generator=gen).to(device) for _ in range(2))
+    q = torch.randn(B, H * G, 1, D, generator=gen).to(device)
+    index = hira.build_index(k, v, HiraConfig(block_size=16, sink_tokens=0, window_tokens=16))
+    selection = hira.search(index, q, threshold)
+    assert selection.uneven is uneven
+    hira.attend(q, index, selection)
+    assert seen and set(seen) == {uneven}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9, reason="needs sm_90")
+def test_uneven_lists_take_four_decode_programs_per_sm():
+    from hira.flex.attention import kernel_options
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    rows = torch.zeros(1, 8, 4, 128, device="cuda")
+    split = kernel_options(rows, uneven=True)["SPLIT_KV"]
+    assert split & (split - 1) == 0 and split <= 4 * sms // 8 < 2 * split
+    assert kernel_options(rows) == {"num_stages": 3}
+    assert kernel_options(torch.zeros(1, 8, 128, 128, device="cuda"), uneven=True) == {"num_stages": 3}

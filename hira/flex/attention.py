@@ -37,13 +37,30 @@ def _capability_major(device_index: int | None) -> int:
     return torch.cuda.get_device_capability(device_index)[0]
 
 
-def kernel_options(q_rows: torch.Tensor) -> dict | None:
-    """flex_attention's kernel options for Hira's calls on ``q_rows``' device: on sm_90, 3 pipeline stages, where
-    inductor's decode heuristic gives it 1 (on the H200 the attention over every block −26%, over 5% of 512K −17%;
-    benchmarks/NOTES.md §31); elsewhere inductor's own choice (not measured)."""
-    if q_rows.is_cuda and _capability_major(q_rows.device.index) == 9:
+@torch.compiler.assume_constant_result
+def _sm_count(device_index: int | None) -> int:
+    """The CUDA device's number of SMs, a constant of the compiled step."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def kernel_options(q_rows: torch.Tensor, uneven: bool = False) -> dict | None:
+    """flex_attention's kernel options for Hira's calls on ``q_rows`` [B, H, R, D]: on sm_90, 3 pipeline stages,
+    where inductor's decode heuristic gives it 1 (on the H200 the attention over every block −26%, over 5% of 512K
+    −17%; benchmarks/NOTES.md §31); elsewhere inductor's own choice (not measured).
+
+    ``uneven`` (the heads' block lists may differ widely in length, ``Threshold.uneven``): about four decode programs
+    per SM, ``SPLIT_KV`` the largest power of two of at most 4·SMs / (B·H) where inductor takes 2·⌊SMs / (B·H)⌋, so
+    that a head with a long list is read by more programs (64 against 32 for one sequence of 8 KV heads on an H200:
+    the certified step 128K 0.1495 → 0.1334 ms, 512K 0.3160 → 0.2967; the same split made `TopK` at 5% and the dense
+    mode slower, 0.0373 → 0.0393 and 0.1826 → 0.1910 ms at 128K, where every head reads as many blocks: NOTES.md
+    §34). Only for the R < 128 rows that take the decode kernel."""
+    if not (q_rows.is_cuda and _capability_major(q_rows.device.index) == 9):
+        return None
+    B, H, R = q_rows.shape[:3]
+    if not uneven or R >= 128:  # (R ≥ 128: flex_attention's main template, no KV split)
         return {"num_stages": 3}
-    return None
+    per_sm = 4 * _sm_count(q_rows.device.index) // (B * H)
+    return {"num_stages": 3, "SPLIT_KV": 1 << max(per_sm, 1).bit_length() - 1}
 
 
 def fold_gqa(q: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
@@ -85,6 +102,7 @@ def block_attention(
     valid: torch.Tensor,
     scale: float,
     return_lse: bool = False,
+    uneven: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Attention of folded query rows over the blocks the mask lists.
 
@@ -96,16 +114,18 @@ def block_attention(
             LSE compiled flex_attention cannot return there.
         scale: softmax scale.
         return_lse: also return the log-sum-exp of the scaled scores read, [B, H, R] float32.
+        uneven: the heads' lists may differ widely in length (``kernel_options``).
     Returns:
         out [B, H, R, D] (rows that read no key are 0) and the LSE (-inf for such rows) or None.
     """
     if return_lse and q_rows.is_cuda:
         # return_lse is deprecated (its warning costs a recompile on torch 2.11); AuxRequest is the supported form.
         out, aux = compiled_flex_attention()(q_rows, keys, values, block_mask=block_mask, scale=scale,
-                                             kernel_options=kernel_options(q_rows), return_aux=AuxRequest(lse=True))
+                                             kernel_options=kernel_options(q_rows, uneven),
+                                             return_aux=AuxRequest(lse=True))
         return out, aux.lse.float()
     out = compiled_flex_attention()(q_rows, keys, values, block_mask=block_mask, scale=scale,
-                                    kernel_options=kernel_options(q_rows))
+                                    kernel_options=kernel_options(q_rows, uneven))
     if not return_lse:
         return out, None
     return out, _masked_lse(q_rows, keys, block_mask, valid, scale)
@@ -130,25 +150,29 @@ def selected_attention(
     scale: float,
     slot_block: torch.Tensor | None = None,
     read_valid: torch.Tensor | None = None,
+    uneven: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention of folded query rows over the selected blocks of ``keys``/``values`` with its log-sum-exp: (out
     [B, H, R, D], lse [B, H, R] float32), the arguments as ``selection_block_mask`` and ``block_attention`` take them
-    (``read_valid``: the validity of ``keys``' own slots where it differs from ``valid``, the CPU LSE's).
+    (``read_valid``: the validity of ``keys``' own slots where it differs from ``valid``, the CPU LSE's; ``uneven``:
+    the heads' lists may differ widely in length, ``kernel_options``).
 
     K/V past ``INDEX_LIMIT`` elements are read in groups of batch rows, each through a view whose storage starts at
     its first row, so that every flex_attention call indexes in int32 (``_grouped_attention``).
     """
-    args = (rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale, slot_block, read_valid)
+    args = (rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale, slot_block, read_valid,
+            uneven)
     if max(_storage_extent(keys), _storage_extent(values)) > INDEX_LIMIT:
         return _grouped_attention(*args)
     return _one_call(*args)
 
 
-def _one_call(rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale, slot_block, read_valid):
+def _one_call(rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale, slot_block, read_valid,
+              uneven):
     """``selected_attention`` as one flex_attention call."""
     mask = selection_block_mask(kv_num_blocks, kv_indices, keep, valid, block_size, rows.shape[2], slot_block)
     return block_attention(rows, keys, values, mask, valid if read_valid is None else read_valid, scale,
-                           return_lse=True)
+                           return_lse=True, uneven=uneven)
 
 
 def _storage_extent(t: torch.Tensor) -> int:
@@ -162,7 +186,7 @@ def _storage_extent(t: torch.Tensor) -> int:
 def _grouped_attention(
     rows: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, kv_num_blocks: torch.Tensor,
     kv_indices: torch.Tensor, keep: torch.Tensor, valid: torch.Tensor, block_size: int, scale: float,
-    slot_block: torch.Tensor | None, read_valid: torch.Tensor | None,
+    slot_block: torch.Tensor | None, read_valid: torch.Tensor | None, uneven: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # Opaque: a view whose storage starts at a batch row (a DLPack alias) cannot be made inside a traced graph, and
     # a slice of a graph input keeps its storage offset, which inductor counts.
@@ -180,7 +204,7 @@ def _grouped_attention(
         out, lse = _one_call(
             rows[part], torch.from_dlpack(keys[part]), torch.from_dlpack(values[part]), kv_num_blocks[part],
             kv_indices[part], keep[part], valid[part], block_size, scale,
-            None if slot_block is None else slot_block[part], None if read_valid is None else read_valid[part],
+            None if slot_block is None else slot_block[part], None if read_valid is None else read_valid[part], uneven,
         )
         outs.append(out)
         lses.append(lse)
@@ -188,7 +212,8 @@ def _grouped_attention(
 
 
 @_grouped_attention.register_fake
-def _(rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale, slot_block, read_valid):
+def _(rows, keys, values, kv_num_blocks, kv_indices, keep, valid, block_size, scale, slot_block, read_valid,
+      uneven):
     return torch.empty_like(rows), rows.new_empty(rows.shape[:3], dtype=torch.float32)
 
 

@@ -49,6 +49,7 @@ class Selection:
             neither is known).
         kept_fraction: [B, H] float32 kept leaves over non-empty leaves.
         read_fraction: [B, H] float32 real keys in the kept leaves over all real keys.
+        uneven: the mode's ``Threshold.uneven`` (static): the attention splits each head's list over more programs.
     """
 
     keep: torch.Tensor
@@ -59,6 +60,7 @@ class Selection:
     log_kept_lb: torch.Tensor
     kept_fraction: torch.Tensor
     read_fraction: torch.Tensor
+    uneven: bool = False
 
     @property
     def skip_bound(self) -> torch.Tensor:
@@ -166,10 +168,11 @@ def select_leaves(
     return (keep & live) | forced, tau
 
 
-def selection_from_keep(keep: torch.Tensor, count: torch.Tensor, bounds: LeafBounds, tau: torch.Tensor
-                        ) -> Selection:
+def selection_from_keep(keep: torch.Tensor, count: torch.Tensor, bounds: LeafBounds, tau: torch.Tensor,
+                        uneven: bool = False) -> Selection:
     """The ``Selection`` of a keep table [B, H, NB] over leaves of ``count`` [B, H, NB] real keys: block lists, the
-    fractions kept and read, and the skipped and kept mass bounds from ``bounds`` (the exact score folded in)."""
+    fractions kept and read, and the skipped and kept mass bounds from ``bounds`` (the exact score folded in);
+    ``uneven`` as ``Threshold.uneven``."""
     live = count > 0
     counts = count.float()
     skipped = (live & ~keep)[:, :, None, :]  # [B, H, 1, NB]
@@ -185,6 +188,7 @@ def selection_from_keep(keep: torch.Tensor, count: torch.Tensor, bounds: LeafBou
         log_kept_lb=log_kept_lb,
         kept_fraction=kv_num.float() / live.sum(-1).clamp_min(1).float(),
         read_fraction=(counts * keep).sum(-1) / counts.sum(-1).clamp_min(1.0),
+        uneven=uneven,
     )
 
 
@@ -254,7 +258,7 @@ def search_rows(
     # [B, H, R, 1] the exact score of one of its keys
     m = exact_leaf_score(index, q, top_leaf[..., 0], key_blocks)[..., None]
     keep, tau = select(bounds, top_leaf, m, index.forced_leaves(), count > 0, threshold)
-    return selection_from_keep(keep, count, fold_exact_score(bounds, top_leaf, m), tau)
+    return selection_from_keep(keep, count, fold_exact_score(bounds, top_leaf, m), tau, threshold.uneven)
 
 
 _KERNELS = cuda_kernels("hira.selection.search_kernel")

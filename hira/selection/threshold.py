@@ -50,11 +50,14 @@ class Threshold(ABC):
         exact: the mode never misses a key with a scaled score at or above its τ (``Selection.tau``).
         per_leaf: the mode keeps a leaf by that leaf's own bound alone, not by ranking it against the others, so a
             sharded search (``hira.parallel``) needs no agreement between the ranks.
+        uneven: the KV heads may keep very different numbers of blocks, so the attention splits each head's list
+            over more programs (``Selection.uneven``; measured for ``Certified``, benchmarks/NOTES.md §34).
     """
 
     name: ClassVar[str]
     exact: ClassVar[bool] = False
     per_leaf: ClassVar[bool] = False
+    uneven: ClassVar[bool] = False
 
     @abstractmethod
     def keep(
@@ -126,6 +129,7 @@ class Certified(Threshold):
     eps: float
     name = "certified"
     exact = True
+    uneven = True
 
     def __post_init__(self):
         _check(self, "eps", lambda eps: 0.0 < eps < 1.0, "0 < eps < 1")

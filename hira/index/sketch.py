@@ -185,7 +185,7 @@ def block_score_stats(
     [B, H, R, NB] float32 (-inf for blocks without a real key). Every key's score lies within half-width of q·k̃.
 
     On CUDA a Triton kernel reads each block's codes once (``hira.index.sketch_kernel``): on the tensor cores for
-    head dims that are a power of two of at least 16, writing the half-width too, its float16 rounding added; else
+    head dims that are a power of two of at least 64, writing the half-width too, its float16 rounding added; else
     with FMAs for multiples of 8. Elsewhere the tensor program of ``key_scores``.
     """
     if q.is_cuda and _KERNELS is not None and _KERNELS.dot_applies(q.shape[-1]):

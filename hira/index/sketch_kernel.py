@@ -6,7 +6,7 @@ on an H100). Here a program reads its blocks' codes once, as int32 words (byte l
 in registers, and writes only the per-block results: one block per program on the CUDA cores, up to four
 consecutive blocks per program on the tensor cores (head dims 64, 128, 256, …), where the codes' order in storage
 (``hira.index.sketch.nibble_channels``) makes each int32 word two float16 pairs of the product's inputs by a mask
-and an or: 1.50 TB/s at 128K and 2.06 at 512K on the H200 (benchmarks/NOTES.md §34).
+and an or: 1.48 TB/s at 128K and 2.03 at 512K on the H200 (benchmarks/NOTES.md §34).
 
 Registered as an opaque custom operator: inductor does not analyse the kernel (as a ``triton_op`` inside the compiled
 step, the search's kernels were read with wrong dependencies, benchmarks/NOTES.md §17). Imported on CUDA
@@ -186,9 +186,9 @@ def _block_stats_dot_kernel(
 def dot_launch(R: int, G: int | None = None) -> dict:
     """``_block_stats_dot_kernel``'s launch for R rows: G consecutive blocks per program (default 16 columns' worth
     of rows: R ≤ 4 takes 4 blocks, 8 takes 2, 1 to 4), the product's N columns, 4 warps (128 registers: four
-    programs per SM). At 128K and 512K (R 4, H200) a copy of the kernel took 47.5 / 138.8 µs at 4 blocks per
-    program and 4 warps, 50.5 / 153.0 at 2 blocks, 52.4 / 160.4 at 4 blocks and 8 warps, 92.7 / 310.7 at 8 blocks
-    and 8 warps (benchmarks/NOTES.md §34; ``benchmarks/bench_search_kernel.py --parts sketch`` sweeps it)."""
+    programs per SM). At 128K and 512K (R 4, H200) the kernel took 48.4 / 140.6 µs at 4 blocks per program and 4
+    warps; a copy of it 50.5 / 153.0 at 2 blocks, 52.4 / 160.4 at 4 blocks and 8 warps, 92.7 / 310.7 at 8 blocks and
+    8 warps (benchmarks/NOTES.md §34; ``benchmarks/bench_search_kernel.py --parts sketch`` sweeps it)."""
     r_pad = triton.next_power_of_2(R)
     if G is None:
         G = max(1, min(4, 16 // r_pad))

@@ -277,13 +277,16 @@ def sketch_block_stats(
     return out_max, out_lse
 
 
-@sketch_block_stats.register_fake
-def _(q, codes, lo, step, valid):
+def _stats_like(q, codes, lo, step, valid):
+    """The fake of ``sketch_block_stats``: (max, lse) [B, H, R, NB] each."""
     out = q.new_empty(q.shape[:3] + lo.shape[2:3])
     return out, torch.empty_like(out)
 
 
+sketch_block_stats.register_fake(_stats_like)
+
+
 @sketch_block_stats_dot.register_fake
 def _(q, codes, lo, step, valid):
-    out = q.new_empty(q.shape[:3] + lo.shape[2:3])
-    return out, torch.empty_like(out), torch.empty_like(out)
+    top, lse = _stats_like(q, codes, lo, step, valid)
+    return top, lse, torch.empty_like(top)
